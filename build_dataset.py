@@ -1,0 +1,35 @@
+"""Build a dataset.json (tinydb) of resized images from an image folder or MNIST-format idx files."""
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from core.cli import OutDir, Overwrite, Seed, console, entry, make_app, stage, track
+from core.data import build_dataset
+
+app = make_app(__doc__)
+
+
+@app.command()
+@stage
+def main(
+    source: Annotated[Path, typer.Option(help="a folder of images (sub-folder name = label), a folder of idx files, or one idx(.gz) file")],
+    out_dir: OutDir,
+    size: Annotated[int, typer.Option(min=4, max=4096, help="images are resized to size x size")] = 32,
+    channels: Annotated[int, typer.Option(min=1, max=3, help="1 (grayscale) or 3 (RGB)")] = 1,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="keep at most N images (per split, for idx files)")] = None,
+    holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="fraction held out for evaluation (folders; idx files use t10k)")] = 0.1,
+    strict: Annotated[bool, typer.Option(help="refuse a corrupt image instead of skipping it")] = False,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    if channels not in (1, 3):
+        raise typer.BadParameter("--channels must be 1 or 3")
+    counts = build_dataset(source, out_dir, size, channels, limit, holdout, seed, strict, overwrite,
+                           progress=lambda items: track(items, "images"))
+    console.print(f"wrote {out_dir / 'dataset.json'}: {counts['images']} images ({counts['train']} train, "
+                  f"{counts['heldout']} held out, {counts['labels']} labels), {counts['skipped']} skipped")
+
+
+if __name__ == "__main__":
+    entry(app)

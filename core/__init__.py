@@ -1,0 +1,1 @@
+"""Library behind the pipeline's stage scripts: one module per concern."""

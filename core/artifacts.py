@@ -1,0 +1,145 @@
+"""Safetensors artifacts with JSON metadata, written atomically. Nothing here ever unpickles."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from core.errors import PipelineError
+
+FORMAT_VERSION = 1
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: str | Path) -> dict:
+    """How provenance names an input: its path and the sha256 of its bytes."""
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+@dataclass
+class Artifact:
+    path: Path
+    kind: str
+    version: int
+    config: dict
+    provenance: dict
+    tensors: dict[str, torch.Tensor]
+    extra: dict  # any further metadata a stage stored (JSON-decoded)
+
+
+def save_artifact(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, config: dict,
+                  provenance: dict, extra: dict | None = None) -> None:
+    metadata = {
+        "kind": kind,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(config, sort_keys=True),
+        "provenance": json.dumps(provenance, sort_keys=True),
+        "extra": json.dumps(extra or {}, sort_keys=True),
+    }
+    # clone: safetensors refuses tensors that share storage (views, tied weights)
+    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    atomic_write_bytes(path, safetensors_bytes(plain, metadata=metadata))
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The `__metadata__` of a safetensors file, with one-line errors for every way it can be bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for a damaged file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PipelineError(f"{path}: not a readable safetensors artifact ({reason})") from None
+
+
+def load_artifact(path: str | Path, kind: str | tuple[str, ...] | None = None) -> Artifact:
+    """Load an artifact, checking its kind and format version against what the caller expects."""
+    path = Path(path)
+    meta = read_metadata(path)
+    found_kind = meta.get("kind", "<none>")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and found_kind not in kinds:
+        raise PipelineError(f"{path}: expected a {' or '.join(kinds)} artifact, found kind '{found_kind}'")
+    try:
+        version = int(meta.get("format_version", "-1"))
+    except ValueError:
+        version = -1
+    if version != FORMAT_VERSION:
+        raise PipelineError(f"{path}: unsupported format version {meta.get('format_version')!r} "
+                            f"(this tool reads version {FORMAT_VERSION})")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+        provenance = json.loads(meta.get("provenance", "{}"))
+        extra = json.loads(meta.get("extra", "{}"))
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:
+        raise PipelineError(f"{path}: damaged artifact ({str(e).splitlines()[0]})") from None
+    return Artifact(path, found_kind, version, config, provenance, tensors, extra)
+
+
+def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path,
+               prefix: str = "") -> None:
+    """Copy `tensors[prefix + name]` into the module, failing in one line on any missing or misshapen one."""
+    state = module.state_dict()
+    for name, expected in state.items():
+        key = prefix + name
+        if key not in tensors:
+            raise PipelineError(f"{source}: tensor '{key}' is missing (the model expects shape {tuple(expected.shape)})")
+        if tuple(tensors[key].shape) != tuple(expected.shape):
+            raise PipelineError(f"{source}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
+                                f"the model expects {tuple(expected.shape)}")
+    module.load_state_dict({name: tensors[prefix + name] for name in state})
+
+
+def state_tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + name: t for name, t in module.state_dict().items()}

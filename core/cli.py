@@ -1,0 +1,68 @@
+"""What every stage script shares: the typer app, one-line errors, exit codes, and common options."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from core.errors import Interrupted, PipelineError
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def make_app(help: str) -> typer.Typer:
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=help)
+
+
+def stage(fn: Callable) -> Callable:
+    """Turn a stage's expected failures into one line on stderr and an exit code: 2 for bad input,
+    130 for an interruption (after its checkpoint is written)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except Interrupted as e:
+            console.print(f"interrupted: {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130)
+        except KeyboardInterrupt:
+            console.print("interrupted", highlight=False)
+            raise typer.Exit(130)
+        except MemoryError:
+            console.print("[red]error:[/red] out of memory; lower --batch-size", highlight=False)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def track(items, description: str):
+    """A rich progress bar over a sized iterable."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        yield from progress.track(items, description=description)
+
+
+# Options shared by the stages, declared once.
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps")]
+Seed = Annotated[int, typer.Option(help="seed for every random choice")]
+DatasetPath = Annotated[Path, typer.Option(help="dataset.json to read")]
+OutDir = Annotated[Path, typer.Option(help="output directory (a run there with the same config resumes)")]
+ConfigPath = Annotated[Optional[Path], typer.Option(help="JSON config (defaults: the tiny preset)")]
+BatchSize = Annotated[int, typer.Option(min=1, help="items per step, over all processes")]
+CheckpointStep = Annotated[int, typer.Option(min=1, help="evaluate, export and checkpoint every N steps")]
+LrStep = Annotated[int, typer.Option(min=0, help="halve the learning rate every N steps (0: cosine decay)")]
+MaxEpoch = Annotated[int, typer.Option(min=1, help="passes over the training data")]
+MaxSteps = Annotated[int, typer.Option(min=0, help="stop after N steps (0: no limit)")]
+InitFrom = Annotated[Optional[Path], typer.Option(help="start from this artifact's weights (fine-tuning)")]
+Resume = Annotated[bool, typer.Option(help="continue the run in --out-dir with its saved config")]
+Overwrite = Annotated[bool, typer.Option(help="discard the run in --out-dir and start over")]
+
+
+def entry(app: typer.Typer) -> None:
+    app(prog_name=Path(sys.argv[0]).name)

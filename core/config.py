@@ -1,0 +1,97 @@
+"""JSON configs as dataclasses: unknown keys named with the nearest known key, values range-checked."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from core.errors import PipelineError
+
+T = TypeVar("T")
+
+
+def option(default: Any, *, low: float | None = None, high: float | None = None,
+           choices: tuple | None = None, doc: str = "") -> Any:
+    """A config field with its allowed range (inclusive) or its allowed values."""
+    return dataclasses.field(default=default, metadata={"low": low, "high": high, "choices": choices, "doc": doc})
+
+
+def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
+    kind = expected if isinstance(expected, str) else getattr(expected, "__name__", str(expected))
+    kind = kind.replace(" ", "")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise PipelineError(f"{source}: '{name}' must be true or false, got {json.dumps(value)}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PipelineError(f"{source}: '{name}' must be an integer, got {json.dumps(value)}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"{source}: '{name}' must be a number, got {json.dumps(value)}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise PipelineError(f"{source}: '{name}' must be a string, got {json.dumps(value)}")
+        return value
+    return value
+
+
+def config_from_dict(cls: type[T], data: dict, source: str = "config") -> T:
+    if not isinstance(data, dict):
+        raise PipelineError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known keys: {', '.join(fields)})"
+            raise PipelineError(f"{source}: unknown key '{key}'{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        value = _check_type(name, data[name], f.type, source)
+        low, high, choices = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise PipelineError(f"{source}: '{name}' is {json.dumps(value)}, expected one of "
+                                f"{', '.join(json.dumps(c) for c in choices)}")
+        if low is not None and value < low or high is not None and value > high:
+            bounds = f"between {low} and {high}" if low is not None and high is not None else (
+                f"at least {low}" if low is not None else f"at most {high}")
+            raise PipelineError(f"{source}: '{name}' is {value}, must be {bounds}")
+        values[name] = value
+    config = cls(**values)
+    check = getattr(config, "check", None)
+    if check is not None:
+        problem = check()
+        if problem:
+            raise PipelineError(f"{source}: {problem}")
+    return config
+
+
+def load_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+
+
+def load_config(cls: type[T], path: str | Path | None) -> T:
+    """Read a config file into `cls`; no path gives the defaults."""
+    if path is None:
+        return cls()
+    return config_from_dict(cls, load_json(path), source=str(path))
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

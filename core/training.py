@@ -1,0 +1,318 @@
+"""The one training loop every stage uses: devices, seeding, out-dir claims, resume, checkpoints,
+signals, data parallel (torchrun), metrics.jsonl and a progress bar. The stage supplies the model,
+a batch function, a loss, an evaluation and an export."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from core.artifacts import atomic_write_bytes, atomic_write_json, load_artifact, load_state, save_artifact, state_tensors
+from core.errors import Interrupted, PipelineError
+
+CHECKPOINT = "checkpoint.safetensors"
+RUN_FILE = "run.json"
+METRICS = "metrics.jsonl"
+
+
+# ---------------------------------------------------------------- devices and processes
+
+@dataclass
+class RunEnv:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise PipelineError(f"--device must be auto, cpu, cuda or mps, got '{name}'")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda was asked for, but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PipelineError("--device mps was asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def setup_run(device: str, seed: int) -> RunEnv:
+    """Pick the device, join the torchrun process group if there is one, and seed every RNG."""
+    chosen = pick_device(device)
+    env = RunEnv(chosen)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        env.rank, env.world_size = dist.get_rank(), dist.get_world_size()
+        if chosen.type == "cuda":
+            env.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env.device)
+    torch.manual_seed(seed)
+    return env
+
+
+def finish_run(env: RunEnv) -> None:
+    if env.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the out dir
+
+def claim_out_dir(out_dir: Path, config: dict, resume: bool, overwrite: bool, env: RunEnv | None = None) -> dict:
+    """Make `out_dir` this run's. Returns the config to train with: a run already there with the same
+    config continues; one with another config is refused unless --resume (continue it, with its own
+    config) or --overwrite (start over)."""
+    run_file = out_dir / RUN_FILE
+    if run_file.exists() and not overwrite:
+        saved = json.loads(run_file.read_text())["config"]
+        if saved == config or resume:
+            return saved
+        changed = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+        diff = ", ".join(f"{k}: {json.dumps(saved.get(k))} -> {json.dumps(config.get(k))}" for k in changed[:3])
+        raise PipelineError(f"{out_dir} holds a run with another config ({diff}); pass --resume to continue "
+                            "it with its saved config, or --overwrite to start over")
+    if resume and not run_file.exists():
+        raise PipelineError(f"--resume: {out_dir} holds no run to resume")
+    if env is None or env.is_main:
+        if overwrite:
+            for name in (RUN_FILE, CHECKPOINT, METRICS):
+                (out_dir / name).unlink(missing_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_file, {"config": config})
+    if env is not None and env.world_size > 1:
+        dist.barrier()
+    return config
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class TrainArgs:
+    out_dir: Path
+    stage: str
+    batch_size: int = 64
+    max_epoch: int = 1
+    max_steps: int = 0  # 0: no limit besides max_epoch
+    checkpoint_step: int = 1000
+    lr: float = 1e-3
+    lr_step: int = 0  # >0: halve the learning rate every lr_step steps (the seed's schedule); 0: cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    config: dict = field(default_factory=dict)  # the stage's config, stored in checkpoints
+
+
+def learning_rate(args: TrainArgs, step: int, total_steps: int) -> float:
+    """A pure function of the step, so that resuming needs no scheduler state."""
+    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0
+    if args.lr_step > 0:
+        return args.lr * warm * 0.5 ** (step // args.lr_step)
+    progress = min(1.0, step / max(1, total_steps))
+    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Trainer:
+    def __init__(self, env: RunEnv, model: torch.nn.Module, num_items: int,
+                 get_batch: Callable[[torch.Tensor], object],
+                 loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+                 args: TrainArgs,
+                 evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
+                 export: Callable[[torch.nn.Module, int], None] | None = None,
+                 items_per_batch: Callable[[object], int] | None = None):
+        self.env, self.model, self.args = env, model.to(env.device), args
+        self.num_items, self.get_batch, self.loss_fn = num_items, get_batch, loss_fn
+        self.evaluate, self.export = evaluate, export
+        self.items_per_batch = items_per_batch
+        if args.batch_size % env.world_size:
+            raise PipelineError(f"--batch-size {args.batch_size} does not split evenly over {env.world_size} processes")
+        self.steps_per_epoch = num_items // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise PipelineError(f"the dataset has {num_items} training items, fewer than --batch-size {args.batch_size}")
+        total = args.max_epoch * self.steps_per_epoch
+        self.total_steps = min(total, args.max_steps) if args.max_steps > 0 else total
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                           betas=(0.9, 0.99))
+        self.ddp_model = model
+        if env.world_size > 1:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.step = 0
+        self.stop_requested = False
+        self.out_dir = args.out_dir
+        self.metrics_path = self.out_dir / METRICS
+        self.autocast = env.device.type == "cuda"
+
+    # -- checkpoints
+
+    def save_checkpoint(self) -> None:
+        if not self.env.is_main:
+            return
+        tensors = state_tensors(self.model, "model.")
+        optim = self.optimizer.state_dict()
+        scalars = {}
+        for index, state in optim["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{index}.{key}"] = value
+                else:
+                    scalars[f"{index}.{key}"] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.env.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.env.device)
+        extra = {"step": self.step, "param_groups": optim["param_groups"], "optim_scalars": scalars}
+        save_artifact(self.out_dir / CHECKPOINT, tensors, "checkpoint", self.args.config,
+                      {"stage": self.args.stage, "step": self.step}, extra)
+
+    def restore_checkpoint(self) -> bool:
+        path = self.out_dir / CHECKPOINT
+        if not path.exists():
+            return False
+        ckpt = load_artifact(path, "checkpoint")
+        load_state(self.model, ckpt.tensors, path, prefix="model.")
+        state: dict[int, dict] = {}
+        for name, value in ckpt.tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value.to(self.env.device) if key != "step" else value
+        for name, value in ckpt.extra["optim_scalars"].items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": ckpt.extra["param_groups"]})
+        torch.set_rng_state(ckpt.tensors["rng.torch"])
+        if "rng.cuda" in ckpt.tensors and self.env.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], self.env.device)
+        self.step = int(ckpt.extra["step"])
+        self._truncate_metrics()
+        return True
+
+    # -- metrics
+
+    def log(self, record: dict) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics logged after the checkpoint we resume from: those steps run again."""
+        if not self.env.is_main or not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+
+    # -- signals
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        flag = self.stop_requested
+        if self.env.world_size > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.env.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    # -- the loop
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """This process's share of step's batch: a fixed permutation per epoch, so resume replays it."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if getattr(self, "_epoch", None) != epoch:
+            generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+            self._order, self._epoch = torch.randperm(self.num_items, generator=generator), epoch
+        batch = self._order[index * self.args.batch_size:(index + 1) * self.args.batch_size]
+        return batch[self.env.rank::self.env.world_size]
+
+    def checkpoint(self, final: bool = False) -> None:
+        if self.env.is_main:
+            if self.evaluate is not None:
+                self.model.eval()
+                with torch.no_grad():
+                    record = self.evaluate(self.model, self.step)
+                self.model.train()
+                if record:
+                    self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **record})
+            if self.export is not None:
+                self.export(self.model, self.step)
+            self.save_checkpoint()
+
+    def fit(self) -> int:
+        """Train to total_steps (continuing from a checkpoint if there is one). Returns the last step."""
+        resumed = self.restore_checkpoint()
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.model.train()
+        try:
+            with self._progress(resumed) as (progress, task):
+                seen, started = 0, time.perf_counter()
+                loss_ema = None
+                while self.step < self.total_steps:
+                    batch = self.get_batch(self.batch_indices(self.step))
+                    lr = learning_rate(self.args, self.step, self.total_steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                        loss = self.loss_fn(self.ddp_model, batch)
+                    if not torch.isfinite(loss):
+                        raise PipelineError(f"loss became {loss.item()} at step {self.step}; lower model_lr")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.args.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+                    self.optimizer.step()
+                    self.step += 1
+                    seen += self.items_per_batch(batch) if self.items_per_batch else self.args.batch_size
+                    value = loss.item()
+                    loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+                    rate = seen * self.env.world_size / (time.perf_counter() - started)
+                    if self.step % self.args.log_every == 0:
+                        self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": value,
+                                  "lr": lr, "items_per_s": rate})
+                    if progress is not None:
+                        progress.update(task, completed=self.step, status=f"loss {loss_ema:.4f} | {rate:.0f} items/s")
+                    if self.step % self.args.checkpoint_step == 0 and self.step < self.total_steps:
+                        self.checkpoint()
+                    if self._should_stop():
+                        self.save_checkpoint()
+                        raise Interrupted(f"stopped at step {self.step}; checkpoint written to "
+                                          f"{self.out_dir / CHECKPOINT}; run the same command to resume")
+                self.checkpoint(final=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.step
+
+    @contextmanager
+    def _progress(self, resumed: bool):
+        if not self.env.is_main:
+            yield None, None
+            return
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+        with Progress(*columns) as progress:
+            label = self.args.stage + (" (resumed)" if resumed else "")
+            task = progress.add_task(label, total=self.total_steps, completed=self.step, status="")
+            yield progress, task

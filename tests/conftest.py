@@ -1,0 +1,99 @@
+"""Small data the tests make themselves, and a helper to run the stage scripts as a user would."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINY_AE = {"min_channel": 4, "max_channel": 8, "num_layers": 1, "latent_channel": 2, "warmup_steps": 5,
+           "model_lr": 0.005}
+
+
+def script_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0", COLUMNS="200")
+    return env
+
+
+def run_script(script: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=script_env(), cwd=ROOT)
+
+
+def start_script(script: str, *args: str) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=script_env(), cwd=ROOT)
+
+
+def shape_image(kind: int, variant: int, size: int = 16) -> np.ndarray:
+    """A grayscale picture of one of three shapes (a class), jittered by `variant`."""
+    rng = np.random.default_rng(variant)
+    y, x = np.mgrid[0:size, 0:size]
+    cy, cx = size / 2 + rng.uniform(-2, 2), size / 2 + rng.uniform(-2, 2)
+    r = size / 4 + rng.uniform(-1, 1)
+    if kind == 0:
+        mask = (y - cy) ** 2 + (x - cx) ** 2 < r ** 2
+    elif kind == 1:
+        mask = (abs(y - cy) < r) & (abs(x - cx) < r)
+    else:
+        mask = abs(x - cx) < r / 3
+    return (mask * (180 + rng.integers(0, 60)) + rng.integers(0, 20, (size, size))).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Three labelled sub-folders of 24 PNGs each."""
+    folder = tmp_path / "shapes"
+    for kind, name in enumerate(["circle", "square", "bar"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
+    return folder
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path) -> Path:
+    """MNIST-format files: 40 training and 10 test images of 28x28 with labels."""
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for prefix, count in (("train", 40), ("t10k", 10)):
+        labels = np.arange(count) % 3
+        images = np.stack([shape_image(int(k), i, 28) for i, k in enumerate(labels)])
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path, image_folder: Path) -> Path:
+    """dataset.json of the shapes at 16x16, 10% held out."""
+    from core.data import build_dataset
+    out = tmp_path / "data"
+    build_dataset(image_folder, out, size=16, channels=1, limit=None, holdout=0.15, seed=0,
+                  strict=False, overwrite=False)
+    return out / "dataset.json"
+
+
+@pytest.fixture
+def tiny_ae_config(tmp_path: Path) -> Path:
+    path = tmp_path / "ae.json"
+    path.write_text(json.dumps(TINY_AE))
+    return path

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from core.autoencoder import AutoencoderConfig
+from core.config import config_from_dict, load_config
+from core.errors import PipelineError
+from core.training import claim_out_dir
+
+
+def test_unknown_key_names_nearest():
+    with pytest.raises(PipelineError, match=r"unknown key 'min_chanel' \(did you mean 'min_channel'\?\)"):
+        config_from_dict(AutoencoderConfig, {"min_chanel": 8})
+
+
+def test_out_of_range_and_wrong_type():
+    with pytest.raises(PipelineError, match=r"'num_layers' is 12, must be between 0 and 8"):
+        config_from_dict(AutoencoderConfig, {"num_layers": 12})
+    with pytest.raises(PipelineError, match=r"'image_channel' is 2, expected one of 1, 3"):
+        config_from_dict(AutoencoderConfig, {"image_channel": 2})
+    with pytest.raises(PipelineError, match=r"'min_channel' must be an integer"):
+        config_from_dict(AutoencoderConfig, {"min_channel": "8"})
+    with pytest.raises(PipelineError, match=r"min_channel \(64\) is larger than max_channel \(8\)"):
+        config_from_dict(AutoencoderConfig, {"min_channel": 64, "max_channel": 8})
+
+
+def test_seed_keys_are_accepted():
+    seed_config = {"model_lr": 1e-5, "image_channel": 3, "min_channel": 256, "max_channel": 512, "num_layers": 2,
+                   "latent_channel": 4, "hidden_activation_type": "silu", "use_final_enc_activation": True,
+                   "encoder_activation_type": "tanh", "use_final_dec_activation": True,
+                   "decoder_activation_type": "tanh"}
+    cfg = config_from_dict(AutoencoderConfig, seed_config)
+    assert cfg.min_channel == 256 and cfg.image_channel == 3
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"model_lr": 0.1,}')
+    with pytest.raises(PipelineError, match="invalid JSON at line 1"):
+        load_config(AutoencoderConfig, path)
+
+
+def test_out_dir_with_other_config_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert claim_out_dir(out, {"a": 1}, resume=False, overwrite=False) == {"a": 1}
+    assert claim_out_dir(out, {"a": 1}, resume=False, overwrite=False) == {"a": 1}  # same config: continue
+    with pytest.raises(PipelineError, match=r"holds a run with another config \(a: 1 -> 2\)"):
+        claim_out_dir(out, {"a": 2}, resume=False, overwrite=False)
+    assert claim_out_dir(out, {"a": 2}, resume=True, overwrite=False) == {"a": 1}  # its saved config
+    assert claim_out_dir(out, {"a": 2}, resume=False, overwrite=True) == {"a": 2}
+    assert json.loads((out / "run.json").read_text())["config"] == {"a": 2}
+
+
+def test_resume_needs_a_run(tmp_path):
+    with pytest.raises(PipelineError, match="holds no run to resume"):
+        claim_out_dir(tmp_path / "empty", {"a": 1}, resume=True, overwrite=False)

@@ -1,0 +1,130 @@
+"""The training contracts, exercised through train_autoencoder.py as a user runs it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_AE, run_script, script_env, start_script
+from core.artifacts import load_artifact
+
+
+def train_args(dataset, config, out, *extra):
+    return ["--dataset-path", dataset, "--config-path", config, "--out-dir", out, "--device", "cpu",
+            "--batch-size", "8", "--max-epoch", "1000", *extra]
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def checkpoint_step(out):
+    path = out / "checkpoint.safetensors"
+    return load_artifact(path).extra["step"] if path.exists() else 0
+
+
+@pytest.fixture
+def slow_config(tmp_path):
+    """Big enough that a run lasts a few seconds on one thread, so it can be killed midway."""
+    path = tmp_path / "slow.json"
+    path.write_text(json.dumps({**TINY_AE, "min_channel": 16, "max_channel": 16, "num_res_blocks": 2}))
+    return path
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_dataset, slow_config):
+    steps = ["--max-steps", "120", "--checkpoint-step", "10"]
+    reference = tmp_path / "reference"
+    assert run_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, reference, *steps)).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = start_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, killed, *steps))
+    wait_for(lambda: checkpoint_step(killed) >= 30, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert 30 <= checkpoint_step(killed) < 120
+
+    resumed = run_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, killed, *steps))
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_artifact(reference / "autoencoder.safetensors").tensors
+    b = load_artifact(killed / "autoencoder.safetensors").tensors
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    metric_steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert metric_steps == sorted(metric_steps), "steps replayed after the kill are not logged twice"
+
+
+def test_ctrl_c_writes_checkpoint_and_exits_130(tmp_path, tiny_dataset, slow_config):
+    out = tmp_path / "run"
+    proc = start_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, out, "--max-steps", "100000"))
+    wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert checkpoint_step(out) > 0
+    assert load_artifact(out / "checkpoint.safetensors", "checkpoint").tensors["rng.torch"].dtype == torch.uint8
+
+
+def test_bad_config_one_line_nothing_written(tmp_path, tiny_dataset):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"min_chanel": 8}))
+    out = tmp_path / "run"
+    result = run_script("train_autoencoder.py", *train_args(tiny_dataset, config, out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {config}: unknown key 'min_chanel' (did you mean 'min_channel'?)"]
+    assert not out.exists()
+
+    config.write_text(json.dumps({"model_lr": -1}))
+    result = run_script("train_autoencoder.py", *train_args(tiny_dataset, config, out))
+    assert result.returncode == 2 and "'model_lr' is -1.0, must be between" in result.stderr
+    assert not out.exists()
+
+
+def test_other_config_in_out_dir_is_refused_and_kept(tmp_path, tiny_dataset, tiny_ae_config):
+    out = tmp_path / "run"
+    assert run_script("train_autoencoder.py", *train_args(tiny_dataset, tiny_ae_config, out, "--max-steps", "5")).returncode == 0
+    before = (out / "autoencoder.safetensors").read_bytes()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**TINY_AE, "latent_channel": 3}))
+    result = run_script("train_autoencoder.py", *train_args(tiny_dataset, other, out, "--max-steps", "5"))
+    assert result.returncode == 2 and "holds a run with another config (latent_channel: 2 -> 3)" in result.stderr
+    assert (out / "autoencoder.safetensors").read_bytes() == before
+
+
+def test_missing_dataset_is_one_line(tmp_path, tiny_ae_config):
+    missing = tmp_path / "none" / "dataset.json"
+    result = run_script("train_autoencoder.py", *train_args(missing, tiny_ae_config, tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {missing}: no such dataset file"]
+
+
+def test_init_from_wrong_kind(tmp_path, tiny_dataset, tiny_ae_config):
+    out = tmp_path / "run"
+    run_script("train_autoencoder.py", *train_args(tiny_dataset, tiny_ae_config, out, "--max-steps", "2"))
+    result = run_script("train_autoencoder.py", *train_args(tiny_dataset, tiny_ae_config, tmp_path / "tune",
+                                                            "--init-from", out / "checkpoint.safetensors"))
+    assert result.returncode == 2
+    assert "expected a autoencoder artifact, found kind 'checkpoint'" in result.stderr
+
+
+def test_torchrun_two_processes(tmp_path, tiny_dataset, tiny_ae_config):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train_autoencoder.py"), *map(str, train_args(tiny_dataset, tiny_ae_config, out,
+                                                                         "--max-steps", "20", "--checkpoint-step", "10"))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=script_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["autoencoder.safetensors", "checkpoint.safetensors"]
+    assert load_artifact(out / "autoencoder.safetensors", "autoencoder").provenance["step"] == 20
+    assert not list(out.glob(".*.tmp"))

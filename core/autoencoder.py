@@ -122,7 +122,8 @@ def reconstruction_loss(cfg: AutoencoderConfig, recon: torch.Tensor, target: tor
 
 
 def psnr(recon: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB for images in [-1, 1], measured after rounding to 8 bits like a saved image."""
+    """PSNR in dB of a whole set of images in [-1, 1] (from its mean squared error), measured after
+    rounding to 8 bits like a saved image."""
     recon8 = recon.float().clamp(-1, 1).add(1).mul(127.5).round()
     target8 = target.float().add(1).mul(127.5).round()
     mse = (recon8 - target8).pow(2).mean().item()
@@ -149,9 +150,9 @@ def train(dataset_path: Path, config_path: Path | None, args: TrainArgs, device:
     """Train an autoencoder on the dataset's training split; returns the artifact's path."""
     cfg = load_config(AutoencoderConfig, config_path)
     data = load_image_dataset(dataset_path)
-    if data.images.shape[1] != cfg.image_channel:
+    if data.items.shape[1] != cfg.image_channel:
         raise PipelineError(f"config image_channel is {cfg.image_channel}, but {dataset_path} holds "
-                            f"{data.images.shape[1]}-channel images")
+                            f"{data.items.shape[1]}-channel images")
     env = setup_run(device, args.seed)
     cfg = config_from_dict(AutoencoderConfig, claim_out_dir(args.out_dir, to_dict(cfg), resume, overwrite, env))
     model = Autoencoder(cfg)
@@ -160,28 +161,22 @@ def train(dataset_path: Path, config_path: Path | None, args: TrainArgs, device:
     train_set, heldout = data.split(heldout=False), data.split(heldout=True)
     if len(heldout) == 0:  # no held-out split: report on a fixed sample of training images
         heldout = train_set
-    generator = torch.Generator().manual_seed(0)
-    eval_set = heldout.images[torch.randperm(len(heldout), generator=generator)[:eval_images]]
+    eval_set = heldout.sample(eval_images).items
     artifact_path = args.out_dir / "autoencoder.safetensors"
     inputs = [file_record(dataset_path)] + ([file_record(init_from)] if init_from else [])
     args.lr, args.warmup_steps, args.config = cfg.model_lr, cfg.warmup_steps, to_dict(cfg)
 
     def get_batch(indices: torch.Tensor) -> torch.Tensor:
-        return to_float(train_set.images[indices]).to(env.device)
+        return to_float(train_set.items[indices]).to(env.device)
 
-    def loss_fn(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    def loss_fn(net: torch.nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
         return reconstruction_loss(cfg, net(images), images)
 
     def evaluate(net: Autoencoder, step: int) -> dict:
-        total, recon_first = 0.0, None
-        for chunk in eval_set.split(250):
-            images = to_float(chunk).to(env.device)
-            recon = net(images)
-            total += psnr(recon, images) * len(chunk)  # per-chunk PSNR, averaged
-            recon_first = recon if recon_first is None else recon_first
-        shown = to_float(eval_set[:16]).to(env.device)
-        save_image_grid(torch.cat([shown, recon_first[:16]]).cpu(), args.out_dir / "samples" / f"recon_{step:07d}.png")
-        return {"heldout_psnr": total / len(eval_set)}
+        originals = to_float(eval_set)
+        recon = torch.cat([net(chunk.to(env.device)).float().cpu() for chunk in originals.split(250)])
+        save_image_grid(torch.cat([originals[:16], recon[:16]]), args.out_dir / "samples" / f"recon_{step:07d}.png")
+        return {"heldout_psnr": psnr(recon, originals)}
 
     def export(net: Autoencoder, step: int) -> None:
         save_autoencoder(artifact_path, net, {"stage": "train_autoencoder", "inputs": inputs, "step": step})

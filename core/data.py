@@ -191,19 +191,38 @@ def write_dataset_json(path: Path, records: list[dict], info: dict) -> None:
 # ---------------------------------------------------------------- loading for training
 
 @dataclass
-class ImageDataset:
-    images: torch.Tensor  # uint8, (N, C, H, W)
+class Dataset:
+    """A whole dataset in memory: images (uint8) or feature maps (float), with labels and split."""
+    items: torch.Tensor  # (N, C, H, W)
     labels: torch.Tensor  # int64, (N,), -1 where unlabeled
     label_names: list[str]
     is_heldout: torch.Tensor  # bool, (N,)
     path: Path
+    records: list[dict]  # the dataset.json records, in item order
 
-    def split(self, heldout: bool) -> "ImageDataset":
-        keep = self.is_heldout if heldout else ~self.is_heldout
-        return ImageDataset(self.images[keep], self.labels[keep], self.label_names, self.is_heldout[keep], self.path)
+    def take(self, indices: torch.Tensor) -> "Dataset":
+        records = [self.records[i] for i in indices.tolist()]
+        return Dataset(self.items[indices], self.labels[indices], self.label_names, self.is_heldout[indices],
+                       self.path, records)
+
+    def split(self, heldout: bool) -> "Dataset":
+        return self.take((self.is_heldout if heldout else ~self.is_heldout).nonzero().flatten())
+
+    def sample(self, count: int, seed: int = 0) -> "Dataset":
+        """A fixed random subset (for evaluation)."""
+        return self.take(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count])
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.items)
+
+
+def label_tensors(records: list[dict]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Label ids (first label of each record, -1 if none), the sorted label names, and the held-out mask."""
+    first = [str(r["labels"][0]) if r.get("labels") else None for r in records]
+    names = sorted({name for name in first if name is not None})
+    ids = torch.tensor([names.index(name) if name is not None else -1 for name in first], dtype=torch.long)
+    heldout = torch.tensor([r.get("split") == "heldout" for r in records], dtype=torch.bool)
+    return ids, names, heldout
 
 
 def read_records(dataset_path: str | Path) -> tuple[list[dict], dict]:
@@ -220,35 +239,38 @@ def read_records(dataset_path: str | Path) -> tuple[list[dict], dict]:
     return records, (dict(info[0]) if info else {})
 
 
-def load_image_dataset(dataset_path: str | Path, channels: int | None = None) -> ImageDataset:
-    """Every image of a dataset.json as one uint8 tensor; all must share one size."""
-    dataset_path = Path(dataset_path)
-    records, _ = read_records(dataset_path)
-    if not records:
-        raise PipelineError(f"{dataset_path}: the dataset holds no images")
-    arrays, labels = [], []
-    for record in records:
-        if "image_fpath" not in record:
-            raise PipelineError(f"{dataset_path}: record without 'image_fpath': {record}")
-        image_path = dataset_path.parent / record["image_fpath"]
+def read_image_files(paths: list[Path], channels: int | None = None) -> torch.Tensor:
+    """Images of one size as a uint8 tensor (N, C, H, W); channels None keeps the first file's mode."""
+    arrays = []
+    for path in paths:
         try:
-            with Image.open(image_path) as image:
+            with Image.open(path) as image:
                 if channels is None:
                     channels = 1 if image.mode in ("L", "1", "I", "I;16") else 3
                 array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
         except (OSError, UnidentifiedImageError) as e:
-            raise PipelineError(f"{image_path}: cannot read image ({e})") from None
+            raise PipelineError(f"{path}: cannot read image ({e})") from None
         if arrays and array.shape != arrays[0].shape:
-            raise PipelineError(f"{image_path}: size {array.shape[:2]} differs from the dataset's "
+            raise PipelineError(f"{path}: size {array.shape[:2]} differs from the dataset's "
                                 f"{arrays[0].shape[:2]} (rebuild it with build_dataset.py --size)")
         arrays.append(array)
-        labels.append(record.get("labels") or [])
     images = torch.from_numpy(np.stack(arrays))
-    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    names = sorted({str(l[0]) for l in labels if l})
-    label_ids = torch.tensor([names.index(str(l[0])) if l else -1 for l in labels], dtype=torch.long)
-    heldout = torch.tensor([r.get("split") == "heldout" for r in records], dtype=torch.bool)
-    return ImageDataset(images.contiguous(), label_ids, names, heldout, dataset_path)
+    return (images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)).contiguous()
+
+
+def load_image_dataset(dataset_path: str | Path, channels: int | None = None) -> Dataset:
+    """Every image of a dataset.json as one uint8 tensor; all must share one size."""
+    dataset_path = Path(dataset_path)
+    records, info = read_records(dataset_path)
+    if info.get("kind") == "feature_maps":
+        raise PipelineError(f"{dataset_path}: expected an image dataset, found a feature-map dataset")
+    if not records:
+        raise PipelineError(f"{dataset_path}: the dataset holds no images")
+    missing = next((r for r in records if "image_fpath" not in r), None)
+    if missing is not None:
+        raise PipelineError(f"{dataset_path}: record without 'image_fpath': {missing}")
+    images = read_image_files([dataset_path.parent / r["image_fpath"] for r in records], channels)
+    return Dataset(images, *label_tensors(records), dataset_path, records)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

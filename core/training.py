@@ -136,7 +136,7 @@ def learning_rate(args: TrainArgs, step: int, total_steps: int) -> float:
 class Trainer:
     def __init__(self, env: RunEnv, model: torch.nn.Module, num_items: int,
                  get_batch: Callable[[torch.Tensor], object],
-                 loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+                 loss_fn: Callable[[torch.nn.Module, object, int], torch.Tensor],
                  args: TrainArgs,
                  evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
                  export: Callable[[torch.nn.Module, int], None] | None = None,
@@ -275,7 +275,7 @@ class Trainer:
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                        loss = self.loss_fn(self.ddp_model, batch)
+                        loss = self.loss_fn(self.ddp_model, batch, self.step)
                     if not torch.isfinite(loss):
                         raise PipelineError(f"loss became {loss.item()} at step {self.step}; lower model_lr")
                     self.optimizer.zero_grad(set_to_none=True)

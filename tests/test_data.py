@@ -21,7 +21,7 @@ def test_build_from_folder(tmp_path, image_folder):
     assert set(first) == {"image_fpath", "labels", "split"} and first["labels"] == ["bar"]
     assert Image.open(out / first["image_fpath"]).size == (8, 8)
     data = load_image_dataset(out / "dataset.json")
-    assert data.images.shape == (72, 1, 8, 8) and data.images.dtype == torch.uint8
+    assert data.items.shape == (72, 1, 8, 8) and data.items.dtype == torch.uint8
     assert data.label_names == ["bar", "circle", "square"]
     assert int(data.is_heldout.sum()) == counts["heldout"]
 
@@ -30,7 +30,7 @@ def test_build_rgb_and_limit(tmp_path, image_folder):
     out = tmp_path / "ds"
     build_dataset(image_folder, out, size=12, channels=3, limit=10, holdout=0.0, seed=0, strict=False, overwrite=False)
     data = load_image_dataset(out / "dataset.json")
-    assert data.images.shape == (10, 3, 12, 12)
+    assert data.items.shape == (10, 3, 12, 12)
 
 
 def test_build_from_idx(tmp_path, idx_folder):
@@ -39,7 +39,7 @@ def test_build_from_idx(tmp_path, idx_folder):
                            strict=False, overwrite=False)
     assert counts == {"images": 50, "skipped": 0, "train": 40, "heldout": 10, "labels": 3}
     data = load_image_dataset(out / "dataset.json")
-    assert data.images.shape == (50, 1, 32, 32)
+    assert data.items.shape == (50, 1, 32, 32)
     assert data.labels.tolist()[:3] == [0, 1, 2]  # labels "0", "1", "2" keep their order
 
 

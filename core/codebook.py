@@ -1,0 +1,301 @@
+"""Self-organizing-map codebooks over P x P patches of feature maps, and their pruning.
+
+A feature map (C, H, W) is cut into (H/P_h)(W/P_w) patches, each flattened to P_h*P_w*C; the codebook's
+units live on a 2-D grid, and a patch's token is the index of its best matching unit (BMU). Training
+minimises the neighbourhood-weighted squared distance between patches and units, whose gradient is the
+classic SOM update; the neighbourhood radius shrinks by one every neighbourhood_step steps until only
+the BMU moves (k-means). Units start from the data (k-means++), and units left unused are moved onto
+live patches, so that the codebook is used rather than assumed."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from core.artifacts import (Artifact, atomic_write_json, file_record, load_artifact, load_state, save_artifact,
+                            state_tensors)
+from core.autoencoder import load_autoencoder, psnr
+from core.config import config_from_dict, load_config, option, to_dict
+from core.data import save_image_grid, to_float
+from core.errors import PipelineError
+from core.fmaps import load_fmap_dataset, load_source_images
+from core.training import Trainer, TrainArgs, claim_out_dir, finish_run, pick_device, setup_run
+
+KIND = "codebook"
+
+
+@dataclass
+class CodebookConfig:
+    model_lr: float = option(5e-3, low=1e-7, high=10.0)
+    image_H: int = option(8, low=1, high=4096, doc="feature map height")
+    image_W: int = option(8, low=1, high=4096, doc="feature map width")
+    image_C: int = option(4, low=1, high=4096, doc="feature map channels")
+    patch_H: int = option(8, low=1, high=4096)
+    patch_W: int = option(8, low=1, high=4096)
+    num_embeddings: int = option(256, low=2, high=1 << 20)
+    neighbourhood_step: int = option(200, low=1, high=10**9, doc="steps between shrinks of the radius")
+    neighbourhood_radius: float = option(2.0, low=0.0, high=4096.0, doc="starting radius on the unit grid")
+    dead_unit_step: int = option(100, low=0, high=10**9, doc="re-seed units unused for N steps (0: never)")
+    warmup_steps: int = option(0, low=0, high=10**7)
+
+    def check(self) -> str | None:
+        if self.image_H % self.patch_H or self.image_W % self.patch_W:
+            return (f"patch {self.patch_H}x{self.patch_W} does not tile the feature map "
+                    f"{self.image_H}x{self.image_W}")
+        return None
+
+    @property
+    def fmap_shape(self) -> tuple[int, int, int]:
+        return self.image_C, self.image_H, self.image_W
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_H * self.patch_W * self.image_C
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_H // self.patch_H) * (self.image_W // self.patch_W)
+
+
+def patchify(fmaps: torch.Tensor, patch_h: int, patch_w: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, patch_h*patch_w*C), patches in row-major order."""
+    n, c, h, w = fmaps.shape
+    x = fmaps.reshape(n, c, h // patch_h, patch_h, w // patch_w, patch_w)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // patch_h) * (w // patch_w), patch_h * patch_w * c)
+
+
+def unpatchify(patches: torch.Tensor, shape: tuple[int, int, int], patch_h: int, patch_w: int) -> torch.Tensor:
+    """(N, L, patch_h*patch_w*C) -> (N, C, H, W): the inverse of patchify."""
+    c, h, w = shape
+    n = patches.shape[0]
+    x = patches.reshape(n, h // patch_h, w // patch_w, patch_h, patch_w, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+
+
+def grid_shape(units: int) -> tuple[int, int]:
+    """The most nearly square rows x cols grid holding `units`."""
+    rows = int(math.isqrt(units))
+    while units % rows:
+        rows -= 1
+    return rows, units // rows
+
+
+class SOMCodebook(nn.Module):
+    def __init__(self, cfg: CodebookConfig):
+        super().__init__()
+        self.cfg = cfg
+        rows, cols = grid_shape(cfg.num_embeddings)
+        self.units = nn.Parameter(torch.zeros(cfg.num_embeddings, cfg.patch_dim))
+        coords = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1)
+        self.register_buffer("grid", coords.reshape(-1, 2).float())  # kept through pruning
+        self.register_buffer("usage", torch.zeros(cfg.num_embeddings))  # BMU hits since the last dead-unit check
+
+    # -- tokens
+
+    def distances(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Squared distances (M, K) between vectors (M, D) and every unit."""
+        units = self.units
+        return (vectors.pow(2).sum(1, keepdim=True) - 2 * vectors @ units.t() + units.pow(2).sum(1)).clamp_min(0)
+
+    @torch.no_grad()
+    def bmu(self, vectors: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        return torch.cat([self.distances(v.float()).argmin(1) for v in vectors.split(chunk)])
+
+    @torch.no_grad()
+    def tokenize(self, fmaps: torch.Tensor) -> torch.Tensor:
+        """Feature maps (N, C, H, W) -> tokens (N, L)."""
+        patches = patchify(fmaps, self.cfg.patch_H, self.cfg.patch_W)
+        return self.bmu(patches.reshape(-1, patches.shape[-1])).reshape(patches.shape[:2])
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (N, L) -> feature maps (N, C, H, W) built from the units."""
+        return unpatchify(self.units.detach()[tokens], self.cfg.fmap_shape, self.cfg.patch_H, self.cfg.patch_W)
+
+    # -- training
+
+    @torch.no_grad()
+    def init_from_data(self, fmaps: torch.Tensor, sample: int = 20000) -> None:
+        """k-means++ seeding from a random sample of the data's patches."""
+        patches = patchify(fmaps, self.cfg.patch_H, self.cfg.patch_W).reshape(-1, self.cfg.patch_dim).float()
+        patches = patches[torch.randperm(len(patches))[:sample]]
+        chosen = [int(torch.randint(len(patches), (1,)))]
+        nearest = (patches - patches[chosen[0]]).pow(2).sum(1)
+        for _ in range(1, self.cfg.num_embeddings):
+            total = nearest.sum()
+            index = int(torch.multinomial(nearest / total, 1)) if total > 0 else int(torch.randint(len(patches), (1,)))
+            chosen.append(index)
+            nearest = torch.minimum(nearest, (patches - patches[index]).pow(2).sum(1))
+        self.units.copy_(patches[chosen])
+
+    def radius(self, step: int) -> float:
+        return max(0.0, self.cfg.neighbourhood_radius - step // self.cfg.neighbourhood_step)
+
+    def forward(self, fmaps: torch.Tensor, step: int) -> torch.Tensor:
+        patches = patchify(fmaps, self.cfg.patch_H, self.cfg.patch_W).reshape(-1, self.cfg.patch_dim).float()
+        if self.cfg.dead_unit_step and step > 0 and step % self.cfg.dead_unit_step == 0:
+            self._reseed_dead_units(patches)
+        dist2 = self.distances(patches)
+        with torch.no_grad():
+            winners = dist2.argmin(1)
+            self.usage += torch.bincount(winners, minlength=len(self.usage)).float()
+            radius = self.radius(step)
+            if radius > 0:
+                grid_d2 = (self.grid[winners, None, :] - self.grid[None, :, :]).pow(2).sum(-1)
+                weights = torch.exp(-grid_d2 / (2 * radius ** 2))
+            else:
+                weights = torch.zeros_like(dist2).scatter_(1, winners[:, None], 1.0)
+        return (weights * dist2).sum() / weights.sum() / self.cfg.patch_dim
+
+    @torch.no_grad()
+    def _reseed_dead_units(self, patches: torch.Tensor) -> None:
+        """Move every unit that won no patch since the last check onto the batch's worst-fit patches,
+        which splits the clusters that are served worst."""
+        dead = (self.usage == 0).nonzero().flatten()
+        if len(dead):
+            worst_fit = self.distances(patches).min(1).values
+            picks = worst_fit.topk(min(len(dead), len(patches))).indices
+            dead = dead[:len(picks)]
+            self.units[dead] = patches[picks] + 1e-3 * torch.randn_like(patches[picks])
+        if dist.is_initialized():  # every process keeps rank 0's units
+            dist.broadcast(self.units.data, 0)
+        self.usage.zero_()
+
+
+# ---------------------------------------------------------------- usage and quality figures
+
+def usage_counts(codebook: SOMCodebook, fmaps: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    counts = torch.zeros(codebook.cfg.num_embeddings, dtype=torch.long)
+    for chunk in fmaps.split(batch_size):
+        tokens = codebook.tokenize(chunk.to(codebook.units.device))
+        counts += torch.bincount(tokens.flatten().cpu(), minlength=len(counts))
+    return counts
+
+
+def usage_stats(counts: torch.Tensor) -> dict:
+    probs = counts.float() / counts.sum().clamp_min(1)
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
+    return {"units": len(counts), "used_units": int((counts > 0).sum()), "perplexity": math.exp(entropy)}
+
+
+@torch.no_grad()
+def quantize(codebook: SOMCodebook, fmaps: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Feature maps replaced by their nearest-unit reconstruction."""
+    device = codebook.units.device
+    return torch.cat([codebook.lookup(codebook.tokenize(c.to(device))).cpu() for c in fmaps.split(batch_size)])
+
+
+# ---------------------------------------------------------------- artifacts
+
+def check_fits(cfg: CodebookConfig, fmap_shape, codebook_path: str | Path, data_path: str | Path) -> None:
+    if tuple(cfg.fmap_shape) != tuple(fmap_shape):
+        raise PipelineError(f"{codebook_path} is for feature maps of shape {tuple(cfg.fmap_shape)} (C, H, W), "
+                            f"but {data_path} holds maps of shape {tuple(fmap_shape)}")
+
+
+def save_codebook(path: str | Path, codebook: SOMCodebook, provenance: dict, extra: dict | None = None) -> None:
+    save_artifact(path, state_tensors(codebook), KIND, to_dict(codebook.cfg), provenance, extra)
+
+
+def load_codebook(path: str | Path) -> tuple[SOMCodebook, Artifact]:
+    artifact = load_artifact(path, KIND)
+    codebook = SOMCodebook(config_from_dict(CodebookConfig, artifact.config, source=str(path)))
+    load_state(codebook, artifact.tensors, path)
+    codebook.eval()
+    return codebook, artifact
+
+
+def prune(codebook: SOMCodebook, counts: torch.Tensor, threshold: int) -> tuple[SOMCodebook, torch.Tensor]:
+    """Drop units with fewer than `threshold` BMU hits. Returns the pruned codebook and the remap
+    (old index -> new index, -1 for a dropped unit)."""
+    kept = (counts >= threshold).nonzero().flatten()
+    if len(kept) < 2:
+        raise PipelineError(f"--prune-threshold {threshold} keeps {len(kept)} of {len(counts)} units; "
+                            f"the most used unit has {int(counts.max())} uses")
+    cfg = config_from_dict(CodebookConfig, {**to_dict(codebook.cfg), "num_embeddings": len(kept)})
+    pruned = SOMCodebook(cfg)
+    with torch.no_grad():
+        pruned.units.copy_(codebook.units[kept])
+        pruned.grid.copy_(codebook.grid[kept])
+    remap = torch.full((len(counts),), -1, dtype=torch.long)
+    remap[kept] = torch.arange(len(kept))
+    return pruned, remap
+
+
+# ---------------------------------------------------------------- the stages
+
+def train(dataset_path: Path, config_path: Path | None, args: TrainArgs, device: str,
+          decoder_path: Path | None = None, init_from: Path | None = None, resume: bool = False,
+          overwrite: bool = False, eval_items: int = 1000) -> Path:
+    """Train a SOM codebook on the training split of a feature-map dataset; returns the artifact's path."""
+    cfg = load_config(CodebookConfig, config_path)
+    data, _ = load_fmap_dataset(dataset_path)
+    check_fits(cfg, data.items.shape[1:], config_path or "the default codebook config", dataset_path)
+    decoder = load_autoencoder(decoder_path)[0] if decoder_path else None
+    env = setup_run(device, args.seed)
+    cfg = config_from_dict(CodebookConfig, claim_out_dir(args.out_dir, to_dict(cfg), resume, overwrite, env))
+    codebook = SOMCodebook(cfg)
+    train_set, heldout = data.split(heldout=False), data.split(heldout=True)
+    eval_set = (heldout if len(heldout) else train_set).sample(eval_items)
+    if init_from is not None:
+        start, _ = load_codebook(init_from)
+        check_fits(start.cfg, data.items.shape[1:], init_from, dataset_path)
+        load_state(codebook, state_tensors(start), init_from)
+    else:
+        codebook.init_from_data(train_set.items)
+    images = to_float(load_source_images(eval_set)) if decoder is not None else None
+    if decoder is not None:
+        decoder.to(env.device)
+    artifact_path = args.out_dir / "codebook.safetensors"
+    inputs = [file_record(p) for p in (dataset_path, decoder_path, init_from) if p is not None]
+    args.lr, args.warmup_steps, args.config = cfg.model_lr, cfg.warmup_steps, to_dict(cfg)
+
+    def evaluate(net: SOMCodebook, step: int) -> dict:
+        quantized = quantize(net, eval_set.items)
+        record = {"quant_mse": (quantized - eval_set.items).pow(2).mean().item(),
+                  **usage_stats(usage_counts(net, eval_set.items)), "radius": net.radius(step)}
+        if decoder is not None:
+            decoded = torch.cat([decoder.decoder(q.to(env.device)).cpu() for q in quantized.split(250)])
+            plain = torch.cat([decoder.decoder(f.to(env.device)).cpu() for f in eval_set.items[:16].split(250)])
+            record["decoded_psnr"] = psnr(decoded, images)
+            save_image_grid(torch.cat([images[:16], plain, decoded[:16]]),
+                            args.out_dir / "samples" / f"quantized_{step:07d}.png")
+        return record
+
+    def export(net: SOMCodebook, step: int) -> None:
+        save_codebook(artifact_path, net, {"stage": "train_codebook", "inputs": inputs, "step": step})
+
+    Trainer(env, codebook, len(train_set), lambda idx: train_set.items[idx].to(env.device),
+            lambda net, fmaps, step: net(fmaps, step), args, evaluate, export).fit()
+    finish_run(env)
+    return artifact_path
+
+
+def prune_stage(dataset_path: Path, codebook_path: Path, out_dir: Path, threshold: int, device: str,
+                batch_size: int) -> dict:
+    """Count every unit's BMU uses over the training split, drop those under `threshold`, and write the
+    pruned codebook and a usage report. Returns the report."""
+    data, _ = load_fmap_dataset(dataset_path)
+    codebook, _ = load_codebook(codebook_path)
+    check_fits(codebook.cfg, data.items.shape[1:], codebook_path, dataset_path)
+    codebook.to(pick_device(device))
+    fmaps = data.split(heldout=False).items
+    if len(fmaps) == 0:
+        fmaps = data.items
+    counts = usage_counts(codebook, fmaps, batch_size)
+    pruned, remap = prune(codebook, counts, threshold)
+    after = usage_counts(pruned, fmaps, batch_size)
+    error = {name: (quantize(book, fmaps, batch_size) - fmaps).pow(2).mean().item()
+             for name, book in (("before", codebook), ("after", pruned))}
+    report = {"threshold": threshold, "before": {**usage_stats(counts), "quant_mse": error["before"]},
+              "after": {**usage_stats(after), "quant_mse": error["after"]},
+              "counts_before": counts.tolist()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    provenance = {"stage": "prune_codebook", "inputs": [file_record(codebook_path), file_record(dataset_path)],
+                  "threshold": threshold}
+    save_codebook(out_dir / "codebook.safetensors", pruned, provenance, {"remap": remap.tolist()})
+    atomic_write_json(out_dir / "usage_report.json", report)
+    return report

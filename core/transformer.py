@@ -1,0 +1,243 @@
+"""Transformers over codebook tokens, read top to bottom: attention, the block, the model.
+
+base (decoder-only):   [label, condition token, start, t0, t1, ...] -> next token, causal.
+cascade (enc-dec):     the encoder reads [label, coarse tokens] with full attention; the decoder reads
+                       [start, t0, t1, ...] of the finer level, causal, with cross-attention.
+
+Long sequences train on random windows of `sliding_window` tokens; every token carries the embedding
+of its absolute position, so the model knows where the window lies. The conditioning (label and
+condition token, or the encoder's output) is visible from every window."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from core.config import option
+
+ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+@dataclass
+class TransformerConfig:
+    model_lr: float = option(1e-3, low=1e-7, high=1.0)
+    use_sliding_window: bool = option(False)
+    sliding_window: int = option(256, low=2, high=1 << 20, doc="decoder tokens per training window")
+    num_enc_layers: int = option(2, low=0, high=256)
+    num_dec_layers: int = option(4, low=1, high=256)
+    self_attn_heads: int = option(4, low=1, high=1024)
+    cross_attn_heads: int = option(4, low=1, high=1024)
+    in_dim: int = option(128, low=8, high=65536)
+    hidden_dim: int = option(512, low=8, high=262144)
+    hidden_activation: str = option("silu", choices=tuple(ACTIVATIONS))
+    dropout: float = option(0.0, low=0.0, high=0.9)
+    label_dropout: float = option(0.1, low=0.0, high=1.0, doc="share of labels replaced by the null label")
+    warmup_steps: int = option(100, low=0, high=10**7)
+    weight_decay: float = option(0.01, low=0.0, high=1.0)
+
+    def check(self) -> str | None:
+        for name in ("self_attn_heads", "cross_attn_heads"):
+            if self.in_dim % getattr(self, name):
+                return f"in_dim ({self.in_dim}) must be a multiple of {name} ({getattr(self, name)})"
+        return None
+
+
+@dataclass
+class TokenShape:
+    """What the data and codebooks fix about a model (stored in its artifact beside the config)."""
+    kind: str  # "base" or "cascade"
+    lr_vocab: int  # units of the conditioning codebook (base: the condition codebook)
+    hr_vocab: int  # units of the predicted level's codebook
+    lr_len: int  # tokens per image in the conditioning level (base: 1)
+    hr_len: int  # tokens per image in the predicted level
+    num_labels: int = 0  # 0: unconditional
+    label_names: list = field(default_factory=list)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_labels
+
+    @property
+    def start_token(self) -> int:
+        return self.hr_vocab
+
+
+class Attention(nn.Module):
+    """Multi-head attention with fused kernels; optional cache of past keys and values."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, cross: bool):
+        super().__init__()
+        self.heads, self.dropout, self.cross = heads, dropout, cross
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, causal: bool = False,
+                cache: dict | None = None) -> torch.Tensor:
+        q = self.split_heads(self.q(x))
+        if self.cross:  # keys and values of the encoder output: computed once per sequence when cached
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = self.keys_values(source)
+                if cache is not None:
+                    cache["k"], cache["v"] = k, v
+            mask = None
+        else:
+            k, v = self.keys_values(x)
+            past = 0
+            if cache is not None:
+                if "k" in cache:
+                    past = cache["k"].shape[2]
+                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                cache["k"], cache["v"] = k, v
+            mask = None
+            if causal and q.shape[2] > 1:  # query i sits at position past + i
+                rows = torch.arange(q.shape[2], device=x.device)[:, None] + past
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        b, h, t, hd = y.shape
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, causal: bool, cross: bool):
+        super().__init__()
+        self.causal = causal
+        self.ln1 = nn.LayerNorm(cfg.in_dim)
+        self.attn = Attention(cfg.in_dim, cfg.self_attn_heads, cfg.dropout, cross=False)
+        self.ln_cross = nn.LayerNorm(cfg.in_dim) if cross else None
+        self.cross = Attention(cfg.in_dim, cfg.cross_attn_heads, cfg.dropout, cross=True) if cross else None
+        self.ln2 = nn.LayerNorm(cfg.in_dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.in_dim, cfg.hidden_dim), ACTIVATIONS[cfg.hidden_activation](),
+                                 nn.Linear(cfg.hidden_dim, cfg.in_dim), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), causal=self.causal, cache=None if cache is None else cache.setdefault("self", {}))
+        if self.cross is not None:
+            x = x + self.cross(self.ln_cross(x), memory, cache=None if cache is None else cache.setdefault("cross", {}))
+        return x + self.mlp(self.ln2(x))
+
+
+class TokenTransformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig, shape: TokenShape):
+        super().__init__()
+        self.cfg, self.shape = cfg, shape
+        self.use_checkpointing = False
+        dim = cfg.in_dim
+        cascade = shape.kind == "cascade"
+        self.label_emb = nn.Embedding(shape.num_labels + 1, dim)  # the last entry is the null label
+        self.cond_emb = nn.Embedding(shape.lr_vocab, dim)  # base: condition token; cascade: coarse tokens
+        self.cond_pos = nn.Embedding(shape.lr_len + 1, dim)  # label, then conditioning tokens
+        self.tok_emb = nn.Embedding(shape.hr_vocab + 1, dim)  # the predicted level's units and a start token
+        self.pos_emb = nn.Embedding(shape.hr_len, dim)  # absolute positions: the window's place in the image
+        self.encoder = nn.ModuleList(Block(cfg, causal=False, cross=False)
+                                     for _ in range(cfg.num_enc_layers if cascade else 0))
+        self.enc_ln = nn.LayerNorm(dim) if cascade else None
+        self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=cascade) for _ in range(cfg.num_dec_layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, shape.hr_vocab, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def prefix_len(self) -> int:
+        """Decoder positions before the first predicted token's input: [label, condition] for base."""
+        return 2 if self.shape.kind == "base" else 0
+
+    def conditioning(self, labels: torch.Tensor, lr_tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings of [label, lr tokens...]: (B, 1 + lr_len, D)."""
+        positions = torch.arange(lr_tokens.shape[1] + 1, device=lr_tokens.device)
+        x = torch.cat([self.label_emb(labels)[:, None], self.cond_emb(lr_tokens)], 1)
+        return x + self.cond_pos(positions)
+
+    def encode(self, labels: torch.Tensor, lr_tokens: torch.Tensor) -> torch.Tensor | None:
+        """Cascade: the encoder's output (the decoder's memory). Base: None."""
+        if self.shape.kind == "base":
+            return None
+        x = self.conditioning(labels, lr_tokens)
+        for block in self.encoder:
+            x = self._run(block, x)
+        return self.enc_ln(x)
+
+    def forward(self, labels: torch.Tensor, lr_tokens: torch.Tensor, hr_input: torch.Tensor,
+                positions: torch.Tensor, memory: torch.Tensor | None = None, caches: list | None = None,
+                with_prefix: bool = True) -> torch.Tensor:
+        """Logits (B, T, hr_vocab) for the decoder inputs `hr_input` (B, T) at absolute `positions` (B, T).
+        hr_input[:, i] is the token before position i (the start token at position 0). `memory` may
+        carry a precomputed encoder output; `caches` (one dict per decoder block) keep keys and values
+        between calls, and `with_prefix` False means the prefix is already in the caches."""
+        x = self.tok_emb(hr_input) + self.pos_emb(positions)
+        if self.shape.kind == "base" and with_prefix:
+            x = torch.cat([self.conditioning(labels, lr_tokens), x], 1)
+        if self.shape.kind == "cascade" and memory is None:
+            memory = self.encode(labels, lr_tokens)
+        for i, block in enumerate(self.decoder):
+            x = self._run(block, x, memory, None if caches is None else caches[i])
+        if self.shape.kind == "base" and with_prefix:
+            x = x[:, self.prefix_len:]
+        return self.head(self.ln_f(x))
+
+    def _run(self, block: Block, x: torch.Tensor, memory: torch.Tensor | None = None, cache: dict | None = None):
+        if self.use_checkpointing and self.training and cache is None:
+            return checkpoint(block, x, memory, use_reentrant=False)
+        return block(x, memory, cache)
+
+    def window(self) -> int:
+        return self.cfg.sliding_window if self.cfg.use_sliding_window else self.shape.hr_len
+
+
+def decoder_input(hr_tokens: torch.Tensor, start_token: int) -> torch.Tensor:
+    """[start, t0, ..., t_{n-2}]: what the decoder reads to predict [t0, ..., t_{n-1}]."""
+    start = torch.full_like(hr_tokens[:, :1], start_token)
+    return torch.cat([start, hr_tokens[:, :-1]], 1)
+
+
+def window_starts(length: int, window: int) -> list[tuple[int, int]]:
+    """The fixed schedule by which a sequence longer than the window is read at evaluation and sampling:
+    (window start, first position this window predicts). Windows hop by half their length, and a
+    position is predicted by the first window in which it is preceded by at least half a window
+    (or by all of the sequence before it), as in the random windows of training."""
+    if length <= window:
+        return [(0, 0)]
+    hop = max(1, window // 2)
+    schedule, start = [(0, 0)], 0
+    while start + window < length:
+        start += hop
+        schedule.append((start, start + window - hop))
+    return schedule
+
+
+def sequence_logits(model: TokenTransformer, labels: torch.Tensor, lr_tokens: torch.Tensor,
+                    hr_tokens: torch.Tensor) -> torch.Tensor:
+    """Logits for every position of whole sequences (B, n, vocab), without a cache, reading each
+    position in the window the schedule gives it. The reference that cached sampling must match."""
+    n, window = hr_tokens.shape[1], model.window()
+    inputs = decoder_input(hr_tokens, model.shape.start_token)
+    memory = model.encode(labels, lr_tokens)
+    positions = torch.arange(n, device=hr_tokens.device).expand(len(hr_tokens), n)
+    pieces = []  # window k predicts [first_k, end_k), and these tile [0, n)
+    for start, first in window_starts(n, window):
+        end = min(n, start + window)
+        logits = model(labels, lr_tokens, inputs[:, start:end], positions[:, start:end], memory=memory)
+        pieces.append(logits[:, first - start:])
+    return torch.cat(pieces, 1)

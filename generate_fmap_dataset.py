@@ -1,0 +1,32 @@
+"""Encode an image dataset with a trained autoencoder into a feature-map dataset (safetensors shards)."""
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core import fmaps
+from core.cli import BatchSize, DatasetPath, Device, OutDir, console, entry, make_app, stage, track
+from core.training import pick_device
+
+app = make_app(__doc__)
+
+
+@app.command()
+@stage
+def main(
+    dataset_path: DatasetPath,
+    model_path: Annotated[Path, typer.Option(help="autoencoder artifact")],
+    out_dir: OutDir,
+    device: Device = "auto",
+    batch_size: BatchSize = 256,
+    num_files_folder: Annotated[int, typer.Option(min=1, help="feature maps per shard file")] = 10000,
+) -> None:
+    summary = fmaps.generate(dataset_path, model_path, out_dir, pick_device(device), batch_size, num_files_folder,
+                             progress=lambda items: track(items, "shards"))
+    console.print(f"wrote {out_dir / 'dataset.json'}: {summary['items']} feature maps of shape "
+                  f"{tuple(summary['fmap_shape'])} in {summary['shards']} shards "
+                  f"({summary['reused_shards']} reused from an earlier run)")
+
+
+if __name__ == "__main__":
+    entry(app)

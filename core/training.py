@@ -140,11 +140,12 @@ class Trainer:
                  args: TrainArgs,
                  evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
                  export: Callable[[torch.nn.Module, int], None] | None = None,
-                 items_per_batch: Callable[[object], int] | None = None):
+                 items_per_batch: Callable[[object], int] | None = None, optimizer_from: Path | None = None):
         self.env, self.model, self.args = env, model.to(env.device), args
         self.num_items, self.get_batch, self.loss_fn = num_items, get_batch, loss_fn
         self.evaluate, self.export = evaluate, export
         self.items_per_batch = items_per_batch
+        self.optimizer_from = optimizer_from
         if args.batch_size % env.world_size:
             raise PipelineError(f"--batch-size {args.batch_size} does not split evenly over {env.world_size} processes")
         self.steps_per_epoch = num_items // args.batch_size
@@ -188,9 +189,20 @@ class Trainer:
     def restore_checkpoint(self) -> bool:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
+            if self.optimizer_from is not None:  # fine-tuning that keeps another run's optimizer state
+                self._load_optimizer(load_artifact(self.optimizer_from, "checkpoint"))
             return False
         ckpt = load_artifact(path, "checkpoint")
         load_state(self.model, ckpt.tensors, path, prefix="model.")
+        self._load_optimizer(ckpt)
+        torch.set_rng_state(ckpt.tensors["rng.torch"])
+        if "rng.cuda" in ckpt.tensors and self.env.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], self.env.device)
+        self.step = int(ckpt.extra["step"])
+        self._truncate_metrics()
+        return True
+
+    def _load_optimizer(self, ckpt) -> None:
         state: dict[int, dict] = {}
         for name, value in ckpt.tensors.items():
             if name.startswith("optim."):
@@ -199,13 +211,10 @@ class Trainer:
         for name, value in ckpt.extra["optim_scalars"].items():
             index, key = name.split(".", 1)
             state.setdefault(int(index), {})[key] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": ckpt.extra["param_groups"]})
-        torch.set_rng_state(ckpt.tensors["rng.torch"])
-        if "rng.cuda" in ckpt.tensors and self.env.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], self.env.device)
-        self.step = int(ckpt.extra["step"])
-        self._truncate_metrics()
-        return True
+        groups = ckpt.extra["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise PipelineError(f"{ckpt.path}: its optimizer state is for another model")
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     # -- metrics
 

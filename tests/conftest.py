@@ -97,3 +97,36 @@ def tiny_ae_config(tmp_path: Path) -> Path:
     path = tmp_path / "ae.json"
     path.write_text(json.dumps(TINY_AE))
     return path
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> dict:
+    """The chain up to codebooks on the shapes dataset, made once per test session (in-process):
+    16x16 images -> (2, 8, 8) feature maps -> codebooks for the whole map (1 token), 4x4 patches
+    (4 tokens) and 2x2 patches (16 tokens)."""
+    import torch
+    from core import autoencoder, codebook, fmaps
+    from core.data import build_dataset
+    from core.training import TrainArgs
+    root = tmp_path_factory.mktemp("pipeline")
+    folder = root / "shapes"
+    for kind, name in enumerate(["circle", "square", "bar"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
+    build_dataset(folder, root / "data", 16, 1, None, 0.15, 0, False, False)
+    ae_config = root / "ae.json"
+    ae_config.write_text(json.dumps(TINY_AE))
+    ae = autoencoder.train(root / "data" / "dataset.json", ae_config,
+                           TrainArgs(root / "ae", "train_autoencoder", batch_size=8, max_epoch=100, max_steps=60,
+                                     checkpoint_step=1000), "cpu")
+    fmaps.generate(root / "data" / "dataset.json", ae, root / "fmaps", torch.device("cpu"), 32, 1000)
+    paths = {"root": root, "dataset": root / "data" / "dataset.json", "autoencoder": ae,
+             "fmaps": root / "fmaps" / "dataset.json"}
+    for name, patch, units in (("cond", 8, 8), ("l1", 4, 16), ("l2", 2, 32)):
+        config = root / f"cb_{name}.json"
+        config.write_text(json.dumps({"image_H": 8, "image_W": 8, "image_C": 2, "patch_H": patch, "patch_W": patch,
+                                      "num_embeddings": units, "model_lr": 0.01}))
+        paths[name] = codebook.train(paths["fmaps"], config, TrainArgs(root / f"cb_{name}", "train_codebook",
+                                     batch_size=8, max_epoch=100, max_steps=30, checkpoint_step=1000), "cpu")
+    return paths

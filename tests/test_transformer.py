@@ -1,0 +1,182 @@
+import json
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_script, start_script
+from core.artifacts import load_artifact
+from core.cascade import drop_labels, load_transformer
+from core.transformer import TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits, window_starts
+
+SMALL = dict(in_dim=32, hidden_dim=64, num_dec_layers=2, num_enc_layers=2, self_attn_heads=4, cross_attn_heads=2)
+
+
+def make(kind, hr_len=12, window=None, **overrides):
+    cfg = TransformerConfig(**{**SMALL, **overrides}, use_sliding_window=window is not None,
+                            sliding_window=window or 256)
+    shape = TokenShape(kind, lr_vocab=5, hr_vocab=7, lr_len=1 if kind == "base" else 4, hr_len=hr_len, num_labels=3)
+    torch.manual_seed(0)
+    return TokenTransformer(cfg, shape).eval()
+
+
+def random_inputs(model, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = model.shape
+    return (torch.randint(0, shape.num_labels + 1, (batch,), generator=g),
+            torch.randint(0, shape.lr_vocab, (batch, shape.lr_len), generator=g),
+            torch.randint(0, shape.hr_vocab, (batch, shape.hr_len), generator=g))
+
+
+@pytest.mark.parametrize("kind", ["base", "cascade"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_causality(kind, window):
+    model = make(kind, window=window)
+    labels, lr, hr = random_inputs(model)
+    reference = sequence_logits(model, labels, lr, hr)
+    assert reference.shape == (3, 12, 7)
+    for k in range(12):
+        changed = hr.clone()
+        changed[:, k] = (changed[:, k] + 1) % 7
+        logits = sequence_logits(model, labels, lr, changed)
+        assert torch.allclose(logits[:, :k + 1], reference[:, :k + 1], atol=1e-6), k  # position k is predicted before it is seen
+        if k + 1 < 12:
+            assert not torch.allclose(logits[:, k + 1], reference[:, k + 1])
+
+
+def test_conditioning_changes_the_prediction():
+    for kind in ("base", "cascade"):
+        model = make(kind)
+        labels, lr, hr = random_inputs(model)
+        other_lr = (lr + 1) % 5
+        assert not torch.allclose(sequence_logits(model, labels, lr, hr), sequence_logits(model, labels, other_lr, hr))
+
+
+def test_window_schedule_tiles_the_sequence():
+    assert window_starts(10, 16) == [(0, 0)]
+    schedule = window_starts(20, 8)
+    assert schedule[0] == (0, 0)
+    covered = []
+    for k, (start, first) in enumerate(schedule):
+        end = min(20, start + 8)
+        assert first - start >= 4 or start == 0  # at least half a window of context
+        covered += list(range(first, end))
+    assert covered == list(range(20))
+
+
+@pytest.mark.parametrize("kind", ["base", "cascade"])
+def test_tiny_model_memorises_sequences(kind):
+    model = make(kind, dropout=0.0).train()
+    labels, lr, hr = random_inputs(model, batch=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    positions = torch.arange(12).expand(4, 12)
+    for _ in range(300):
+        logits = model(labels, lr, decoder_input(hr, model.shape.start_token), positions)
+        loss = F.cross_entropy(logits.reshape(-1, 7), hr.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+def test_label_dropout_rates():
+    labels = torch.arange(1000) % 3
+    assert torch.equal(drop_labels(labels, 0.0, 3), labels)
+    assert (drop_labels(labels, 1.0, 3) == 3).all()
+    dropped = (drop_labels(labels, 0.25, 3) == 3).float().mean().item()
+    assert 0.2 < dropped < 0.3
+
+
+def train_cli(pipeline, out, *extra, base=False, config=None):
+    args = ["--dataset-path", pipeline["fmaps"], "--out-dir", out, "--device", "cpu", "--batch-size", "8",
+            "--max-epoch", "1000", "--decoder-path", pipeline["autoencoder"], "--test-num-sample", "3"]
+    if base:
+        args += ["--train-base-model", "--lr-codebook-path", pipeline["cond"], "--hr-codebook-path", pipeline["l1"]]
+    else:
+        args += ["--lr-codebook-path", pipeline["l1"], "--hr-codebook-path", pipeline["l2"]]
+    if config is not None:
+        args += ["--config-path", config]
+    return args + [str(e) for e in extra]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    def write(**overrides):
+        path = tmp_path / f"tf_{len(list(tmp_path.glob('tf_*')))}.json"
+        path.write_text(json.dumps({**SMALL, "model_lr": 0.003, "warmup_steps": 5, **overrides}))
+        return path
+    return write
+
+
+def test_base_and_cascade_stages_train(tmp_path, pipeline, tiny_config):
+    for base in (True, False):
+        out = tmp_path / ("base" if base else "cascade")
+        result = run_script("train_transformer.py", *train_cli(pipeline, out, "--max-steps", "60",
+                                                               "--checkpoint-step", "30", base=base,
+                                                               config=tiny_config()))
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in records if "heldout_loss" in r]
+        assert len(evals) == 2 and evals[1]["heldout_loss"] < evals[0]["heldout_loss"]
+        assert (out / "samples" / "samples_0000060.png").exists()
+        model, artifact = load_transformer(out / "model.safetensors")
+        assert model.shape.kind == ("base" if base else "cascade")
+        assert model.shape.label_names == ["bar", "circle", "square"]
+        assert ("cond_counts" in artifact.tensors) == base
+        assert artifact.extra["hr_codebook"]["path"] == str(pipeline["l1" if base else "l2"])
+
+
+def test_sliding_window_stage_trains(tmp_path, pipeline, tiny_config):
+    out = tmp_path / "windowed"
+    config = tiny_config(use_sliding_window=True, sliding_window=6)
+    result = run_script("train_transformer.py", *train_cli(pipeline, out, "--max-steps", "80", "--checkpoint-step", "40",
+                                                           "--use-activation-checkpoint", config=config))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert [r["heldout_loss"] for r in records if "heldout_loss" in r][-1] < 3.4  # below uniform over 32 units
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, pipeline, tiny_config):
+    config = tiny_config(num_dec_layers=4, in_dim=64, hidden_dim=256)
+    steps = ["--max-steps", "150", "--checkpoint-step", "1000", "--test-num-sample", "0", "--lr-step", "50"]
+    reference = tmp_path / "reference"
+    assert run_script("train_transformer.py", *train_cli(pipeline, reference, *steps, config=config)).returncode == 0
+    out = tmp_path / "interrupted"
+    proc = start_script("train_transformer.py", *train_cli(pipeline, out, *steps, config=config))
+    import time
+    while not (out / "metrics.jsonl").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert load_artifact(out / "checkpoint.safetensors").extra["step"] < 150
+    assert run_script("train_transformer.py", *train_cli(pipeline, out, *steps, config=config)).returncode == 0
+    a = load_artifact(reference / "model.safetensors").tensors
+    b = load_artifact(out / "model.safetensors").tensors
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_base_needs_a_condition_codebook(tmp_path, pipeline):
+    args = ["--dataset-path", pipeline["fmaps"], "--out-dir", tmp_path / "x", "--train-base-model",
+            "--lr-codebook-path", pipeline["l1"], "--hr-codebook-path", pipeline["l2"]]
+    result = run_script("train_transformer.py", *args)
+    assert result.returncode == 2
+    assert "needs a condition codebook" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_load_optim_needs_a_checkpoint(tmp_path, pipeline, tiny_config):
+    out = tmp_path / "first"
+    assert run_script("train_transformer.py", *train_cli(pipeline, out, "--max-steps", "5", config=tiny_config())).returncode == 0
+    result = run_script("train_transformer.py", *train_cli(pipeline, tmp_path / "second", "--max-steps", "5",
+                                                           "--model-path", out / "model.safetensors", "--load-optim",
+                                                           config=tiny_config()))
+    assert result.returncode == 2 and "holds no optimizer state" in result.stderr
+    result = run_script("train_transformer.py", *train_cli(pipeline, tmp_path / "third", "--max-steps", "5",
+                                                           "--model-path", out / "checkpoint.safetensors", "--load-optim",
+                                                           config=tiny_config()))
+    assert result.returncode == 0, result.stderr

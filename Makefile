@@ -1,5 +1,6 @@
-# The pipeline, one target per stage, with file dependencies: `make demo` runs what is missing and
-# resumes what was interrupted. Point it at your own data with SOURCE=/path/to/images.
+# The pipeline, one target per stage. Each stage leaves a DONE stamp when it finishes, so `make demo`
+# runs only what is missing, and a stage interrupted midway resumes from its checkpoint.
+# Your own data: make demo SOURCE=path/to/images RUNS=runs/mine (PRESET=tiny|large, DEVICE=cuda).
 PRESET ?= tiny
 SOURCE ?= /usr/share/datasets/fashion-mnist
 SIZE ?= 32
@@ -8,12 +9,34 @@ DEVICE ?= auto
 RUNS ?= runs/$(PRESET)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-DATASET := $(RUNS)/data/dataset.json
-AUTOENCODER := $(RUNS)/autoencoder/autoencoder.safetensors
+
+# steps and batch sizes per preset: tiny runs on a 2-core CPU, large wants a GPU
 AE_STEPS_tiny := 4000
 AE_STEPS_large := 40000
+CB_STEPS_tiny := 1000
+CB_STEPS_large := 5000
+BASE_STEPS_tiny := 3000
+BASE_STEPS_large := 30000
+CASCADE_STEPS_tiny := 3000
+CASCADE_STEPS_large := 30000
+BATCH_tiny := 64
+BATCH_large := 256
+PRUNE_THRESHOLD := 5
+BATCH := $(BATCH_$(PRESET))
 
-.PHONY: setup test demo clean-demo
+DATA := $(RUNS)/data/DONE
+AUTOENCODER := $(RUNS)/autoencoder/DONE
+FMAPS := $(RUNS)/fmaps/DONE
+LEVELS := cond l1 l2
+PRUNED := $(LEVELS:%=$(RUNS)/pruned/%/DONE)
+BASE := $(RUNS)/transformers/base/DONE
+CASCADE := $(RUNS)/transformers/cascade/DONE
+AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
+codebook = $(RUNS)/pruned/$(1)/codebook.safetensors
+TRAIN_FLAGS = --device $(DEVICE) --max-epoch 1000 --checkpoint-step 1000
+
+.PHONY: setup test demo codebooks transformers clean-demo
+.SECONDARY:
 
 setup: $(VENV)/.installed
 
@@ -28,16 +51,50 @@ $(VENV)/.installed: requirements.txt
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-demo: setup $(AUTOENCODER)
+demo: setup $(BASE) $(CASCADE)
 	@echo "demo done: see $(RUNS)/"
 
-$(DATASET): | setup
-	$(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS)
+codebooks: $(PRUNED)
+transformers: $(BASE) $(CASCADE)
 
-$(AUTOENCODER): $(DATASET) configs/autoencoder_$(PRESET).json
-	$(PYTHON) train_autoencoder.py --dataset-path $(DATASET) --config-path configs/autoencoder_$(PRESET).json \
-		--out-dir $(RUNS)/autoencoder --device $(DEVICE) --batch-size 64 --max-epoch 100 \
-		--max-steps $(AE_STEPS_$(PRESET)) --checkpoint-step 1000
+$(DATA): | setup
+	$(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS) --overwrite
+	touch $@
+
+$(AUTOENCODER): $(DATA) configs/autoencoder_$(PRESET).json
+	$(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --config-path configs/autoencoder_$(PRESET).json \
+		--out-dir $(RUNS)/autoencoder --batch-size $(BATCH) --max-steps $(AE_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+	touch $@
+
+$(FMAPS): $(AUTOENCODER)
+	$(PYTHON) generate_fmap_dataset.py --dataset-path $(RUNS)/data/dataset.json --model-path $(AE_ARTIFACT) \
+		--out-dir $(RUNS)/fmaps --device $(DEVICE)
+	touch $@
+
+$(RUNS)/codebooks/%/DONE: $(FMAPS) configs/codebook_$(PRESET)_%.json
+	$(PYTHON) train_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
+		--config-path configs/codebook_$(PRESET)_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size 128 \
+		--max-steps $(CB_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+	touch $@
+
+$(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE
+	$(PYTHON) prune_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --device $(DEVICE) \
+		--codebook-path $(RUNS)/codebooks/$*/codebook.safetensors --prune-threshold $(PRUNE_THRESHOLD) --out-dir $(RUNS)/pruned/$*
+	touch $@
+
+$(BASE): $(PRUNED) configs/transformer_$(PRESET)_base.json
+	$(PYTHON) train_transformer.py --train-base-model --dataset-path $(RUNS)/fmaps/dataset.json \
+		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) --decoder-path $(AE_ARTIFACT) \
+		--config-path configs/transformer_$(PRESET)_base.json --out-dir $(RUNS)/transformers/base \
+		--batch-size $(BATCH) --max-steps $(BASE_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+	touch $@
+
+$(CASCADE): $(PRUNED) configs/transformer_$(PRESET)_cascade.json
+	$(PYTHON) train_transformer.py --dataset-path $(RUNS)/fmaps/dataset.json \
+		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
+		--config-path configs/transformer_$(PRESET)_cascade.json --out-dir $(RUNS)/transformers/cascade \
+		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+	touch $@
 
 clean-demo:
 	rm -rf $(RUNS)

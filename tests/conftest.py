@@ -130,3 +130,28 @@ def pipeline(tmp_path_factory) -> dict:
         paths[name] = codebook.train(paths["fmaps"], config, TrainArgs(root / f"cb_{name}", "train_codebook",
                                      batch_size=8, max_epoch=100, max_steps=30, checkpoint_step=1000), "cpu")
     return paths
+
+
+@pytest.fixture(scope="session")
+def models(pipeline) -> dict:
+    """A base (cond -> l1) and a cascade (l1 -> l2) transformer trained briefly on the pipeline's tokens,
+    and a generation config naming them."""
+    from core import cascade
+    from core.training import TrainArgs
+    root = pipeline["root"]
+    config = root / "tf.json"
+    config.write_text(json.dumps({"in_dim": 32, "hidden_dim": 64, "num_dec_layers": 2, "num_enc_layers": 1,
+                                  "self_attn_heads": 2, "cross_attn_heads": 2, "model_lr": 0.003, "warmup_steps": 5}))
+    paths = dict(pipeline)
+    for name, base, lr, hr in (("base", True, "cond", "l1"), ("cascade", False, "l1", "l2")):
+        args = TrainArgs(root / name, "train_transformer", batch_size=8, max_epoch=100, max_steps=40,
+                         checkpoint_step=1000)
+        paths[name] = cascade.train(pipeline["fmaps"], pipeline[lr], pipeline[hr], config, args, "cpu", base,
+                                    test_num_sample=0)
+    levels = {"0": {"model_path": str(paths["base"]), "lr_codebook_path": str(pipeline["cond"]),
+                    "hr_codebook_path": str(pipeline["l1"]), "temperature": 1.0},
+              "1": {"model_path": str(paths["cascade"]), "lr_codebook_path": str(pipeline["l1"]),
+                    "hr_codebook_path": str(pipeline["l2"]), "temperature": 0.8, "top_k": 8}}
+    paths["generate_config"] = root / "generate.json"
+    paths["generate_config"].write_text(json.dumps(levels))
+    return paths

@@ -1,0 +1,38 @@
+"""Generate images with the cascade of transformers: one config entry per level, decoded by the
+autoencoder. Writes the images, grid.png and a dataset.json recording each image's provenance."""
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core import generate
+from core.cli import BatchSize, Device, OutDir, Overwrite, Seed, console, entry, make_app, stage, track
+from core.training import pick_device
+
+app = make_app(__doc__)
+
+
+@app.command()
+@stage
+def main(
+    config_path: Annotated[Path, typer.Option(help="JSON with one entry per cascade level: \"0\" (base), \"1\", ...")],
+    decoder_path: Annotated[Path, typer.Option(help="autoencoder artifact")],
+    out_dir: OutDir,
+    num_images: Annotated[int, typer.Option(min=1, help="images to generate")] = 64,
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    format: Annotated[str, typer.Option("--format", help="png or jpg")] = "png",
+    device: Device = "auto",
+    no_cache: Annotated[bool, typer.Option(help="recompute every position (slow; for checks)")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    if format not in ("png", "jpg"):
+        raise typer.BadParameter("--format must be png or jpg")
+    path = generate.generate(config_path, decoder_path, out_dir, num_images, seed, batch_size, format,
+                             pick_device(device), overwrite, not no_cache,
+                             progress=lambda items: track(items, "batches"))
+    console.print(f"wrote {num_images} images, {out_dir / 'grid.png'} and {path}")
+
+
+if __name__ == "__main__":
+    entry(app)

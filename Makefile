@@ -31,11 +31,13 @@ LEVELS := cond l1 l2
 PRUNED := $(LEVELS:%=$(RUNS)/pruned/%/DONE)
 BASE := $(RUNS)/transformers/base/DONE
 CASCADE := $(RUNS)/transformers/cascade/DONE
+GENERATED := $(RUNS)/generated/DONE
+NUM_IMAGES ?= 1000
 AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
 codebook = $(RUNS)/pruned/$(1)/codebook.safetensors
 TRAIN_FLAGS = --device $(DEVICE) --max-epoch 1000 --checkpoint-step 1000
 
-.PHONY: setup test demo codebooks transformers clean-demo
+.PHONY: setup test demo codebooks transformers generate clean-demo
 .SECONDARY:
 
 setup: $(VENV)/.installed
@@ -51,11 +53,12 @@ $(VENV)/.installed: requirements.txt
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-demo: setup $(BASE) $(CASCADE)
-	@echo "demo done: see $(RUNS)/"
+demo: setup $(GENERATED)
+	@echo "demo done: generated images in $(RUNS)/generated (grid.png); every stage's output under $(RUNS)/"
 
 codebooks: $(PRUNED)
 transformers: $(BASE) $(CASCADE)
+generate: $(GENERATED)
 
 $(DATA): | setup
 	$(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS) --overwrite
@@ -94,6 +97,13 @@ $(CASCADE): $(PRUNED) configs/transformer_$(PRESET)_cascade.json
 		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
 		--config-path configs/transformer_$(PRESET)_cascade.json --out-dir $(RUNS)/transformers/cascade \
 		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+	touch $@
+
+# the preset's generation config, copied beside the runs so that its relative paths point into them
+$(GENERATED): $(BASE) $(CASCADE) configs/generate_$(PRESET).json
+	cp configs/generate_$(PRESET).json $(RUNS)/generate.json
+	$(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(AE_ARTIFACT) \
+		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE)
 	touch $@
 
 clean-demo:

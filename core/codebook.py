@@ -36,7 +36,7 @@ class CodebookConfig:
     image_C: int = option(4, low=1, high=4096, doc="feature map channels")
     patch_H: int = option(8, low=1, high=4096)
     patch_W: int = option(8, low=1, high=4096)
-    num_embeddings: int = option(256, low=2, high=1 << 20)
+    num_embeddings: int = option(256, low=2, high=16384)
     neighbourhood_step: int = option(200, low=1, high=10**9, doc="steps between shrinks of the radius")
     neighbourhood_radius: float = option(2.0, low=0.0, high=4096.0, doc="starting radius on the unit grid")
     dead_unit_step: int = option(100, low=0, high=10**9, doc="re-seed units unused for N steps (0: never)")
@@ -103,7 +103,10 @@ class SOMCodebook(nn.Module):
 
     @torch.no_grad()
     def bmu(self, vectors: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        return torch.cat([self.distances(v.float()).argmin(1) for v in vectors.split(chunk)])
+        """Index of the nearest unit for each vector (M, D): argmin of |w|^2 - 2 x.w, one fused matmul."""
+        units = self.units.detach()
+        squares = units.pow(2).sum(1)
+        return torch.cat([torch.addmm(squares, v.float(), units.t(), alpha=-2).argmin(1) for v in vectors.split(chunk)])
 
     @torch.no_grad()
     def tokenize(self, fmaps: torch.Tensor) -> torch.Tensor:
@@ -134,21 +137,34 @@ class SOMCodebook(nn.Module):
     def radius(self, step: int) -> float:
         return max(0.0, self.cfg.neighbourhood_radius - step // self.cfg.neighbourhood_step)
 
+    def neighbourhood(self, radius: float) -> torch.Tensor:
+        """(K, K) Gaussian weights between units by their distance on the grid."""
+        if getattr(self, "_neighbourhood", (None,))[0] != radius:
+            grid_d2 = (self.grid[:, None, :] - self.grid[None, :, :]).pow(2).sum(-1)
+            self._neighbourhood = (radius, torch.exp(-grid_d2 / (2 * radius ** 2)))
+        return self._neighbourhood[1]
+
     def forward(self, fmaps: torch.Tensor, step: int) -> torch.Tensor:
+        """The neighbourhood-weighted squared distance between the batch's patches and the units, per
+        dimension. It is computed from per-unit sums of the patches that each unit wins, so the cost
+        beyond the BMU search is O(K*D + K^2) rather than O(patches * K)."""
         patches = patchify(fmaps, self.cfg.patch_H, self.cfg.patch_W).reshape(-1, self.cfg.patch_dim).float()
         if self.cfg.dead_unit_step and step > 0 and step % self.cfg.dead_unit_step == 0:
             self._reseed_dead_units(patches)
-        dist2 = self.distances(patches)
         with torch.no_grad():
-            winners = dist2.argmin(1)
-            self.usage += torch.bincount(winners, minlength=len(self.usage)).float()
+            winners = self.bmu(patches)
+            units_count = len(self.units)
+            counts = torch.bincount(winners, minlength=units_count).float()
+            self.usage += counts
+            sums = torch.zeros_like(self.units).index_add_(0, winners, patches)
+            square_sums = torch.zeros_like(counts).index_add_(0, winners, patches.pow(2).sum(1))
             radius = self.radius(step)
-            if radius > 0:
-                grid_d2 = (self.grid[winners, None, :] - self.grid[None, :, :]).pow(2).sum(-1)
-                weights = torch.exp(-grid_d2 / (2 * radius ** 2))
-            else:
-                weights = torch.zeros_like(dist2).scatter_(1, winners[:, None], 1.0)
-        return (weights * dist2).sum() / weights.sum() / self.cfg.patch_dim
+            if radius > 0:  # spread each patch over its BMU's grid neighbours
+                weights = self.neighbourhood(radius)
+                counts, sums, square_sums = weights @ counts, weights @ sums, weights @ square_sums
+        units = self.units
+        total = (counts * units.pow(2).sum(1)).sum() - 2 * (units * sums).sum() + square_sums.sum()
+        return total / counts.sum() / self.cfg.patch_dim
 
     @torch.no_grad()
     def _reseed_dead_units(self, patches: torch.Tensor) -> None:

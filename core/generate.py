@@ -51,7 +51,17 @@ def parse_config(path: Path) -> list[LevelConfig]:
         for key in ("model_path", "lr_codebook_path", "hr_codebook_path"):
             if not getattr(level, key):
                 raise PipelineError(f"{path} level {i}: '{key}' is missing")
+            setattr(level, key, str(resolve_path(getattr(level, key), path)))
     return levels
+
+
+def resolve_path(value: str, config_path: Path) -> Path:
+    """A relative path is looked up from the current directory, then from the config file's folder."""
+    candidate = Path(value)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    beside = config_path.parent / candidate
+    return beside if beside.exists() else candidate
 
 
 def load_levels(configs: list[LevelConfig], source: Path) -> list[Level]:

@@ -21,8 +21,16 @@ CASCADE_STEPS_tiny := 3000
 CASCADE_STEPS_large := 30000
 BATCH_tiny := 64
 BATCH_large := 256
-PRUNE_THRESHOLD := 5
-BATCH := $(BATCH_$(PRESET))
+PRUNE_THRESHOLD ?= 5
+# any of these can be set on the command line (make demo AE_STEPS=100 ...)
+AE_STEPS ?= $(AE_STEPS_$(PRESET))
+CB_STEPS ?= $(CB_STEPS_$(PRESET))
+BASE_STEPS ?= $(BASE_STEPS_$(PRESET))
+CASCADE_STEPS ?= $(CASCADE_STEPS_$(PRESET))
+BATCH ?= $(BATCH_$(PRESET))
+CONFIGS ?= configs
+# each stage's wall time and peak memory are appended to $(RUNS)/timings.log
+TIMER = $(if $(wildcard /usr/bin/time),/usr/bin/time -a -o $(RUNS)/timings.log -f "$(1): %e s wall; %M KB peak")
 
 DATA := $(RUNS)/data/DONE
 AUTOENCODER := $(RUNS)/autoencoder/DONE
@@ -61,48 +69,49 @@ transformers: $(BASE) $(CASCADE)
 generate: $(GENERATED)
 
 $(DATA): | setup
-	$(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS) --overwrite
+	mkdir -p $(RUNS)
+	$(call TIMER,dataset) $(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS) --overwrite
 	touch $@
 
-$(AUTOENCODER): $(DATA) configs/autoencoder_$(PRESET).json
-	$(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --config-path configs/autoencoder_$(PRESET).json \
-		--out-dir $(RUNS)/autoencoder --batch-size $(BATCH) --max-steps $(AE_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+$(AUTOENCODER): $(DATA) $(CONFIGS)/autoencoder_$(PRESET).json
+	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --config-path $(CONFIGS)/autoencoder_$(PRESET).json \
+		--out-dir $(RUNS)/autoencoder --batch-size $(BATCH) --max-steps $(AE_STEPS) $(TRAIN_FLAGS)
 	touch $@
 
 $(FMAPS): $(AUTOENCODER)
-	$(PYTHON) generate_fmap_dataset.py --dataset-path $(RUNS)/data/dataset.json --model-path $(AE_ARTIFACT) \
+	$(call TIMER,fmaps) $(PYTHON) generate_fmap_dataset.py --dataset-path $(RUNS)/data/dataset.json --model-path $(AE_ARTIFACT) \
 		--out-dir $(RUNS)/fmaps --device $(DEVICE)
 	touch $@
 
-$(RUNS)/codebooks/%/DONE: $(FMAPS) configs/codebook_$(PRESET)_%.json
-	$(PYTHON) train_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
-		--config-path configs/codebook_$(PRESET)_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size 128 \
-		--max-steps $(CB_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+$(RUNS)/codebooks/%/DONE: $(FMAPS) $(CONFIGS)/codebook_$(PRESET)_%.json
+	$(call TIMER,codebook $*) $(PYTHON) train_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
+		--config-path $(CONFIGS)/codebook_$(PRESET)_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size 128 \
+		--max-steps $(CB_STEPS) $(TRAIN_FLAGS)
 	touch $@
 
 $(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE
-	$(PYTHON) prune_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --device $(DEVICE) \
+	$(call TIMER,prune $*) $(PYTHON) prune_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --device $(DEVICE) \
 		--codebook-path $(RUNS)/codebooks/$*/codebook.safetensors --prune-threshold $(PRUNE_THRESHOLD) --out-dir $(RUNS)/pruned/$*
 	touch $@
 
-$(BASE): $(PRUNED) configs/transformer_$(PRESET)_base.json
-	$(PYTHON) train_transformer.py --train-base-model --dataset-path $(RUNS)/fmaps/dataset.json \
+$(BASE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_base.json
+	$(call TIMER,base transformer) $(PYTHON) train_transformer.py --train-base-model --dataset-path $(RUNS)/fmaps/dataset.json \
 		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) --decoder-path $(AE_ARTIFACT) \
-		--config-path configs/transformer_$(PRESET)_base.json --out-dir $(RUNS)/transformers/base \
-		--batch-size $(BATCH) --max-steps $(BASE_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+		--config-path $(CONFIGS)/transformer_$(PRESET)_base.json --out-dir $(RUNS)/transformers/base \
+		--batch-size $(BATCH) --max-steps $(BASE_STEPS) $(TRAIN_FLAGS)
 	touch $@
 
-$(CASCADE): $(PRUNED) configs/transformer_$(PRESET)_cascade.json
-	$(PYTHON) train_transformer.py --dataset-path $(RUNS)/fmaps/dataset.json \
+$(CASCADE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_cascade.json
+	$(call TIMER,cascade transformer) $(PYTHON) train_transformer.py --dataset-path $(RUNS)/fmaps/dataset.json \
 		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
-		--config-path configs/transformer_$(PRESET)_cascade.json --out-dir $(RUNS)/transformers/cascade \
-		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS_$(PRESET)) $(TRAIN_FLAGS)
+		--config-path $(CONFIGS)/transformer_$(PRESET)_cascade.json --out-dir $(RUNS)/transformers/cascade \
+		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS) $(TRAIN_FLAGS)
 	touch $@
 
 # the preset's generation config, copied beside the runs so that its relative paths point into them
-$(GENERATED): $(BASE) $(CASCADE) configs/generate_$(PRESET).json
-	cp configs/generate_$(PRESET).json $(RUNS)/generate.json
-	$(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(AE_ARTIFACT) \
+$(GENERATED): $(BASE) $(CASCADE) $(CONFIGS)/generate_$(PRESET).json
+	cp $(CONFIGS)/generate_$(PRESET).json $(RUNS)/generate.json
+	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(AE_ARTIFACT) \
 		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE)
 	touch $@
 

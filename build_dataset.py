@@ -13,20 +13,26 @@ app = make_app(__doc__)
 @app.command()
 @stage
 def main(
-    source: Annotated[Path, typer.Option(help="a folder of images (sub-folder name = label), a folder of idx files, or one idx(.gz) file")],
+    source: Annotated[Path, typer.Option(help="a folder of images (sub-folder name = label), a folder of idx files, one idx(.gz) file, or a dataset.json")],
     out_dir: OutDir,
     size: Annotated[int, typer.Option(min=4, max=4096, help="images are resized to size x size")] = 32,
     channels: Annotated[int, typer.Option(min=1, max=3, help="1 (grayscale) or 3 (RGB)")] = 1,
     limit: Annotated[Optional[int], typer.Option(min=1, help="keep at most N images (per split, for idx files)")] = None,
     holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="fraction held out for evaluation (folders; idx files use t10k)")] = 0.1,
+    label: Annotated[Optional[list[str]], typer.Option(help="keep only images with this label (repeatable)")] = None,
+    from_split: Annotated[Optional[str], typer.Option(help="keep only images of this split of the source: train or heldout")] = None,
+    train_count: Annotated[Optional[int], typer.Option(min=0, help="the first N images are the training split, the rest held out")] = None,
     strict: Annotated[bool, typer.Option(help="refuse a corrupt image instead of skipping it")] = False,
     seed: Seed = 0,
     overwrite: Overwrite = False,
 ) -> None:
     if channels not in (1, 3):
         raise typer.BadParameter("--channels must be 1 or 3")
+    if from_split not in (None, "train", "heldout"):
+        raise typer.BadParameter("--from-split must be train or heldout")
     counts = build_dataset(source, out_dir, size, channels, limit, holdout, seed, strict, overwrite,
-                           progress=lambda items: track(items, "images"))
+                           progress=lambda items: track(items, "images"), labels=label, from_split=from_split,
+                           train_count=train_count)
     console.print(f"wrote {out_dir / 'dataset.json'}: {counts['images']} images ({counts['train']} train, "
                   f"{counts['heldout']} held out, {counts['labels']} labels), {counts['skipped']} skipped")
 

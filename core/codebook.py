@@ -268,6 +268,7 @@ def train(dataset_path: Path, config_path: Path | None, args: TrainArgs, device:
     artifact_path = args.out_dir / "codebook.safetensors"
     inputs = [file_record(p) for p in (dataset_path, decoder_path, init_from) if p is not None]
     args.lr, args.warmup_steps, args.config = cfg.model_lr, cfg.warmup_steps, to_dict(cfg)
+    args.mixed_precision = False  # nearest-unit search needs full precision
 
     def evaluate(net: SOMCodebook, step: int) -> dict:
         quantized = quantize(net, eval_set.items)

@@ -1,6 +1,7 @@
 """Image datasets: the seed's tinydb dataset.json, built from an image folder or MNIST-format idx files."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import random
 import shutil
@@ -65,6 +66,7 @@ class SourceItem:
     label: str | None
     name: str  # shown in error messages
     split: str | None  # fixed by the source (idx train/t10k), or None to draw from the held-out fraction
+    origin: str | None = None  # the split it had in its source (for --from-split)
 
 
 def idx_items(pairs: list[tuple[str, Path, Path | None]], class_names: list[str] | None) -> list[SourceItem]:
@@ -82,7 +84,7 @@ def idx_items(pairs: list[tuple[str, Path, Path | None]], class_names: list[str]
                 index = int(labels[i])
                 label = class_names[index] if class_names and index < len(class_names) else str(index)
             items.append(SourceItem(lambda a=array: Image.fromarray(np.ascontiguousarray(a)), label,
-                                    f"{images_path.name}[{i}]", split))
+                                    f"{images_path.name}[{i}]", split, split))
     return items
 
 
@@ -96,12 +98,24 @@ def folder_items(folder: Path) -> list[SourceItem]:
     return items
 
 
+def dataset_items(dataset_path: Path) -> list[SourceItem]:
+    """The images of an existing dataset.json, with their labels; their split is drawn anew."""
+    records, _ = read_records(dataset_path)
+    if records and "image_fpath" not in records[0]:
+        raise PipelineError(f"{dataset_path}: expected an image dataset")
+    return [SourceItem(lambda p=dataset_path.parent / r["image_fpath"]: Image.open(p),
+                       str(r["labels"][0]) if r.get("labels") else None, r["image_fpath"], None, r.get("split"))
+            for r in records]
+
+
 def source_items(source: Path) -> list[SourceItem]:
     if not source.exists():
         raise PipelineError(f"{source}: no such file or folder")
+    if source.is_file() and source.suffix == ".json":
+        return dataset_items(source)
     if source.is_file():
         if "idx" not in source.name:
-            raise PipelineError(f"{source}: expected a folder of images or an idx(.gz) file")
+            raise PipelineError(f"{source}: expected a folder of images, idx(.gz) files or a dataset.json")
         labels = Path(str(source).replace("images-idx3", "labels-idx1"))
         return idx_items([("train", source, labels if labels.exists() and labels != source else None)], None)
     pairs = find_idx_pairs(source)
@@ -126,12 +140,27 @@ def prepare_image(image: Image.Image, size: int, channels: int) -> Image.Image:
 
 def build_dataset(source: Path, out_dir: Path, size: int, channels: int, limit: int | None,
                   holdout: float, seed: int, strict: bool, overwrite: bool,
-                  progress: Callable[[Iterable], Iterator] = iter) -> dict:
-    """Write out_dir/dataset.json and out_dir/images/; returns counts. Returns nothing half-written."""
+                  progress: Callable[[Iterable], Iterator] = iter, labels: list[str] | None = None,
+                  from_split: str | None = None, train_count: int | None = None) -> dict:
+    """Write out_dir/dataset.json and out_dir/images/; returns counts. Leaves nothing half-written.
+    `labels` and `from_split` keep only such items; `train_count` makes exactly the first N kept items
+    the training split and the rest held out."""
     dataset_path = out_dir / "dataset.json"
     if dataset_path.exists() and not overwrite:
         raise PipelineError(f"{dataset_path} already exists (pass --overwrite to rebuild it)")
     items = source_items(source)
+    if labels:
+        found = {item.label for item in items}
+        missing = [label for label in labels if label not in found]
+        if missing:
+            known = ", ".join(sorted(str(l) for l in found if l is not None)) or "none"
+            raise PipelineError(f"{source}: no images labelled {', '.join(missing)} (labels: {known})")
+        items = [item for item in items if item.label in labels]
+    if from_split is not None:
+        items = [item for item in items if item.origin == from_split]
+    if train_count is not None:
+        items = [dataclasses.replace(item, split="train" if i < train_count else "heldout")
+                 for i, item in enumerate(items)]
     if limit is not None:
         items = _limit_per_split(items, limit)
     rng = random.Random(seed)

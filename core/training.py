@@ -107,6 +107,18 @@ def claim_out_dir(out_dir: Path, config: dict, resume: bool, overwrite: bool, en
 # ---------------------------------------------------------------- the loop
 
 @dataclass
+class Objective:
+    """What a stage trains on, built without training: how many training items there are, a batch of
+    them by index, the loss of a model on a batch, and the model's held-out evaluation (a dict of
+    metrics). Training and fine-tuning (compression) use the same one."""
+    num_items: int
+    get_batch: Callable[[torch.Tensor], object]
+    loss_fn: Callable[[torch.nn.Module, object, int], torch.Tensor]
+    evaluate: Callable[[torch.nn.Module], dict]
+    items_per_batch: Callable[[object], int] | None = None
+
+
+@dataclass
 class TrainArgs:
     out_dir: Path
     stage: str
@@ -121,6 +133,7 @@ class TrainArgs:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    mixed_precision: bool = True  # bf16 autocast on CUDA
     config: dict = field(default_factory=dict)  # the stage's config, stored in checkpoints
 
 
@@ -163,7 +176,7 @@ class Trainer:
         self.stop_requested = False
         self.out_dir = args.out_dir
         self.metrics_path = self.out_dir / METRICS
-        self.autocast = env.device.type == "cuda"
+        self.autocast = env.device.type == "cuda" and args.mixed_precision
 
     # -- checkpoints
 

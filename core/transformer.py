@@ -104,10 +104,11 @@ class Attention(nn.Module):
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
             mask = None
-            if causal and q.shape[2] > 1:  # query i sits at position past + i
+            if causal and past > 0 and q.shape[2] > 1:  # query i sits at position past + i
                 rows = torch.arange(q.shape[2], device=x.device)[:, None] + past
                 mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        is_causal = causal and not self.cross and mask is None and q.shape[2] > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         b, h, t, hd = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))

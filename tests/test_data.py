@@ -90,3 +90,16 @@ def test_grid_png(tmp_path):
     images = torch.linspace(-1, 1, 5 * 3 * 4 * 4).reshape(5, 3, 4, 4)
     save_image_grid(images, tmp_path / "g.png", columns=3)
     assert Image.open(tmp_path / "g.png").size == (3 * 6, 2 * 6)
+
+
+def test_subset_of_a_dataset(tmp_path, idx_folder):
+    full = tmp_path / "full"
+    build_dataset(idx_folder, full, 16, 1, None, 0.0, 0, False, False)
+    subset = tmp_path / "subset"
+    counts = build_dataset(full / "dataset.json", subset, 16, 1, None, 0.0, 0, False, False, labels=["1"],
+                           from_split="heldout", train_count=2)
+    assert counts["images"] == 3 and counts["train"] == 2 and counts["heldout"] == 1  # test labels 1 at 1, 4, 7
+    data = load_image_dataset(subset / "dataset.json")
+    assert data.label_names == ["1"]
+    with pytest.raises(PipelineError, match="no images labelled Dress"):
+        build_dataset(full / "dataset.json", tmp_path / "x", 16, 1, None, 0.0, 0, False, False, labels=["Dress"])

@@ -1,0 +1,499 @@
+"""The quality report: generated images against real ones, in a classifier's feature space and a pixel-PCA
+space. Fréchet distance, precision/recall (Kynkäänniemi et al. 2019), density/coverage (Naeem et al. 2020),
+a memorization check, class histograms, and 2-D projections (PCA, t-SNE). Every figure comes with its
+real-vs-real floor: the same metric between two disjoint real sets of the same sizes."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core import pictures
+from core.artifacts import (atomic_path, atomic_write_json, file_record, load_artifact, load_state, save_artifact,
+                            state_tensors)
+from core.data import Dataset, load_image_dataset, to_float
+from core.errors import PipelineError
+
+Progress = Callable[[Iterable], Iterator]
+CLASSIFIER_KIND = "feature_classifier"
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+# ---------------------------------------------------------------- metrics on feature vectors (N, D)
+
+def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix by eigendecomposition."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64.
+    S_a^1/2 S_b S_a^1/2 is symmetric, so its root's trace is the sum of the roots of its eigenvalues."""
+    a, b = a.double().cpu(), b.double().cpu()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    root_a = _sqrtm_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def pairwise_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Euclidean distances (len(a), len(b)), computed in row chunks to bound memory."""
+    return torch.cat([torch.cdist(a[i:i + chunk].float(), b.float()) for i in range(0, len(a), chunk)])
+
+
+def knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each point's distance to its k-th nearest neighbour among the others."""
+    if len(x) <= k:
+        raise PipelineError(f"k-NN metrics need more than k={k} images per set, got {len(x)}")
+    return pairwise_distances(x, x).kthvalue(k + 1, dim=1).values  # k+1: the point itself is at distance 0
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    """Precision: share of fake points inside some real point's k-NN ball; recall: the converse."""
+    distances = pairwise_distances(real, fake)  # (R, F)
+    precision = (distances <= knn_radii(real, k)[:, None]).any(0).float().mean()
+    recall = (distances <= knn_radii(fake, k)[None, :]).any(1).float().mean()
+    return float(precision), float(recall)
+
+
+def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    """Density: how many real k-NN balls hold each fake point, over k (about 1 for matching sets);
+    coverage: share of real points whose ball holds at least one fake point."""
+    radii = knn_radii(real, k)
+    distances = pairwise_distances(real, fake)
+    density = (distances <= radii[:, None]).float().sum(0).mean() / k
+    coverage = (distances.min(1).values <= radii).float().mean()
+    return float(density), float(coverage)
+
+
+def nearest_distances(query: torch.Tensor, reference: torch.Tensor, chunk: int = 1024,
+                      progress: Progress = iter) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query point, the distance to and the index of its nearest reference point."""
+    best = torch.full((len(query),), math.inf, device=query.device)
+    index = torch.zeros(len(query), dtype=torch.long, device=query.device)
+    for start in progress(range(0, len(reference), chunk)):
+        d = torch.cdist(query.float(), reference[start:start + chunk].float())
+        value, where = d.min(1)
+        closer = value < best
+        best = torch.where(closer, value, best)
+        index = torch.where(closer, where + start, index)
+    return best.cpu(), index.cpu()
+
+
+def memorization_rate(generated_nn: torch.Tensor, heldout_nn: torch.Tensor,
+                      percentile: float = 5.0) -> dict:
+    """Share of generated images closer to their nearest training image than the `percentile`-th percentile
+    of the same distance for real held-out images (which the training never saw). The held-out images'
+    own rate is about percentile/100 by construction."""
+    threshold = float(torch.quantile(heldout_nn.double(), percentile / 100))
+    return {"threshold": threshold, "percentile": percentile,
+            "generated_rate": float((generated_nn < threshold).double().mean()),
+            "heldout_rate": float((heldout_nn < threshold).double().mean())}
+
+
+def all_metrics(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
+    precision, recall = precision_recall(real, fake, k)
+    density, coverage = density_coverage(real, fake, k)
+    return {"frechet_distance": frechet_distance(real, fake), "precision": precision, "recall": recall,
+            "density": density, "coverage": coverage}
+
+
+# ---------------------------------------------------------------- projections
+
+@dataclass
+class PCA:
+    mean: torch.Tensor  # (D,)
+    components: torch.Tensor  # (K, D), rows ordered by explained variance
+    explained: torch.Tensor  # (K,) share of the total variance
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.double() - self.mean) @ self.components.T
+
+
+def pca(x: torch.Tensor, components: int) -> PCA:
+    x = x.double().cpu()
+    mean = x.mean(0)
+    _, singular, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    variance = singular.pow(2)
+    components = min(components, vt.shape[0])
+    return PCA(mean, vt[:components], variance[:components] / variance.sum().clamp_min(1e-12))
+
+
+def _affinities(d2: torch.Tensor, perplexity: float, iterations: int = 64) -> torch.Tensor:
+    """Row-wise Gaussian conditionals p(j|i) whose entropy is log(perplexity), found by bisection on
+    the precision beta of every row at once."""
+    n = len(d2)
+    d2 = d2 - d2.min(1, keepdim=True).values  # shifts cancel in the normalisation; keeps exp() in range
+    target = math.log(perplexity)
+    beta = 1.0 / d2.median(1).values.clamp_min(1e-12)
+    low, high = torch.zeros_like(beta), torch.full_like(beta, math.inf)
+    for _ in range(iterations):
+        p = torch.exp(-d2 * beta[:, None])
+        p.fill_diagonal_(0)
+        total = p.sum(1).clamp_min(1e-300)
+        entropy = total.log() + beta * (d2 * p).sum(1) / total
+        too_flat = entropy > target
+        low = torch.where(too_flat, beta, low)
+        high = torch.where(too_flat, high, beta)
+        beta = torch.where(torch.isinf(high), beta * 2, (low + high) / 2)
+    return p / total[:, None]
+
+
+def tsne(x: torch.Tensor, dims: int = 2, perplexity: float = 30.0, steps: int = 750, seed: int = 0,
+         progress: Progress = iter) -> torch.Tensor:
+    """Exact t-SNE (van der Maaten & Hinton 2008): gradient descent with momentum, gains and early
+    exaggeration. O(N^2) memory and time per step, fine up to a few thousand points."""
+    x = x.double().cpu()
+    n = len(x)
+    if n < 3:
+        raise PipelineError(f"t-SNE needs at least 3 points, got {n}")
+    perplexity = min(perplexity, (n - 1) / 3)
+    p = _affinities(torch.cdist(x, x).pow(2), perplexity)
+    # the descent runs in float32: twice as fast, and its noise is far below what the picture shows
+    p = ((p + p.T) / (2 * n)).clamp_min(1e-12).float()
+    y = torch.randn(n, dims, generator=torch.Generator().manual_seed(seed)) * 1e-4
+    velocity, gains = torch.zeros_like(y), torch.ones_like(y)
+    lr = max(n / 12 / 4, 50.0)
+    exaggerated = min(250, steps // 3)
+    for step in progress(range(steps)):
+        exaggeration, momentum = (12.0, 0.5) if step < exaggerated else (1.0, 0.8)
+        squared = y.pow(2).sum(1)
+        # Student-t kernel 1 / (1 + |y_i - y_j|^2), built in place
+        kernel = torch.addmm(squared[:, None] + squared[None, :], y, y.T, alpha=-2).clamp_min_(0).add_(1).reciprocal_()
+        kernel.fill_diagonal_(0)
+        q = (kernel / kernel.sum()).clamp_min_(1e-12)
+        weights = (p * exaggeration - q).mul_(kernel)
+        grad = 4 * (weights.sum(1, keepdim=True) * y - weights @ y)
+        gains = torch.where((grad > 0) == (velocity > 0), gains * 0.8, gains + 0.2).clamp_min(0.01)
+        velocity = momentum * velocity - lr * gains * grad
+        y = y + velocity
+        y = y - y.mean(0)
+    return y
+
+
+# ---------------------------------------------------------------- the feature classifier
+
+class FeatureClassifier(nn.Module):
+    """A small CNN; its penultimate activations are the feature space."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 16, features: int = 128):
+        super().__init__()
+
+        def block(cin: int, cout: int, pool: nn.Module) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), pool]
+        # the last pooling is adaptive, so that any image size gives 4x4 maps
+        self.body = nn.Sequential(*block(channels, width, nn.MaxPool2d(2)), *block(width, 2 * width, nn.MaxPool2d(2)),
+                                  *block(2 * width, 4 * width, nn.AdaptiveMaxPool2d(4)),
+                                  nn.Flatten(), nn.Linear(64 * width, features), nn.ReLU())
+        self.head = nn.Linear(features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def classifier_config(real: Dataset, steps: int, seed: int) -> dict:
+    _, channels, height, width = real.items.shape
+    return {"channels": channels, "height": height, "width": width, "label_names": real.label_names,
+            "steps": steps, "batch_size": 128, "lr": 3e-3, "model_width": 16, "features": 128, "seed": seed}
+
+
+def build_classifier(config: dict) -> FeatureClassifier:
+    return FeatureClassifier(config["channels"], len(config["label_names"]), config["model_width"],
+                             config["features"])
+
+
+def train_classifier(train: Dataset, config: dict, device: torch.device,
+                     progress: Progress = iter) -> FeatureClassifier:
+    """Cross-entropy on the labelled training images, Adam with a linearly decaying learning rate."""
+    labelled = (train.labels >= 0).nonzero().flatten()
+    if len(labelled) < 2:
+        raise PipelineError(f"{train.path}: too few labelled training images to train a classifier")
+    torch.manual_seed(config["seed"])
+    model = build_classifier(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    generator = torch.Generator().manual_seed(config["seed"])
+    model.train()
+    for step in progress(range(config["steps"])):
+        batch = labelled[torch.randint(len(labelled), (config["batch_size"],), generator=generator)]
+        images, labels = to_float(train.items[batch]).to(device), train.labels[batch].to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = config["lr"] * (1 - step / config["steps"])
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def obtain_classifier(real: Dataset, train: Dataset, out_dir: Path, steps: int, seed: int, device: torch.device,
+                      classifier_path: Path | None, progress: Progress = iter) -> tuple[FeatureClassifier, dict]:
+    """The classifier given by --classifier-path, else the one in out_dir if made with the same config from
+    the same real data, else a freshly trained one (saved to out_dir)."""
+    config = classifier_config(real, steps, seed)
+    source = file_record(real.path)
+    path = classifier_path or out_dir / CLASSIFIER_FILE
+    if classifier_path is not None or path.exists():
+        artifact = load_artifact(path, CLASSIFIER_KIND)
+        if classifier_path is not None:  # a user's choice: it must only fit the data
+            wanted = {k: config[k] for k in ("channels", "height", "width", "label_names")}
+            found = {k: artifact.config.get(k) for k in wanted}
+            if found != wanted:
+                raise PipelineError(f"{path}: classifier made for {found}, the real data {real.path} has {wanted}")
+            reuse = True
+        else:
+            reuse = artifact.config == config and artifact.provenance.get("real", {}).get("sha256") == source["sha256"]
+        if reuse:
+            model = build_classifier(artifact.config)
+            load_state(model, artifact.tensors, path)
+            return model.to(device).eval(), {"path": str(path), "reused": True, "config": artifact.config}
+    model = train_classifier(train, config, device, progress)
+    save_artifact(path, state_tensors(model), CLASSIFIER_KIND, config,
+                  {"stage": "evaluate", "real": source, "step": steps})
+    return model, {"path": str(path), "reused": False, "config": config}
+
+
+@torch.no_grad()
+def classify(model: FeatureClassifier, images: torch.Tensor, device: torch.device,
+             batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (N, F) and predicted classes (N,) of uint8 images."""
+    features, predictions = [], []
+    for start in range(0, len(images), batch_size):
+        f = model.features(to_float(images[start:start + batch_size]).to(device))
+        features.append(f.float().cpu())
+        predictions.append(model.head(f).argmax(1).cpu())
+    return torch.cat(features), torch.cat(predictions)
+
+
+# ---------------------------------------------------------------- the report
+
+@dataclass
+class EvalArgs:
+    real_path: Path
+    generated_path: Path
+    out_dir: Path
+    num_images: int = 1000
+    seed: int = 0
+    classifier_steps: int = 500
+    classifier_path: Path | None = None
+    k: int = 5
+    pca_components: int = 64
+    memorization_percentile: float = 5.0
+    tsne_steps: int = 750
+    floor_draws: int = 3  # one draw of the floor is noisy (the Fréchet distance of 1000 images varies by ~2x)
+
+
+@dataclass
+class Sets:
+    real: Dataset  # the whole real dataset
+    train: Dataset  # its training split
+    heldout: Dataset  # the reference: a sample of the held-out split
+    generated: Dataset  # a sample of the generated images
+    floors: list[Dataset]  # real images disjoint from `heldout`, as many as `generated`: the floor's draws
+    floor_source: str
+
+
+def load_sets(args: EvalArgs) -> Sets:
+    """The sets compared, each capped at num_images by a fixed random sample. The floor's sets come from the
+    rest of the held-out split when it is large enough (the classifier never saw it either), else from the
+    training split."""
+    real = load_image_dataset(args.real_path)
+    generated = load_image_dataset(args.generated_path)
+    if real.items.shape[1:] != generated.items.shape[1:]:
+        c, h, w = real.items.shape[1:]
+        gc, gh, gw = generated.items.shape[1:]
+        raise PipelineError(f"image shapes differ: {args.real_path} has {c}x{h}x{w} (CxHxW), "
+                            f"{args.generated_path} has {gc}x{gh}x{gw}")
+    heldout, train = real.split(heldout=True), real.split(heldout=False)
+    if len(heldout) == 0:
+        raise PipelineError(f"{args.real_path}: no held-out images (rebuild it with build_dataset.py --holdout 0.1)")
+    if len(train) == 0:
+        raise PipelineError(f"{args.real_path}: no training images")
+    for name, size in (("held-out", len(heldout)), ("generated", len(generated))):
+        if min(size, args.num_images) <= args.k:
+            raise PipelineError(f"{name} set has {size} images; the k-NN metrics need more than k={args.k}")
+    generated = generated.sample(args.num_images, args.seed + 1)
+    order = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(args.seed))
+    reference, rest = heldout.take(order[:args.num_images]), heldout.take(order[args.num_images:])
+    pool, source = (rest, "held-out") if len(rest) >= len(generated) else (train, "training")
+    floors = [pool.sample(min(len(generated), len(pool)), args.seed + 2 + i) for i in range(args.floor_draws)]
+    return Sets(real, train, reference, generated, floors, source)
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    return to_float(images).flatten(1)
+
+
+def class_histogram(predictions: torch.Tensor, num_classes: int) -> list[int]:
+    return torch.bincount(predictions, minlength=num_classes).tolist()
+
+
+def evaluate(args: EvalArgs, device: torch.device, progress: Callable[[Iterable, str], Iterator] | None = None) -> dict:
+    """Compute every figure, draw the pictures, write report.json and report.md into out_dir."""
+    track = progress or (lambda items, description: iter(items))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    sets = load_sets(args)
+    real, train, heldout, generated = sets.real, sets.train, sets.heldout, sets.generated
+    report: dict = {
+        "real": {**file_record(args.real_path), "train_images": len(train), "heldout_images": len(heldout)},
+        "generated": {**file_record(args.generated_path), "images": len(generated)},
+        "k": args.k, "seed": args.seed, "spaces": {},
+        "floor": f"the {len(heldout)} held-out real images and {len(sets.floors[0])} other real "
+                 f"{sets.floor_source} images (mean and range over {len(sets.floors)} draws)",
+    }
+
+    spaces: dict[str, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}  # held-out, generated, floors
+    labelled = real.labels.ge(0).any().item() and len(real.label_names) >= 2
+    if labelled:
+        model, info = obtain_classifier(real, train, args.out_dir, args.classifier_steps, args.seed, device,
+                                        args.classifier_path, lambda it: track(it, "classifier"))
+        all_heldout = real.split(heldout=True)
+        _, heldout_predictions = classify(model, all_heldout.items, device)
+        mask = all_heldout.labels >= 0
+        info["heldout_accuracy"] = float((heldout_predictions[mask] == all_heldout.labels[mask]).float().mean())
+        (h_feat, h_pred), (g_feat, g_pred) = (classify(model, s.items, device) for s in (heldout, generated))
+        spaces["classifier"] = (h_feat, g_feat, [classify(model, f.items, device)[0] for f in sets.floors])
+        report["classifier"] = info
+        report["classes"] = class_report(real.label_names, h_pred, g_pred, generated, model.head.out_features)
+
+    fit = train.sample(5000, args.seed + 3)  # the PCA fit is on at most 5000 training images: plenty for 64 axes
+    projection = pca(pixels(fit.items), args.pca_components)
+    h_pca, g_pca = (projection.project(pixels(s.items)).float() for s in (heldout, generated))
+    spaces["pixel_pca"] = (h_pca, g_pca, [projection.project(pixels(f.items)).float() for f in sets.floors])
+    report["pixel_pca"] = {"components": int(projection.components.shape[0]),
+                           "explained_variance": float(projection.explained.sum()), "fit_images": len(fit)}
+
+    for name, (h, g, floors) in spaces.items():
+        value, draws = all_metrics(h, g, args.k), [all_metrics(h, f, args.k) for f in floors]
+        report["spaces"][name] = {metric: {"value": value[metric],
+                                           "real_floor": sum(d[metric] for d in draws) / len(draws),
+                                           "real_floor_range": [min(d[metric] for d in draws),
+                                                                max(d[metric] for d in draws)]}
+                                  for metric in value}
+
+    report["memorization"] = memorization(train, heldout, generated, args, device, track)
+    report["pictures"] = draw_pictures(args, heldout, generated, spaces, h_pca, g_pca, track)
+    atomic_write_json(args.out_dir / "report.json", report)
+    with atomic_path(args.out_dir / "report.md") as tmp:
+        tmp.write_text(markdown(report))
+    return report
+
+
+def class_report(names: list[str], heldout_predictions: torch.Tensor, generated_predictions: torch.Tensor,
+                 generated: Dataset, num_classes: int) -> dict:
+    generated_counts = class_histogram(generated_predictions, num_classes)
+    heldout_counts = class_histogram(heldout_predictions, num_classes)
+    result = {"names": names, "generated": generated_counts, "real_heldout": heldout_counts,
+              "generated_present": sum(c > 0 for c in generated_counts),
+              "real_present": sum(c > 0 for c in heldout_counts)}
+    # generated records that name a label: does the classifier see that label?
+    asked = [generated.label_names[i] if i >= 0 else None for i in generated.labels.tolist()]
+    wanted = torch.tensor([names.index(name) if name in names else -1 for name in asked], dtype=torch.long)
+    if (wanted >= 0).any():
+        result["label_agreement"] = float((generated_predictions[wanted >= 0] == wanted[wanted >= 0]).float().mean())
+    return result
+
+
+def memorization(train: Dataset, heldout: Dataset, generated: Dataset, args: EvalArgs, device: torch.device,
+                 track: Callable) -> dict:
+    """In pixel space: nearest training image of each generated and each held-out image."""
+    reference = pixels(train.items).to(device)
+    g_nn, g_index = nearest_distances(pixels(generated.items).to(device), reference,
+                                      progress=lambda it: track(it, "memorization (generated)"))
+    h_nn, _ = nearest_distances(pixels(heldout.items).to(device), reference,
+                                progress=lambda it: track(it, "memorization (held-out)"))
+    result = memorization_rate(g_nn, h_nn, args.memorization_percentile)
+    result["space"] = "pixels in [-1, 1], Euclidean"
+    result["reference_images"] = len(train)
+    closest = g_nn.argsort()[:8]
+    pictures.pairs_grid(generated.items[closest], train.items[g_index[closest]], args.out_dir / "nearest.png")
+    result["nearest_picture"] = "nearest.png"
+    return result
+
+
+def draw_pictures(args: EvalArgs, heldout: Dataset, generated: Dataset, spaces: dict, h_pca: torch.Tensor,
+                  g_pca: torch.Tensor, track: Callable) -> dict:
+    pictures.side_by_side(heldout.items[:64], generated.items[:64], args.out_dir / "grids.png")
+    legend = ("real (held-out)", "generated")
+    pictures.scatter(h_pca[:, :2], g_pca[:, :2], legend, "pixel PCA, first two axes", args.out_dir / "pca.png")
+    space = "classifier" if "classifier" in spaces else "pixel_pca"
+    h, g = spaces[space][0], spaces[space][1]
+    # t-SNE is O(N^2): at most 1000 points per set
+    h, g = h[:1000], g[:1000]
+    points = tsne(torch.cat([h, g]), steps=args.tsne_steps, seed=args.seed, progress=lambda it: track(it, "t-SNE"))
+    pictures.scatter(points[:len(h)], points[len(h):], legend, f"t-SNE of {space.replace('_', ' ')} features",
+                     args.out_dir / "tsne.png")
+    return {"grids": "grids.png", "pca": "pca.png", "tsne": "tsne.png", "tsne_space": space}
+
+
+# ---------------------------------------------------------------- report.md
+
+METRIC_NOTES = {
+    "frechet_distance": "lower is better",
+    "precision": "share of generated images on the real manifold",
+    "recall": "share of real images on the generated manifold",
+    "density": "about 1 when generated images sit where real ones are dense",
+    "coverage": "share of real neighbourhoods with a generated image",
+}
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Quality report", "",
+             f"Real: `{report['real']['path']}` ({report['real']['heldout_images']} held-out images compared, "
+             f"{report['real']['train_images']} training images). Generated: `{report['generated']['path']}` "
+             f"({report['generated']['images']} images compared). k = {report['k']}.", "",
+             f"Each figure has its **real floor**: the same metric between {report['floor']}. "
+             "A generated set as good as real data scores about the floor.", ""]
+    if "classifier" in report:
+        c = report["classifier"]
+        lines += [f"Classifier features: a small CNN trained for {c['config']['steps']} steps on the real training "
+                  f"labels ({'reused' if c['reused'] else 'trained now'}, `{c['path']}`), held-out accuracy "
+                  f"**{c['heldout_accuracy']:.1%}**; features are its penultimate layer.", ""]
+    else:
+        lines += ["The real data has no labels (or one class): no classifier, so only the pixel-PCA space.", ""]
+    p = report["pixel_pca"]
+    lines += [f"Pixel PCA: {p['components']} components fitted on {p['fit_images']} real training images "
+              f"({p['explained_variance']:.1%} of the pixel variance).", ""]
+    for space, metrics in report["spaces"].items():
+        lines += [f"## {space.replace('_', ' ')} space", "", "| metric | generated | real floor | note |",
+                  "|---|---:|---:|---|"]
+        lines += [f"| {name.replace('_', ' ')} | {m['value']:.3g} | {m['real_floor']:.3g} "
+                  f"({m['real_floor_range'][0]:.3g} to {m['real_floor_range'][1]:.3g}) | {METRIC_NOTES[name]} |"
+                  for name, m in metrics.items()]
+        lines.append("")
+    if "classes" in report:
+        c = report["classes"]
+        lines += ["## Classes (classifier predictions)", "",
+                  f"Classes present: {c['generated_present']} of {len(c['names'])} in the generated images, "
+                  f"{c['real_present']} in the real held-out images.", ""]
+        if "label_agreement" in c:
+            lines += [f"Generated images whose predicted class is the label they were generated for: "
+                      f"{c['label_agreement']:.1%}.", ""]
+        total_g, total_h = max(1, sum(c["generated"])), max(1, sum(c["real_heldout"]))
+        lines += ["| class | generated | real held-out |", "|---|---:|---:|"]
+        lines += [f"| {name} | {g} ({g / total_g:.1%}) | {h} ({h / total_h:.1%}) |"
+                  for name, g, h in zip(c["names"], c["generated"], c["real_heldout"])]
+        lines.append("")
+    m = report["memorization"]
+    lines += ["## Memorization", "",
+              f"Distances to the nearest of {m['reference_images']} training images, in {m['space']}. Threshold: the "
+              f"{m['percentile']:g}th percentile of the held-out images' distances ({m['threshold']:.4g}).", "",
+              "| set | share closer than the threshold |", "|---|---:|",
+              f"| generated | {m['generated_rate']:.1%} |", f"| real held-out (floor) | {m['heldout_rate']:.1%} |", "",
+              "The generated images closest to a training image (top row) and that training image (bottom row):", "",
+              f"![nearest]({m['nearest_picture']})", ""]
+    pics = report["pictures"]
+    lines += ["## Pictures", "", "Real held-out images (left) and generated images (right):", "",
+              f"![grids]({pics['grids']})", "", "2-D projections (blue: real held-out, orange: generated):", "",
+              f"![pca]({pics['pca']}) ![tsne]({pics['tsne']})", ""]
+    return "\n".join(lines)

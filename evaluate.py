@@ -1,0 +1,41 @@
+"""Quality report of a generated image dataset against a real one: Fréchet distance, precision/recall,
+density/coverage (classifier and pixel-PCA spaces), class histogram, memorization, grids and 2-D maps."""
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from core.cli import Device, OutDir, Seed, console, entry, make_app, stage, track
+from core.evaluate import EvalArgs, evaluate
+from core.training import pick_device
+
+app = make_app(__doc__)
+
+
+@app.command()
+@stage
+def main(
+    real_path: Annotated[Path, typer.Option(help="real dataset.json: held-out split = reference, training split = "
+                                                 "what memorization is checked against and the classifier learns")],
+    generated_path: Annotated[Path, typer.Option(help="dataset.json of generated images")],
+    out_dir: Annotated[Path, typer.Option(help="where report.json, report.md, the pictures and the classifier go")],
+    num_images: Annotated[int, typer.Option(min=2, help="images compared per set, at most")] = 1000,
+    classifier_steps: Annotated[int, typer.Option(min=1, help="training steps of the feature classifier")] = 500,
+    classifier_path: Annotated[Optional[Path], typer.Option(help="reuse this classifier artifact")] = None,
+    k: Annotated[int, typer.Option(min=1, help="neighbours for precision/recall and density/coverage")] = 5,
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    args = EvalArgs(real_path, generated_path, out_dir, num_images, seed, classifier_steps, classifier_path, k)
+    report = evaluate(args, pick_device(device), progress=track)
+    for space, metrics in report["spaces"].items():
+        summary = ", ".join(f"{name} {m['value']:.3g} (real {m['real_floor']:.3g})" for name, m in metrics.items())
+        console.print(f"{space}: {summary}", highlight=False)
+    m = report["memorization"]
+    console.print(f"memorization: {m['generated_rate']:.1%} of generated images (held-out real: "
+                  f"{m['heldout_rate']:.1%})", highlight=False)
+    console.print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.json'}")
+
+
+if __name__ == "__main__":
+    entry(app)

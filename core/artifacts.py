@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from core.compression import decode_tensors
 from core.errors import PipelineError
 
 FORMAT_VERSION = 1
@@ -124,6 +125,8 @@ def load_artifact(path: str | Path, kind: str | tuple[str, ...] | None = None) -
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:
         raise PipelineError(f"{path}: damaged artifact ({str(e).splitlines()[0]})") from None
+    if "compression" in extra:  # clustered int8 weights (compress.py): decoded to float, so every loader reads them
+        tensors = decode_tensors(tensors, extra["compression"], path)
     return Artifact(path, found_kind, version, config, provenance, tensors, extra)
 
 

@@ -2,7 +2,7 @@
 cascade (encoder-decoder) TokenTransformer trained on them with the shared loop."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -12,11 +12,11 @@ from core.artifacts import Artifact, file_record, load_artifact, load_state, sav
 from core.autoencoder import load_autoencoder
 from core.codebook import SOMCodebook, check_fits, load_codebook
 from core.config import config_from_dict, load_config, to_dict
-from core.data import save_image_grid
+from core.data import Dataset, save_image_grid
 from core.errors import PipelineError
 from core.fmaps import load_fmap_dataset, load_source_images
 from core.sampling import sample_tokens
-from core.training import Trainer, TrainArgs, claim_out_dir, finish_run, setup_run
+from core.training import Objective, Trainer, TrainArgs, claim_out_dir, finish_run, setup_run
 from core.transformer import TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits
 
 KIND = "transformer"
@@ -66,11 +66,18 @@ def drop_labels(labels: torch.Tensor, rate: float, null_label: int) -> torch.Ten
     return torch.where(torch.rand(labels.shape) < rate, torch.full_like(labels, null_label), labels)
 
 
-def train(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, config_path: Path | None,
-          args: TrainArgs, device: str, base: bool, decoder_path: Path | None = None,
-          init_from: Path | None = None, load_optim: bool = False, use_checkpointing: bool = False, test_num_sample: int = 8,
-          temperature: float = 1.0, resume: bool = False, overwrite: bool = False, eval_items: int = 1000) -> Path:
-    cfg = load_config(TransformerConfig, config_path)
+@dataclass
+class TokenData:
+    """A feature-map dataset read as the tokens of two codebook levels."""
+    data: Dataset
+    lr_book: SOMCodebook
+    hr_book: SOMCodebook
+    lr_tokens: torch.Tensor  # (N, lr_len)
+    hr_tokens: torch.Tensor  # (N, hr_len)
+    shape: TokenShape
+
+
+def load_token_data(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, base: bool) -> TokenData:
     data, _ = load_fmap_dataset(dataset_path)
     lr_book, _ = load_codebook(lr_codebook_path)
     hr_book, _ = load_codebook(hr_codebook_path)
@@ -79,13 +86,68 @@ def train(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, co
     if base and lr_book.cfg.num_patches != 1:
         raise PipelineError(f"--train-base-model needs a condition codebook (patch = the whole map) as "
                             f"--lr-codebook-path; {lr_codebook_path} cuts each map into {lr_book.cfg.num_patches} patches")
-    decoder = load_autoencoder(decoder_path)[0] if decoder_path else None
     lr_tokens, hr_tokens = tokenize_all(lr_book, data.items), tokenize_all(hr_book, data.items)
     shape = TokenShape("base" if base else "cascade", lr_book.cfg.num_embeddings, hr_book.cfg.num_embeddings,
                        lr_tokens.shape[1], hr_tokens.shape[1], len(data.label_names), data.label_names)
+    return TokenData(data, lr_book, hr_book, lr_tokens, hr_tokens, shape)
+
+
+def split_ids(tokens: TokenData, eval_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training item ids, and a fixed sample of held-out ids (of training ids when nothing is held out)."""
+    train_ids = (~tokens.data.is_heldout).nonzero().flatten()
+    eval_ids = tokens.data.is_heldout.nonzero().flatten()
+    if len(eval_ids) == 0:
+        eval_ids = train_ids
+    return train_ids, eval_ids[torch.randperm(len(eval_ids), generator=torch.Generator().manual_seed(0))[:eval_items]]
+
+
+def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, device: torch.device,
+              eval_items: int = 1000) -> Objective:
+    """The transformer's batch (random windows of training sequences), loss (next-token cross-entropy)
+    and evaluation (held-out loss and accuracy over whole sequences)."""
+    train_ids, eval_ids = split_ids(tokens, eval_items)
+    labels = null_labels(tokens.data.labels, shape)
+    lr_tokens, hr_tokens = tokens.lr_tokens, tokens.hr_tokens
+    hr_inputs = decoder_input(hr_tokens, shape.start_token)
+    window = cfg.sliding_window if cfg.use_sliding_window else shape.hr_len  # = TokenTransformer.window()
+
+    def get_batch(indices: torch.Tensor) -> dict:
+        ids = train_ids[indices]
+        batch_labels = drop_labels(labels[ids], cfg.label_dropout, shape.null_label)
+        starts = torch.randint(0, shape.hr_len - window + 1, (len(ids), 1))  # all zero when the window fits
+        positions = starts + torch.arange(window)
+        batch = {"labels": batch_labels, "lr": lr_tokens[ids], "input": hr_inputs[ids].gather(1, positions),
+                 "positions": positions, "targets": hr_tokens[ids].gather(1, positions)}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def loss_fn(net, batch: dict, step: int) -> torch.Tensor:
+        logits = net(batch["labels"], batch["lr"], batch["input"], batch["positions"])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1))
+
+    def evaluate(net: TokenTransformer) -> dict:
+        total_loss, correct, count = 0.0, 0, 0
+        for chunk in eval_ids.split(250):
+            targets = hr_tokens[chunk].to(device)
+            logits = sequence_logits(net, labels[chunk].to(device), lr_tokens[chunk].to(device), targets)
+            total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                          reduction="sum").item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            count += targets.numel()
+        return {"heldout_loss": total_loss / count, "heldout_accuracy": correct / count}
+
+    return Objective(len(train_ids), get_batch, loss_fn, evaluate, items_per_batch=lambda batch: batch["targets"].numel())
+
+
+def train(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, config_path: Path | None,
+          args: TrainArgs, device: str, base: bool, decoder_path: Path | None = None,
+          init_from: Path | None = None, load_optim: bool = False, use_checkpointing: bool = False, test_num_sample: int = 8,
+          temperature: float = 1.0, resume: bool = False, overwrite: bool = False, eval_items: int = 1000) -> Path:
+    cfg = load_config(TransformerConfig, config_path)
+    tokens = load_token_data(dataset_path, lr_codebook_path, hr_codebook_path, base)
+    decoder = load_autoencoder(decoder_path)[0] if decoder_path else None
 
     env = setup_run(device, args.seed)
-    run_config = claim_out_dir(args.out_dir, {"transformer": to_dict(cfg), "shape": asdict(shape)}, resume,
+    run_config = claim_out_dir(args.out_dir, {"transformer": to_dict(cfg), "shape": asdict(tokens.shape)}, resume,
                                overwrite, env)
     cfg = config_from_dict(TransformerConfig, run_config["transformer"])
     shape = TokenShape(**run_config["shape"])
@@ -99,18 +161,14 @@ def train(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, co
                                 f"{init_from} is a {start.kind} artifact, which holds no optimizer state")
     elif load_optim:
         raise PipelineError("--load-optim needs --model-path (a run's checkpoint.safetensors)")
-    labels = null_labels(data.labels, shape)
-    train_ids = (~data.is_heldout).nonzero().flatten()
-    eval_ids = data.is_heldout.nonzero().flatten()
-    if len(eval_ids) == 0:
-        eval_ids = train_ids
-    eval_ids = eval_ids[torch.randperm(len(eval_ids), generator=torch.Generator().manual_seed(0))[:eval_items]]
-    cond_counts = condition_counts(data.labels[train_ids], lr_tokens[train_ids, 0], shape) if base else None
-    window = model.window()
-    hr_inputs = decoder_input(hr_tokens, shape.start_token)
+    task = objective(cfg, shape, tokens, env.device, eval_items)
+    train_ids, eval_ids = split_ids(tokens, eval_items)
+    labels = null_labels(tokens.data.labels, shape)
+    lr_book, hr_book, lr_tokens = tokens.lr_book, tokens.hr_book, tokens.lr_tokens
+    cond_counts = condition_counts(tokens.data.labels[train_ids], lr_tokens[train_ids, 0], shape) if base else None
     if test_num_sample == 0:
         decoder = None  # no sample grids
-    preview_images = load_source_images(data.take(eval_ids[:test_num_sample])) if decoder is not None else None
+    preview_images = load_source_images(tokens.data.take(eval_ids[:test_num_sample])) if decoder is not None else None
     if decoder is not None:
         decoder.to(env.device)
     artifact_path = args.out_dir / "model.safetensors"
@@ -118,31 +176,11 @@ def train(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, co
     extra = {"lr_codebook": file_record(lr_codebook_path), "hr_codebook": file_record(hr_codebook_path)}
     args.lr, args.warmup_steps, args.weight_decay, args.config = cfg.model_lr, cfg.warmup_steps, cfg.weight_decay, run_config
 
-    def get_batch(indices: torch.Tensor) -> dict:
-        ids = train_ids[indices]
-        batch_labels = drop_labels(labels[ids], cfg.label_dropout, shape.null_label)
-        starts = torch.randint(0, shape.hr_len - window + 1, (len(ids), 1))  # all zero when the window fits
-        positions = starts + torch.arange(window)
-        batch = {"labels": batch_labels, "lr": lr_tokens[ids], "input": hr_inputs[ids].gather(1, positions),
-                 "positions": positions, "targets": hr_tokens[ids].gather(1, positions)}
-        return {k: v.to(env.device) for k, v in batch.items()}
-
-    def loss_fn(net, batch: dict, step: int) -> torch.Tensor:
-        logits = net(batch["labels"], batch["lr"], batch["input"], batch["positions"])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1))
-
     def evaluate(net: TokenTransformer, step: int) -> dict:
-        total_loss, correct, count = 0.0, 0, 0
-        for chunk in eval_ids.split(250):
-            targets = hr_tokens[chunk].to(env.device)
-            logits = sequence_logits(net, labels[chunk].to(env.device), lr_tokens[chunk].to(env.device), targets)
-            total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                          reduction="sum").item()
-            correct += (logits.argmax(-1) == targets).sum().item()
-            count += targets.numel()
+        record = task.evaluate(net)
         if decoder is not None:
             save_preview(net, step)
-        return {"heldout_loss": total_loss / count, "heldout_accuracy": correct / count}
+        return record
 
     def save_preview(net: TokenTransformer, step: int) -> None:
         """Rows: real images, their decoded conditioning level, and samples drawn given it."""
@@ -162,8 +200,7 @@ def train(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, co
         save_transformer(artifact_path, net, {"stage": "train_transformer", "inputs": inputs, "step": step},
                          extra, cond_counts)
 
-    Trainer(env, model, len(train_ids), get_batch, loss_fn, args, evaluate, export,
-            items_per_batch=lambda batch: batch["targets"].numel(),
-            optimizer_from=init_from if load_optim else None).fit()
+    Trainer(env, model, task.num_items, task.get_batch, task.loss_fn, args, evaluate, export,
+            items_per_batch=task.items_per_batch, optimizer_from=init_from if load_optim else None).fit()
     finish_run(env)
     return artifact_path

@@ -14,8 +14,12 @@ T = TypeVar("T")
 
 def option(default: Any, *, low: float | None = None, high: float | None = None,
            choices: tuple | None = None, doc: str = "") -> Any:
-    """A config field with its allowed range (inclusive) or its allowed values."""
-    return dataclasses.field(default=default, metadata={"low": low, "high": high, "choices": choices, "doc": doc})
+    """A config field with its allowed range (inclusive) or its allowed values. A list default is
+    copied for each config."""
+    metadata = {"low": low, "high": high, "choices": choices, "doc": doc}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
@@ -36,6 +40,10 @@ def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
     if kind == "str":
         if not isinstance(value, str):
             raise PipelineError(f"{source}: '{name}' must be a string, got {json.dumps(value)}")
+        return value
+    if kind == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PipelineError(f"{source}: '{name}' must be a list of strings, got {json.dumps(value)}")
         return value
     return value
 

@@ -28,6 +28,7 @@ CB_STEPS ?= $(CB_STEPS_$(PRESET))
 BASE_STEPS ?= $(BASE_STEPS_$(PRESET))
 CASCADE_STEPS ?= $(CASCADE_STEPS_$(PRESET))
 BATCH ?= $(BATCH_$(PRESET))
+CB_BATCH ?= 128
 CONFIGS ?= configs
 # each stage's wall time and peak memory are appended to $(RUNS)/timings.log
 TIMER = $(if $(wildcard /usr/bin/time),/usr/bin/time -a -o $(RUNS)/timings.log -f "$(1): %e s wall; %M KB peak")
@@ -36,17 +37,25 @@ DATA := $(RUNS)/data/DONE
 AUTOENCODER := $(RUNS)/autoencoder/DONE
 FMAPS := $(RUNS)/fmaps/DONE
 LEVELS := cond l1 l2
+CODEBOOKS := $(LEVELS:%=$(RUNS)/codebooks/%/DONE)
 PRUNED := $(LEVELS:%=$(RUNS)/pruned/%/DONE)
 BASE := $(RUNS)/transformers/base/DONE
 CASCADE := $(RUNS)/transformers/cascade/DONE
 GENERATED := $(RUNS)/generated/DONE
+REPORT := $(RUNS)/report/DONE
+COMPRESSED := $(RUNS)/compressed/autoencoder/DONE $(RUNS)/compressed/base/DONE $(RUNS)/compressed/cascade/DONE
+GENERATED_COMPRESSED := $(RUNS)/generated_compressed/DONE
+REPORT_COMPRESSED := $(RUNS)/report_compressed/DONE
 NUM_IMAGES ?= 1000
+REPORT_FLAGS ?=
 AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
 codebook = $(RUNS)/pruned/$(1)/codebook.safetensors
 TRAIN_FLAGS = --device $(DEVICE) --max-epoch 1000 --checkpoint-step 1000
+# a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
+# starts over
+RESTART = $(if $(wildcard $@),--overwrite)
 
-.PHONY: setup test demo codebooks transformers generate clean-demo
-.SECONDARY:
+.PHONY: setup test demo codebooks transformers generate report compress clean-demo
 
 setup: $(VENV)/.installed
 
@@ -61,12 +70,15 @@ $(VENV)/.installed: requirements.txt
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-demo: setup $(GENERATED)
-	@echo "demo done: generated images in $(RUNS)/generated (grid.png); every stage's output under $(RUNS)/"
+demo: setup $(REPORT) $(REPORT_COMPRESSED)
+	@echo "demo done: generated images in $(RUNS)/generated (grid.png), quality report in $(RUNS)/report/report.md;"
+	@echo "from the compressed models: $(RUNS)/generated_compressed and $(RUNS)/report_compressed/report.md"
 
-codebooks: $(PRUNED)
+codebooks: $(CODEBOOKS) $(PRUNED)
 transformers: $(BASE) $(CASCADE)
 generate: $(GENERATED)
+report: $(REPORT)
+compress: $(COMPRESSED)
 
 $(DATA): | setup
 	mkdir -p $(RUNS)
@@ -75,7 +87,7 @@ $(DATA): | setup
 
 $(AUTOENCODER): $(DATA) $(CONFIGS)/autoencoder_$(PRESET).json
 	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --config-path $(CONFIGS)/autoencoder_$(PRESET).json \
-		--out-dir $(RUNS)/autoencoder --batch-size $(BATCH) --max-steps $(AE_STEPS) $(TRAIN_FLAGS)
+		--out-dir $(RUNS)/autoencoder --batch-size $(BATCH) --max-steps $(AE_STEPS) $(TRAIN_FLAGS) $(RESTART)
 	touch $@
 
 $(FMAPS): $(AUTOENCODER)
@@ -85,8 +97,8 @@ $(FMAPS): $(AUTOENCODER)
 
 $(RUNS)/codebooks/%/DONE: $(FMAPS) $(CONFIGS)/codebook_$(PRESET)_%.json
 	$(call TIMER,codebook $*) $(PYTHON) train_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
-		--config-path $(CONFIGS)/codebook_$(PRESET)_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size 128 \
-		--max-steps $(CB_STEPS) $(TRAIN_FLAGS)
+		--config-path $(CONFIGS)/codebook_$(PRESET)_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size $(CB_BATCH) \
+		--max-steps $(CB_STEPS) $(TRAIN_FLAGS) $(RESTART)
 	touch $@
 
 $(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE
@@ -98,21 +110,52 @@ $(BASE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_base.json
 	$(call TIMER,base transformer) $(PYTHON) train_transformer.py --train-base-model --dataset-path $(RUNS)/fmaps/dataset.json \
 		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) --decoder-path $(AE_ARTIFACT) \
 		--config-path $(CONFIGS)/transformer_$(PRESET)_base.json --out-dir $(RUNS)/transformers/base \
-		--batch-size $(BATCH) --max-steps $(BASE_STEPS) $(TRAIN_FLAGS)
+		--batch-size $(BATCH) --max-steps $(BASE_STEPS) $(TRAIN_FLAGS) $(RESTART)
 	touch $@
 
 $(CASCADE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_cascade.json
 	$(call TIMER,cascade transformer) $(PYTHON) train_transformer.py --dataset-path $(RUNS)/fmaps/dataset.json \
 		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
 		--config-path $(CONFIGS)/transformer_$(PRESET)_cascade.json --out-dir $(RUNS)/transformers/cascade \
-		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS) $(TRAIN_FLAGS)
+		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS) $(TRAIN_FLAGS) $(RESTART)
 	touch $@
 
 # the preset's generation config, copied beside the runs so that its relative paths point into them
 $(GENERATED): $(BASE) $(CASCADE) $(CONFIGS)/generate_$(PRESET).json
 	cp $(CONFIGS)/generate_$(PRESET).json $(RUNS)/generate.json
 	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(AE_ARTIFACT) \
-		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE)
+		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
+	touch $@
+
+$(REPORT): $(GENERATED)
+	$(call TIMER,report) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
+		--generated-path $(RUNS)/generated/dataset.json --out-dir $(RUNS)/report --device $(DEVICE) $(REPORT_FLAGS)
+	touch $@
+
+$(RUNS)/compressed/autoencoder/DONE: $(AUTOENCODER) $(CONFIGS)/compress_$(PRESET)_autoencoder.json
+	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(AE_ARTIFACT) \
+		--dataset-path $(RUNS)/data/dataset.json --config-path $(CONFIGS)/compress_$(PRESET)_autoencoder.json \
+		--out-dir $(RUNS)/compressed/autoencoder --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
+	touch $@
+
+$(RUNS)/compressed/%/DONE: $(RUNS)/transformers/%/DONE $(CONFIGS)/compress_$(PRESET)_transformer.json
+	$(call TIMER,compress $*) $(PYTHON) compress.py --model-path $(RUNS)/transformers/$*/model.safetensors \
+		--dataset-path $(RUNS)/fmaps/dataset.json --config-path $(CONFIGS)/compress_$(PRESET)_transformer.json \
+		--out-dir $(RUNS)/compressed/$* --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
+	touch $@
+
+# the same generation config, pointed at the compressed models
+$(GENERATED_COMPRESSED): $(COMPRESSED) $(CONFIGS)/generate_$(PRESET).json
+	sed 's#"transformers/#"compressed/#' $(CONFIGS)/generate_$(PRESET).json > $(RUNS)/generate_compressed.json
+	$(call TIMER,generate compressed) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_compressed.json \
+		--decoder-path $(RUNS)/compressed/autoencoder/autoencoder.safetensors \
+		--out-dir $(RUNS)/generated_compressed --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
+	touch $@
+
+$(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT)
+	$(call TIMER,report compressed) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
+		--generated-path $(RUNS)/generated_compressed/dataset.json --out-dir $(RUNS)/report_compressed \
+		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS)
 	touch $@
 
 clean-demo:

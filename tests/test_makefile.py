@@ -21,13 +21,17 @@ def write_preset(folder: Path) -> None:
     for kind in ("base", "cascade"):
         (folder / f"transformer_test_{kind}.json").write_text(json.dumps(TINY_TRANSFORMER))
     shutil.copy(ROOT / "configs" / "generate_tiny.json", folder / "generate_test.json")
+    quick = {"clusters": 4, "cluster_steps": 3, "quant_steps": 2}
+    (folder / "compress_test_autoencoder.json").write_text(json.dumps(quick))
+    (folder / "compress_test_transformer.json").write_text(json.dumps(quick))
 
 
 def make(runs: Path, configs: Path, source: Path) -> subprocess.CompletedProcess:
     venv = Path(sys.executable).parent.parent
     command = ["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
                "PRESET=test", f"SOURCE={source}", "SIZE=16", "DEVICE=cpu", "AE_STEPS=20", "CB_STEPS=10",
-               "BASE_STEPS=10", "CASCADE_STEPS=10", "BATCH=8", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1"]
+               "BASE_STEPS=10", "CASCADE_STEPS=10", "BATCH=8", "CB_BATCH=8", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1",
+               "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2"]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=script_env(), cwd=ROOT)
 
 
@@ -39,12 +43,16 @@ def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
     records = json.loads((runs / "generated" / "dataset.json").read_text())["_default"]
     assert len(records) == 6 and (runs / "generated" / "grid.png").exists()
     stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
-    assert stages[:2] == ["dataset", "autoencoder"] and stages[-1] == "generate" and len(stages) == 12
+    assert stages[:2] == ["dataset", "autoencoder"] and len(stages) == 18
+    assert stages[-2:] == ["generate compressed", "report compressed"]
+    assert (runs / "report" / "report.md").exists() and (runs / "report_compressed" / "report.md").exists()
+    assert len(list((runs / "generated_compressed" / "images").glob("*.png"))) == 6
 
-    # as if the cascade stage had been interrupted: make runs it (and what follows) again, nothing before it
+    # as if the cascade stage had been interrupted: make runs it and what follows from it, nothing before it
     (runs / "transformers" / "cascade" / "DONE").unlink()
     shutil.rmtree(runs / "generated")
     result = make(runs, configs, image_folder)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
-    assert stages[12:] == ["cascade transformer", "generate"]
+    assert stages[18] == "cascade transformer"
+    assert sorted(stages[19:]) == ["compress cascade", "generate", "generate compressed", "report", "report compressed"]

@@ -1,0 +1,140 @@
+"""`make bench`: one JSON of figures for a trained run folder (default runs/tiny): training throughput
+of each stage, generation images/s with and without the cache, peak memory, artifact sizes, and the
+share of the machine's own matmul peak that the transformer stages and generation use.
+
+Every measurement runs in a fresh process (its peak memory is its own); run it on an idle machine.
+
+    python bench/run.py --runs runs/tiny --out runs/tiny/bench.json
+"""
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large float32 matmul: the machine's practical ceiling."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def transformer_params(path: Path) -> int:
+    from core.cascade import load_transformer
+    model, _ = load_transformer(path)
+    return sum(p.numel() for name, p in model.named_parameters() if "emb" not in name)  # matmul weights only
+
+
+def train_throughput(runs: Path, stage: str, steps: int, device: str) -> dict:
+    """items/s (tokens/s for transformers) of `steps` training steps, from the stage's own metrics."""
+    from core import autoencoder, cascade, codebook
+    from core.training import TrainArgs
+    work = Path(tempfile.mkdtemp())
+    args = TrainArgs(work / "run", stage, batch_size=64, max_epoch=1000, max_steps=steps, checkpoint_step=10**9,
+                     log_every=steps)
+    fmaps = runs / "fmaps" / "dataset.json"
+    book = lambda name: runs / "pruned" / name / "codebook.safetensors"
+    if stage == "autoencoder":
+        autoencoder.train(runs / "data" / "dataset.json", ROOT / "configs" / "autoencoder_tiny.json", args, device,
+                          eval_images=16)
+    elif stage == "codebook":
+        args.batch_size = 128
+        codebook.train(fmaps, ROOT / "configs" / "codebook_tiny_l2.json", args, device, eval_items=16)
+    else:
+        base = stage == "base"
+        cascade.train(fmaps, book("cond" if base else "l1"), book("l1" if base else "l2"),
+                      ROOT / "configs" / f"transformer_tiny_{stage}.json", args, device, base, test_num_sample=0,
+                      eval_items=16)
+    record = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()
+              if "items_per_s" in json.loads(line)][-1]
+    return {"items_per_s": round(record["items_per_s"], 1)}
+
+
+def generation_speed(runs: Path, models: str, use_cache: bool, images: int, device: str) -> dict:
+    from core.autoencoder import load_autoencoder
+    from core.generate import generate_batch, load_levels, parse_config
+    config = runs / ("generate.json" if models == "fp32" else "generate_compressed.json")
+    levels = load_levels(parse_config(config), config)
+    decoder, _ = load_autoencoder(runs / "autoencoder" / "autoencoder.safetensors")
+    dev = torch.device(device)
+    for level in levels:
+        level.model.to(dev)
+        level.hr_book.to(dev)
+    decoder.to(dev)
+    generate_batch(levels, decoder, range(2), 0, dev, use_cache)  # warm-up
+    start = time.perf_counter()
+    generate_batch(levels, decoder, range(images), 0, dev, use_cache)
+    seconds = time.perf_counter() - start
+    tokens = sum(level.model.shape.hr_len for level in levels) * images
+    params = [sum(p.numel() for n, p in level.model.named_parameters() if "emb" not in n) for level in levels]
+    flops = sum(2 * p * level.model.shape.hr_len * images for p, level in zip(params, levels))  # forward only
+    return {"images_per_s": round(images / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "model_flops_per_s": flops / seconds}
+
+
+def run_one(kind: str, runs: Path, device: str) -> dict:
+    """One measurement in this process."""
+    name, _, option = kind.partition(":")
+    if name == "train":
+        result = train_throughput(runs, option, 40 if option != "codebook" else 100, device)
+    else:
+        models, cache = option.split(",")
+        result = generation_speed(runs, models, cache == "cache", 32, device)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if device == "cuda":
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return result
+
+
+@app.command()
+def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny"),
+         out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny/bench.json"),
+         device: str = "cpu", one: Annotated[str, typer.Option(help="internal: one measurement")] = "") -> None:
+    if one:
+        print(json.dumps(run_one(one, runs, device)))
+        return
+    peak = matmul_peak(torch.device(device))
+    figures: dict = {"device": device, "threads": torch.get_num_threads(), "matmul_peak_flops": peak,
+                     "train": {}, "generate": {}, "artifacts_bytes": {}}
+    kinds = [f"train:{s}" for s in ("autoencoder", "codebook", "base", "cascade")]
+    kinds += [f"generate:{m},{c}" for m in ("fp32", "compressed") for c in ("cache", "nocache")
+              if m == "fp32" or (runs / "generate_compressed.json").exists()]
+    for kind in kinds:
+        done = subprocess.run([sys.executable, __file__, "--one", kind, "--runs", str(runs), "--device", device],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{kind} failed:\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        name, _, option = kind.partition(":")
+        if name == "train" and option in ("base", "cascade"):
+            params = transformer_params(runs / "transformers" / option / "model.safetensors")
+            result["model_flops_per_s"] = 6 * params * result["items_per_s"]
+        if "model_flops_per_s" in result:
+            result["share_of_matmul_peak"] = round(result["model_flops_per_s"] / peak, 4)
+        figures[name][option] = result
+        print(kind, json.dumps(result), flush=True)
+    for path in sorted(runs.rglob("*.safetensors")):
+        if "shards" not in path.parts and path.name != "checkpoint.safetensors":
+            figures["artifacts_bytes"][str(path.relative_to(runs))] = path.stat().st_size
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -55,7 +55,7 @@ TRAIN_FLAGS = --device $(DEVICE) --max-epoch 1000 --checkpoint-step 1000
 # starts over
 RESTART = $(if $(wildcard $@),--overwrite)
 
-.PHONY: setup test demo codebooks transformers generate report compress clean-demo
+.PHONY: setup test demo codebooks transformers generate report compress fewshot bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -157,6 +157,58 @@ $(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT)
 		--generated-path $(RUNS)/generated_compressed/dataset.json --out-dir $(RUNS)/report_compressed \
 		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS)
 	touch $@
+
+# Few-shot (seed 000): the transformers fine-tuned (--init-from) on FEWSHOT_COUNT held-out images of one
+# class, then that class generated and compared with the class's other held-out images.
+FEWSHOT_LABEL ?= Dress
+FEWSHOT_COUNT ?= 66
+FEWSHOT_STEPS ?= 150
+FEWSHOT_IMAGES ?= 300
+FEWSHOT := $(RUNS)/fewshot
+fewshot: $(FEWSHOT)/report/DONE
+	@echo "few-shot done: $(FEWSHOT)/generated (grid.png), report in $(FEWSHOT)/report/report.md"
+
+$(FEWSHOT)/data/DONE: $(DATA)
+	$(PYTHON) build_dataset.py --source $(RUNS)/data/dataset.json --label "$(FEWSHOT_LABEL)" --from-split heldout \
+		--train-count $(FEWSHOT_COUNT) --size $(SIZE) --channels $(CHANNELS) --out-dir $(FEWSHOT)/data --overwrite
+	touch $@
+
+$(FEWSHOT)/fmaps/DONE: $(FEWSHOT)/data/DONE $(AUTOENCODER)
+	$(PYTHON) generate_fmap_dataset.py --dataset-path $(FEWSHOT)/data/dataset.json --model-path $(AE_ARTIFACT) \
+		--out-dir $(FEWSHOT)/fmaps --device $(DEVICE)
+	touch $@
+
+$(FEWSHOT)/transformers/base/DONE: $(FEWSHOT)/fmaps/DONE $(BASE)
+	$(call TIMER,fewshot base) $(PYTHON) train_transformer.py --train-base-model --dataset-path $(FEWSHOT)/fmaps/dataset.json \
+		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) --decoder-path $(AE_ARTIFACT) \
+		--init-from $(RUNS)/transformers/base/model.safetensors --config-path $(CONFIGS)/transformer_$(PRESET)_base.json \
+		--out-dir $(FEWSHOT)/transformers/base --batch-size 16 --max-steps $(FEWSHOT_STEPS) $(TRAIN_FLAGS) $(RESTART)
+	touch $@
+
+$(FEWSHOT)/transformers/cascade/DONE: $(FEWSHOT)/fmaps/DONE $(CASCADE)
+	$(call TIMER,fewshot cascade) $(PYTHON) train_transformer.py --dataset-path $(FEWSHOT)/fmaps/dataset.json \
+		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
+		--init-from $(RUNS)/transformers/cascade/model.safetensors --config-path $(CONFIGS)/transformer_$(PRESET)_cascade.json \
+		--out-dir $(FEWSHOT)/transformers/cascade --batch-size 16 --max-steps $(FEWSHOT_STEPS) $(TRAIN_FLAGS) $(RESTART)
+	touch $@
+
+# the preset's generation config with the fine-tuned models, the main run's codebooks and the class
+$(FEWSHOT)/generated/DONE: $(FEWSHOT)/transformers/base/DONE $(FEWSHOT)/transformers/cascade/DONE
+	sed -e 's#"pruned/#"../pruned/#' -e 's#"label": null#"label": "$(FEWSHOT_LABEL)"#' \
+		$(CONFIGS)/generate_$(PRESET).json > $(FEWSHOT)/generate.json
+	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(FEWSHOT)/generate.json \
+		--decoder-path $(AE_ARTIFACT) --out-dir $(FEWSHOT)/generated --num-images $(FEWSHOT_IMAGES) --seed 0 \
+		--device $(DEVICE) $(RESTART)
+	touch $@
+
+$(FEWSHOT)/report/DONE: $(FEWSHOT)/generated/DONE $(REPORT)
+	$(call TIMER,fewshot report) $(PYTHON) evaluate.py --real-path $(FEWSHOT)/data/dataset.json \
+		--generated-path $(FEWSHOT)/generated/dataset.json --out-dir $(FEWSHOT)/report \
+		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS)
+	touch $@
+
+bench: $(REPORT_COMPRESSED)
+	$(PYTHON) bench/run.py --runs $(RUNS) --out $(RUNS)/bench.json --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 
 clean-demo:
 	rm -rf $(RUNS)

@@ -46,7 +46,8 @@ def measure(length: int, use_cache: bool, batch: int, device: str) -> dict:
 
 @app.command()
 def main(lengths: Annotated[str, typer.Option(help="comma-separated sequence lengths")] = "16,64,256",
-         batch: int = 16, device: str = "cpu",
+         batch: Annotated[int, typer.Option(help="images per batch (generate_images.py uses 64)")] = 64,
+         device: str = "cpu",
          one: Annotated[str, typer.Option(help="internal: LENGTH:CACHE, measured in this process")] = "") -> None:
     if one:
         length, cache = one.split(":")

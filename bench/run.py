@@ -35,10 +35,13 @@ def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> fl
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
-def transformer_params(path: Path) -> int:
-    from core.cascade import load_transformer
-    model, _ = load_transformer(path)
-    return sum(p.numel() for name, p in model.named_parameters() if "emb" not in name)  # matmul weights only
+def flops_per_sequence(model, training: bool) -> float:
+    """Matmul FLOPs of one sequence: the encoder's weights act on the conditioning tokens, the rest on
+    the predicted ones (2 per weight and token forward, 6 with the backward)."""
+    encoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder."))
+    rest = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("encoder.") and "emb" not in n)
+    per_weight = 6 if training else 2
+    return per_weight * (encoder * (model.shape.lr_len + 1) + rest * model.shape.hr_len)
 
 
 def train_throughput(runs: Path, stage: str, steps: int, device: str) -> dict:
@@ -82,8 +85,7 @@ def generation_speed(runs: Path, models: str, use_cache: bool, images: int, devi
     generate_batch(levels, decoder, range(images), 0, dev, use_cache)
     seconds = time.perf_counter() - start
     tokens = sum(level.model.shape.hr_len for level in levels) * images
-    params = [sum(p.numel() for n, p in level.model.named_parameters() if "emb" not in n) for level in levels]
-    flops = sum(2 * p * level.model.shape.hr_len * images for p, level in zip(params, levels))  # forward only
+    flops = sum(flops_per_sequence(level.model, training=False) for level in levels) * images
     return {"images_per_s": round(images / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "model_flops_per_s": flops / seconds}
 
@@ -123,8 +125,10 @@ def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make dem
         result = json.loads(done.stdout.strip().splitlines()[-1])
         name, _, option = kind.partition(":")
         if name == "train" and option in ("base", "cascade"):
-            params = transformer_params(runs / "transformers" / option / "model.safetensors")
-            result["model_flops_per_s"] = 6 * params * result["items_per_s"]
+            from core.cascade import load_transformer
+            model, _ = load_transformer(runs / "transformers" / option / "model.safetensors")
+            sequences_per_s = result["items_per_s"] / model.shape.hr_len
+            result["model_flops_per_s"] = flops_per_sequence(model, training=True) * sequences_per_s
         if "model_flops_per_s" in result:
             result["share_of_matmul_peak"] = round(result["model_flops_per_s"] / peak, 4)
         figures[name][option] = result

@@ -2,7 +2,7 @@
 cascade (encoder-decoder) TokenTransformer trained on them with the shared loop."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -92,6 +92,13 @@ def load_token_data(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path
     return TokenData(data, lr_book, hr_book, lr_tokens, hr_tokens, shape)
 
 
+def adopt_labels(tokens: TokenData, label_names: list[str]) -> TokenData:
+    """Re-express the data's labels in another model's label list (for fine-tuning it); a label that
+    model does not know becomes no label, so that the model learns it as its unconditional output."""
+    shape = replace(tokens.shape, num_labels=len(label_names), label_names=list(label_names))
+    return replace(tokens, data=tokens.data.relabelled(label_names), shape=shape)
+
+
 def split_ids(tokens: TokenData, eval_items: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Training item ids, and a fixed sample of held-out ids (of training ids when nothing is held out)."""
     train_ids = (~tokens.data.is_heldout).nonzero().flatten()
@@ -145,6 +152,9 @@ def train(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, co
     cfg = load_config(TransformerConfig, config_path)
     tokens = load_token_data(dataset_path, lr_codebook_path, hr_codebook_path, base)
     decoder = load_autoencoder(decoder_path)[0] if decoder_path else None
+    start = load_artifact(init_from, (KIND, "checkpoint")) if init_from is not None else None
+    if start is not None:  # fine-tuning keeps the labels the model knows
+        tokens = adopt_labels(tokens, start.config["shape"]["label_names"])
 
     env = setup_run(device, args.seed)
     run_config = claim_out_dir(args.out_dir, {"transformer": to_dict(cfg), "shape": asdict(tokens.shape)}, resume,
@@ -153,8 +163,7 @@ def train(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, co
     shape = TokenShape(**run_config["shape"])
     model = TokenTransformer(cfg, shape)
     model.use_checkpointing = use_checkpointing
-    if init_from is not None:
-        start = load_artifact(init_from, (KIND, "checkpoint"))
+    if start is not None:
         load_state(model, start.tensors, init_from, prefix="model." if start.kind == "checkpoint" else "")
         if load_optim and start.kind != "checkpoint":
             raise PipelineError(f"--load-optim needs --model-path to be a run's checkpoint.safetensors; "

@@ -244,6 +244,11 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def relabelled(self, names: list[str]) -> "Dataset":
+        """The same items with their labels expressed in `names`; a label not among them becomes none."""
+        mapping = torch.tensor([names.index(n) if n in names else -1 for n in self.label_names] + [-1])
+        return Dataset(self.items, mapping[self.labels], list(names), self.is_heldout, self.path, self.records)
+
 
 def label_tensors(records: list[dict]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Label ids (first label of each record, -1 if none), the sorted label names, and the held-out mask."""

@@ -309,6 +309,13 @@ def load_sets(args: EvalArgs) -> Sets:
     training split."""
     real = load_image_dataset(args.real_path)
     generated = load_image_dataset(args.generated_path)
+    if args.classifier_path is not None:  # the real labels may be a subset of the classifier's (few-shot)
+        names = load_artifact(args.classifier_path, CLASSIFIER_KIND).config.get("label_names", [])
+        unknown = sorted(set(real.label_names) - set(names))
+        if unknown:
+            raise PipelineError(f"{args.classifier_path}: classifier does not know the labels "
+                                f"{', '.join(unknown)} of {args.real_path}")
+        real = real.relabelled(names)
     if real.items.shape[1:] != generated.items.shape[1:]:
         c, h, w = real.items.shape[1:]
         gc, gh, gw = generated.items.shape[1:]

@@ -48,11 +48,12 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def draw(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row from softmax(logits), row r using generators[r] (per-image randomness keeps
-    results independent of the batch size)."""
-    probs = logits.softmax(-1).cpu()
-    rows = [torch.multinomial(probs[r], 1, generator=generators[r]) for r in range(len(probs))]
-    return torch.cat(rows).to(logits.device)
+    """One token per row from softmax(logits), by inverting the row's CDF at a uniform number drawn from
+    generators[r]: per-image randomness keeps results independent of the batch size."""
+    cdf = logits.softmax(-1).float().cumsum(-1)
+    uniform = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
+    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return tokens.clamp(max=cdf.shape[-1] - 1)  # a token of zero probability is never drawn
 
 
 class Decoder:

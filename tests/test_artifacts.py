@@ -79,3 +79,12 @@ def test_metadata_is_plain_json(tmp_path):
     make(path)
     meta = read_metadata(path)
     assert json.loads(meta["config"]) == {"a": 1}
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+    path = tmp_path / "m.safetensors"
+    make(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

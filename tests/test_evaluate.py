@@ -178,6 +178,6 @@ def test_a_classifier_for_other_labels_is_refused(tmp_path: Path, two_datasets):
     build_dataset(write_folder(tmp_path / "two", ["bright", "dark"]), tmp_path / "other", 16, 1, None, 0.3, 0,
                   False, False)
     other = tmp_path / "other" / "dataset.json"
-    with pytest.raises(PipelineError, match="classifier made for"):
+    with pytest.raises(PipelineError, match="classifier does not know the labels"):
         evaluate(EvalArgs(other, other, tmp_path / "b", classifier_path=tmp_path / "a" / "classifier.safetensors"),
                  torch.device("cpu"))

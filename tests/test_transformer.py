@@ -180,3 +180,23 @@ def test_load_optim_needs_a_checkpoint(tmp_path, pipeline, tiny_config):
                                                            "--model-path", out / "checkpoint.safetensors", "--load-optim",
                                                            config=tiny_config()))
     assert result.returncode == 0, result.stderr
+
+
+def test_fine_tuning_keeps_the_models_labels(tmp_path, models):
+    """Few-shot: a base model fine-tuned (--init-from) on images of one class keeps its three labels."""
+    from core import fmaps
+    from core.data import build_dataset
+    build_dataset(models["dataset"], tmp_path / "few", 16, 1, None, 0.0, 0, False, False, labels=["square"],
+                  train_count=10)
+    fmaps.generate(tmp_path / "few" / "dataset.json", models["autoencoder"], tmp_path / "few_fmaps",
+                   torch.device("cpu"), 16, 100)
+    out = tmp_path / "tuned"
+    result = run_script("train_transformer.py", "--train-base-model", "--dataset-path", tmp_path / "few_fmaps" / "dataset.json",
+                        "--lr-codebook-path", models["cond"], "--hr-codebook-path", models["l1"], "--out-dir", out,
+                        "--init-from", models["base"], "--config-path", models["root"] / "tf.json", "--batch-size", "4",
+                        "--max-steps", "6", "--device", "cpu", "--max-epoch", "100")
+    assert result.returncode == 0, result.stderr
+    model, artifact = load_transformer(out / "model.safetensors")
+    assert model.shape.label_names == ["bar", "circle", "square"]
+    counts = artifact.tensors["cond_counts"]
+    assert counts[2].sum() == 10 and counts[:2].sum() == 0  # every training image is a square

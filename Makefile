@@ -162,7 +162,7 @@ $(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT)
 # class, then that class generated and compared with the class's other held-out images.
 FEWSHOT_LABEL ?= Dress
 FEWSHOT_COUNT ?= 66
-FEWSHOT_STEPS ?= 150
+FEWSHOT_STEPS ?= 30
 FEWSHOT_IMAGES ?= 300
 FEWSHOT := $(RUNS)/fewshot
 fewshot: $(FEWSHOT)/report/DONE

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from core.cli import Device, OutDir, Seed, console, entry, make_app, stage, track
+from core.cli import Device, Seed, console, entry, make_app, stage, track
 from core.evaluate import EvalArgs, evaluate
 from core.training import pick_device
 

@@ -130,7 +130,6 @@ def pca(x: torch.Tensor, components: int) -> PCA:
 def _affinities(d2: torch.Tensor, perplexity: float, iterations: int = 64) -> torch.Tensor:
     """Row-wise Gaussian conditionals p(j|i) whose entropy is log(perplexity), found by bisection on
     the precision beta of every row at once."""
-    n = len(d2)
     d2 = d2 - d2.min(1, keepdim=True).values  # shifts cancel in the normalisation; keeps exp() in range
     target = math.log(perplexity)
     beta = 1.0 / d2.median(1).values.clamp_min(1e-12)

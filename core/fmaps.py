@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from core.artifacts import file_record, load_artifact, save_artifact, sha256_file
+from core.artifacts import file_record, load_artifact, save_artifact
 from core.autoencoder import load_autoencoder
 from core.data import (Dataset, label_tensors, load_image_dataset, read_image_files, read_records, to_float,
                        write_dataset_json)

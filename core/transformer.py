@@ -9,7 +9,6 @@ of its absolute position, so the model knows where the window lies. The conditio
 condition token, or the encoder's output) is visible from every window."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

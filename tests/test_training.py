@@ -1,6 +1,5 @@
 """The training contracts, exercised through train_autoencoder.py as a user runs it."""
 import json
-import os
 import signal
 import subprocess
 import sys

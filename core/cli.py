@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -12,7 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core.errors import Interrupted, PipelineError
 
-console = Console(stderr=True, soft_wrap=True)
+# under torchrun only rank 0 reports progress and results; every rank reports its errors
+console = Console(stderr=True, soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0")
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def make_app(help: str) -> typer.Typer:
@@ -27,16 +30,16 @@ def stage(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except Interrupted as e:
-            console.print(f"interrupted: {e}", highlight=False, soft_wrap=True)
+            errors.print(f"interrupted: {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(130)
         except KeyboardInterrupt:
-            console.print("interrupted", highlight=False)
+            errors.print("interrupted", highlight=False)
             raise typer.Exit(130)
         except MemoryError:
-            console.print("[red]error:[/red] out of memory; lower --batch-size", highlight=False)
+            errors.print("[red]error:[/red] out of memory; lower --batch-size", highlight=False)
             raise typer.Exit(2)
     return wrapper
 

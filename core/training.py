@@ -83,25 +83,34 @@ def claim_out_dir(out_dir: Path, config: dict, resume: bool, overwrite: bool, en
     config continues; one with another config is refused unless --resume (continue it, with its own
     config) or --overwrite (start over)."""
     run_file = out_dir / RUN_FILE
+    chosen, fresh = _decide_claim(out_dir, run_file, config, resume, overwrite)
+    distributed = env is not None and env.world_size > 1
+    if distributed:
+        dist.barrier()  # every rank has decided from the out dir as it was, before rank 0 changes it
+    if fresh and (env is None or env.is_main):
+        if overwrite:
+            for name in (RUN_FILE, CHECKPOINT, METRICS):
+                (out_dir / name).unlink(missing_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_file, {"config": config})
+    if distributed:
+        dist.barrier()
+    return chosen
+
+
+def _decide_claim(out_dir: Path, run_file: Path, config: dict, resume: bool, overwrite: bool) -> tuple[dict, bool]:
+    """The config to train with, and whether the out dir starts a fresh run."""
     if run_file.exists() and not overwrite:
         saved = json.loads(run_file.read_text())["config"]
         if saved == config or resume:
-            return saved
+            return saved, False
         changed = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
         diff = ", ".join(f"{k}: {json.dumps(saved.get(k))} -> {json.dumps(config.get(k))}" for k in changed[:3])
         raise PipelineError(f"{out_dir} holds a run with another config ({diff}); pass --resume to continue "
                             "it with its saved config, or --overwrite to start over")
     if resume and not run_file.exists():
         raise PipelineError(f"--resume: {out_dir} holds no run to resume")
-    if env is None or env.is_main:
-        if overwrite:
-            for name in (RUN_FILE, CHECKPOINT, METRICS):
-                (out_dir / name).unlink(missing_ok=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_file, {"config": config})
-    if env is not None and env.world_size > 1:
-        dist.barrier()
-    return config
+    return config, True
 
 
 # ---------------------------------------------------------------- the loop

@@ -54,3 +54,19 @@ def test_out_dir_with_other_config_is_refused(tmp_path):
 def test_resume_needs_a_run(tmp_path):
     with pytest.raises(PipelineError, match="holds no run to resume"):
         claim_out_dir(tmp_path / "empty", {"a": 1}, resume=True, overwrite=False)
+
+
+def test_every_rank_passes_the_same_barriers(tmp_path, monkeypatch):
+    """Under torchrun, rank 1 may look at the out dir after rank 0 has written run.json there; it
+    must still wait at the barriers rank 0 waits at, or the run hangs."""
+    import torch
+    from core import training
+    barriers = []
+    monkeypatch.setattr(training.dist, "barrier", lambda: barriers.append(1))
+    out = tmp_path / "run"
+    rank0 = training.RunEnv(torch.device("cpu"), rank=0, world_size=2)
+    rank1 = training.RunEnv(torch.device("cpu"), rank=1, world_size=2)
+    claim_out_dir(out, {"a": 1}, resume=False, overwrite=False, env=rank0)  # fresh dir: rank 0 writes
+    on_rank0 = len(barriers)
+    claim_out_dir(out, {"a": 1}, resume=False, overwrite=False, env=rank1)  # rank 1 sees it written
+    assert on_rank0 == 2 and len(barriers) - on_rank0 == on_rank0

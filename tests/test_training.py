@@ -1,5 +1,6 @@
 """The training contracts, exercised through train_autoencoder.py as a user runs it."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -124,9 +125,16 @@ def test_torchrun_two_processes(tmp_path, tiny_dataset, tiny_ae_config):
                "--local-addr", "127.0.0.1",
                str(ROOT / "train_autoencoder.py"), *map(str, train_args(tiny_dataset, tiny_ae_config, out,
                                                                          "--max-steps", "20", "--checkpoint-step", "10"))]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=script_env(), cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stderr.count(f"wrote {out / 'autoencoder.safetensors'}") == 1
+    # its own session, so that a hang kills the workers too rather than leaving them behind
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=script_env(), cwd=ROOT, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("torchrun did not finish in 180 s:\n" + process.communicate()[1][-2000:])
+    assert process.returncode == 0, stderr[-2000:]
+    assert stderr.count(f"wrote {out / 'autoencoder.safetensors'}") == 1
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["autoencoder.safetensors", "checkpoint.safetensors"]
     assert load_artifact(out / "autoencoder.safetensors", "autoencoder").provenance["step"] == 20
     assert not list(out.glob(".*.tmp"))

@@ -54,8 +54,16 @@ TRAIN_FLAGS = --device $(DEVICE) --max-epoch 1000 --checkpoint-step 1000
 # a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
 # starts over
 RESTART = $(if $(wildcard $@),--overwrite)
+# A stage records the settings it was made with in $(SETTINGS); asked for other ones (make demo
+# AE_STEPS=8000), it starts over, and so does every stage after it. A stage that starts drops its stamp
+# first, so that an interrupted rerun resumes.
+SETTINGS := $(RUNS)/settings
+same = $(and $(findstring x$(strip $(1)),x$(strip $(2))),$(findstring x$(strip $(2)),x$(strip $(1))))
+changed = $(if $(wildcard $(SETTINGS)/$(1)),$(if $(call same,$(2),$(file <$(SETTINGS)/$(1))),,FORCE))
+record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 
-.PHONY: setup test demo codebooks transformers generate report compress fewshot bench clean-demo
+.PHONY: setup test demo codebooks transformers generate report compress fewshot bench clean-demo FORCE
+.SECONDEXPANSION:
 
 setup: $(VENV)/.installed
 
@@ -79,15 +87,20 @@ transformers: $(BASE) $(CASCADE)
 generate: $(GENERATED)
 report: $(REPORT)
 compress: $(COMPRESSED)
+FORCE:
 
-$(DATA): | setup
+$(DATA): $$(call changed,data,$$(SOURCE) $$(SIZE) $$(CHANNELS)) | setup
+	rm -f $@
 	mkdir -p $(RUNS)
 	$(call TIMER,dataset) $(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS) --overwrite
+	$(call record,data,$(SOURCE) $(SIZE) $(CHANNELS))
 	touch $@
 
-$(AUTOENCODER): $(DATA) $(CONFIGS)/autoencoder_$(PRESET).json
+$(AUTOENCODER): $(DATA) $(CONFIGS)/autoencoder_$(PRESET).json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS))
+	rm -f $@
 	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --config-path $(CONFIGS)/autoencoder_$(PRESET).json \
 		--out-dir $(RUNS)/autoencoder --batch-size $(BATCH) --max-steps $(AE_STEPS) $(TRAIN_FLAGS) $(RESTART)
+	$(call record,autoencoder,$(BATCH) $(AE_STEPS))
 	touch $@
 
 $(FMAPS): $(AUTOENCODER)
@@ -95,67 +108,85 @@ $(FMAPS): $(AUTOENCODER)
 		--out-dir $(RUNS)/fmaps --device $(DEVICE)
 	touch $@
 
-$(RUNS)/codebooks/%/DONE: $(FMAPS) $(CONFIGS)/codebook_$(PRESET)_%.json
+$(RUNS)/codebooks/%/DONE: $(FMAPS) $(CONFIGS)/codebook_$(PRESET)_%.json $$(call changed,codebook_$$*,$$(CB_BATCH) $$(CB_STEPS))
+	rm -f $@
 	$(call TIMER,codebook $*) $(PYTHON) train_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--config-path $(CONFIGS)/codebook_$(PRESET)_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size $(CB_BATCH) \
 		--max-steps $(CB_STEPS) $(TRAIN_FLAGS) $(RESTART)
+	$(call record,codebook_$*,$(CB_BATCH) $(CB_STEPS))
 	touch $@
 
-$(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE
+$(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE $$(call changed,pruned_$$*,$$(PRUNE_THRESHOLD))
+	rm -f $@
 	$(call TIMER,prune $*) $(PYTHON) prune_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --device $(DEVICE) \
 		--codebook-path $(RUNS)/codebooks/$*/codebook.safetensors --prune-threshold $(PRUNE_THRESHOLD) --out-dir $(RUNS)/pruned/$*
+	$(call record,pruned_$*,$(PRUNE_THRESHOLD))
 	touch $@
 
-$(BASE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_base.json
+$(BASE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_base.json $$(call changed,base,$$(BATCH) $$(BASE_STEPS))
+	rm -f $@
 	$(call TIMER,base transformer) $(PYTHON) train_transformer.py --train-base-model --dataset-path $(RUNS)/fmaps/dataset.json \
 		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) --decoder-path $(AE_ARTIFACT) \
 		--config-path $(CONFIGS)/transformer_$(PRESET)_base.json --out-dir $(RUNS)/transformers/base \
 		--batch-size $(BATCH) --max-steps $(BASE_STEPS) $(TRAIN_FLAGS) $(RESTART)
+	$(call record,base,$(BATCH) $(BASE_STEPS))
 	touch $@
 
-$(CASCADE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_cascade.json
+$(CASCADE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_cascade.json $$(call changed,cascade,$$(BATCH) $$(CASCADE_STEPS))
+	rm -f $@
 	$(call TIMER,cascade transformer) $(PYTHON) train_transformer.py --dataset-path $(RUNS)/fmaps/dataset.json \
 		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
 		--config-path $(CONFIGS)/transformer_$(PRESET)_cascade.json --out-dir $(RUNS)/transformers/cascade \
 		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS) $(TRAIN_FLAGS) $(RESTART)
+	$(call record,cascade,$(BATCH) $(CASCADE_STEPS))
 	touch $@
 
 # the preset's generation config, copied beside the runs so that its relative paths point into them
-$(GENERATED): $(BASE) $(CASCADE) $(CONFIGS)/generate_$(PRESET).json
+$(GENERATED): $(BASE) $(CASCADE) $(CONFIGS)/generate_$(PRESET).json $$(call changed,generated,$$(NUM_IMAGES))
+	rm -f $@
 	cp $(CONFIGS)/generate_$(PRESET).json $(RUNS)/generate.json
 	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(AE_ARTIFACT) \
 		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
+	$(call record,generated,$(NUM_IMAGES))
 	touch $@
 
-$(REPORT): $(GENERATED)
+$(REPORT): $(GENERATED) $$(call changed,report,$$(REPORT_FLAGS))
+	rm -f $@
 	$(call TIMER,report) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
 		--generated-path $(RUNS)/generated/dataset.json --out-dir $(RUNS)/report --device $(DEVICE) $(REPORT_FLAGS)
+	$(call record,report,$(REPORT_FLAGS))
 	touch $@
 
 $(RUNS)/compressed/autoencoder/DONE: $(AUTOENCODER) $(CONFIGS)/compress_$(PRESET)_autoencoder.json
+	rm -f $@
 	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(AE_ARTIFACT) \
 		--dataset-path $(RUNS)/data/dataset.json --config-path $(CONFIGS)/compress_$(PRESET)_autoencoder.json \
 		--out-dir $(RUNS)/compressed/autoencoder --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
 $(RUNS)/compressed/%/DONE: $(RUNS)/transformers/%/DONE $(CONFIGS)/compress_$(PRESET)_transformer.json
+	rm -f $@
 	$(call TIMER,compress $*) $(PYTHON) compress.py --model-path $(RUNS)/transformers/$*/model.safetensors \
 		--dataset-path $(RUNS)/fmaps/dataset.json --config-path $(CONFIGS)/compress_$(PRESET)_transformer.json \
 		--out-dir $(RUNS)/compressed/$* --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
 # the same generation config, pointed at the compressed models
-$(GENERATED_COMPRESSED): $(COMPRESSED) $(CONFIGS)/generate_$(PRESET).json
+$(GENERATED_COMPRESSED): $(COMPRESSED) $(CONFIGS)/generate_$(PRESET).json $$(call changed,generated_compressed,$$(NUM_IMAGES))
+	rm -f $@
 	sed 's#"transformers/#"compressed/#' $(CONFIGS)/generate_$(PRESET).json > $(RUNS)/generate_compressed.json
 	$(call TIMER,generate compressed) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_compressed.json \
 		--decoder-path $(RUNS)/compressed/autoencoder/autoencoder.safetensors \
 		--out-dir $(RUNS)/generated_compressed --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
+	$(call record,generated_compressed,$(NUM_IMAGES))
 	touch $@
 
-$(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT)
+$(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT) $$(call changed,report_compressed,$$(REPORT_FLAGS))
+	rm -f $@
 	$(call TIMER,report compressed) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
 		--generated-path $(RUNS)/generated_compressed/dataset.json --out-dir $(RUNS)/report_compressed \
 		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS)
+	$(call record,report_compressed,$(REPORT_FLAGS))
 	touch $@
 
 # Few-shot (seed 000): the transformers fine-tuned (--init-from) on FEWSHOT_COUNT held-out images of one
@@ -168,9 +199,11 @@ FEWSHOT := $(RUNS)/fewshot
 fewshot: $(FEWSHOT)/report/DONE
 	@echo "few-shot done: $(FEWSHOT)/generated (grid.png), report in $(FEWSHOT)/report/report.md"
 
-$(FEWSHOT)/data/DONE: $(DATA)
+$(FEWSHOT)/data/DONE: $(DATA) $$(call changed,fewshot,$$(FEWSHOT_LABEL) $$(FEWSHOT_COUNT) $$(FEWSHOT_STEPS) $$(FEWSHOT_IMAGES))
+	rm -f $@
 	$(PYTHON) build_dataset.py --source $(RUNS)/data/dataset.json --label "$(FEWSHOT_LABEL)" --from-split heldout \
 		--train-count $(FEWSHOT_COUNT) --size $(SIZE) --channels $(CHANNELS) --out-dir $(FEWSHOT)/data --overwrite
+	$(call record,fewshot,$(FEWSHOT_LABEL) $(FEWSHOT_COUNT) $(FEWSHOT_STEPS) $(FEWSHOT_IMAGES))
 	touch $@
 
 $(FEWSHOT)/fmaps/DONE: $(FEWSHOT)/data/DONE $(AUTOENCODER)
@@ -179,6 +212,7 @@ $(FEWSHOT)/fmaps/DONE: $(FEWSHOT)/data/DONE $(AUTOENCODER)
 	touch $@
 
 $(FEWSHOT)/transformers/base/DONE: $(FEWSHOT)/fmaps/DONE $(BASE)
+	rm -f $@
 	$(call TIMER,fewshot base) $(PYTHON) train_transformer.py --train-base-model --dataset-path $(FEWSHOT)/fmaps/dataset.json \
 		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) --decoder-path $(AE_ARTIFACT) \
 		--init-from $(RUNS)/transformers/base/model.safetensors --config-path $(CONFIGS)/transformer_$(PRESET)_base.json \
@@ -186,6 +220,7 @@ $(FEWSHOT)/transformers/base/DONE: $(FEWSHOT)/fmaps/DONE $(BASE)
 	touch $@
 
 $(FEWSHOT)/transformers/cascade/DONE: $(FEWSHOT)/fmaps/DONE $(CASCADE)
+	rm -f $@
 	$(call TIMER,fewshot cascade) $(PYTHON) train_transformer.py --dataset-path $(FEWSHOT)/fmaps/dataset.json \
 		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
 		--init-from $(RUNS)/transformers/cascade/model.safetensors --config-path $(CONFIGS)/transformer_$(PRESET)_cascade.json \
@@ -194,6 +229,7 @@ $(FEWSHOT)/transformers/cascade/DONE: $(FEWSHOT)/fmaps/DONE $(CASCADE)
 
 # the preset's generation config with the fine-tuned models, the main run's codebooks and the class
 $(FEWSHOT)/generated/DONE: $(FEWSHOT)/transformers/base/DONE $(FEWSHOT)/transformers/cascade/DONE
+	rm -f $@
 	sed -e 's#"pruned/#"../pruned/#' -e 's#"label": null#"label": "$(FEWSHOT_LABEL)"#' \
 		$(CONFIGS)/generate_$(PRESET).json > $(FEWSHOT)/generate.json
 	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(FEWSHOT)/generate.json \

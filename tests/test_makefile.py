@@ -26,12 +26,13 @@ def write_preset(folder: Path) -> None:
     (folder / "compress_test_transformer.json").write_text(json.dumps(quick))
 
 
-def make(runs: Path, configs: Path, source: Path) -> subprocess.CompletedProcess:
+def make(runs: Path, configs: Path, source: Path, *extra: str) -> subprocess.CompletedProcess:
+    """make demo on the small preset; `extra` flags and settings come last (a later setting wins)."""
     venv = Path(sys.executable).parent.parent
     command = ["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
                "PRESET=test", f"SOURCE={source}", "SIZE=16", "DEVICE=cpu", "AE_STEPS=20", "CB_STEPS=10",
                "BASE_STEPS=10", "CASCADE_STEPS=10", "BATCH=8", "CB_BATCH=8", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1",
-               "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2"]
+               "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2", *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=script_env(), cwd=ROOT)
 
 
@@ -56,3 +57,10 @@ def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
     stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
     assert stages[18] == "cascade transformer"
     assert sorted(stages[19:]) == ["compress cascade", "generate", "generate compressed", "report", "report compressed"]
+
+    # nothing is left to do; other settings for one stage start it over, and what follows it
+    assert "python" not in make(runs, configs, image_folder, "-n").stdout
+    dry_run = make(runs, configs, image_folder, "-n", "CASCADE_STEPS=12").stdout.replace("\\\n", " ")
+    planned = [line for line in dry_run.splitlines() if "python" in line]
+    assert "train_transformer.py" in planned[0] and "--max-steps 12" in planned[0] and "--overwrite" in planned[0]
+    assert not any(script in line for line in planned for script in ("train_autoencoder", "train_codebook", "--train-base"))

@@ -373,7 +373,8 @@ def evaluate(args: EvalArgs, device: torch.device, progress: Callable[[Iterable,
         report["classes"] = class_report(real.label_names, h_pred, g_pred, generated, model.head.out_features)
 
     fit = train.sample(5000, args.seed + 3)  # the PCA fit is on at most 5000 training images: plenty for 64 axes
-    projection = pca(pixels(fit.items), args.pca_components)
+    # axes fitted on fewer than ~10 images each describe those images, not the data (few-shot sets)
+    projection = pca(pixels(fit.items), max(2, min(args.pca_components, len(fit) // 10)))
     h_pca, g_pca = (projection.project(pixels(s.items)).float() for s in (heldout, generated))
     spaces["pixel_pca"] = (h_pca, g_pca, [projection.project(pixels(f.items)).float() for f in sets.floors])
     report["pixel_pca"] = {"components": int(projection.components.shape[0]),

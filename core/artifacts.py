@@ -8,7 +8,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -149,6 +149,16 @@ def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source
             raise PipelineError(f"{source}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
                                 f"the model expects {tuple(expected.shape)}")
     module.load_state_dict({name: tensors[prefix + name] for name in state})
+
+
+def load_module(path: str | Path, kind: str, build: Callable[[Artifact], torch.nn.Module]
+                ) -> tuple[torch.nn.Module, Artifact]:
+    """Load an artifact and the module `build` makes from it, holding its tensors, in eval mode."""
+    artifact = load_artifact(path, kind)
+    module = build(artifact)
+    load_state(module, artifact.tensors, path)
+    module.eval()
+    return module, artifact
 
 
 def state_tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:

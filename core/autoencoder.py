@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.artifacts import Artifact, file_record, load_artifact, load_state, save_artifact, state_tensors
+from core.artifacts import Artifact, file_record, load_artifact, load_module, load_state, save_artifact, state_tensors
 from core.config import config_from_dict, load_config, option, to_dict
 from core.data import Dataset, load_image_dataset, save_image_grid, to_float
 from core.errors import PipelineError
@@ -135,11 +135,7 @@ def save_autoencoder(path: str | Path, model: Autoencoder, provenance: dict) -> 
 
 
 def load_autoencoder(path: str | Path) -> tuple[Autoencoder, Artifact]:
-    artifact = load_artifact(path, KIND)
-    model = Autoencoder(config_from_dict(AutoencoderConfig, artifact.config, source=str(path)))
-    load_state(model, artifact.tensors, path)
-    model.eval()
-    return model, artifact
+    return load_module(path, KIND, lambda a: Autoencoder(config_from_dict(AutoencoderConfig, a.config, source=str(path))))
 
 
 # ---------------------------------------------------------------- the training stage

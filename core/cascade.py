@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.artifacts import Artifact, file_record, load_artifact, load_state, save_artifact, state_tensors
+from core.artifacts import Artifact, file_record, load_artifact, load_module, load_state, save_artifact, state_tensors
 from core.autoencoder import load_autoencoder
 from core.codebook import SOMCodebook, check_fits, load_codebook
 from core.config import config_from_dict, load_config, to_dict
@@ -47,12 +47,10 @@ def save_transformer(path: str | Path, model: TokenTransformer, provenance: dict
 
 
 def load_transformer(path: str | Path) -> tuple[TokenTransformer, Artifact]:
-    artifact = load_artifact(path, KIND)
-    cfg = config_from_dict(TransformerConfig, artifact.config["transformer"], source=str(path))
-    model = TokenTransformer(cfg, TokenShape(**artifact.config["shape"]))
-    load_state(model, artifact.tensors, path)
-    model.eval()
-    return model, artifact
+    def build(artifact: Artifact) -> TokenTransformer:
+        cfg = config_from_dict(TransformerConfig, artifact.config["transformer"], source=str(path))
+        return TokenTransformer(cfg, TokenShape(**artifact.config["shape"]))
+    return load_module(path, KIND, build)
 
 
 def null_labels(labels: torch.Tensor, shape: TokenShape) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from core.artifacts import (Artifact, atomic_write_json, file_record, load_artifact, load_state, save_artifact,
+from core.artifacts import (Artifact, atomic_write_json, file_record, load_module, load_state, save_artifact,
                             state_tensors)
 from core.autoencoder import load_autoencoder, psnr
 from core.config import config_from_dict, load_config, option, to_dict
@@ -217,11 +217,7 @@ def save_codebook(path: str | Path, codebook: SOMCodebook, provenance: dict, ext
 
 
 def load_codebook(path: str | Path) -> tuple[SOMCodebook, Artifact]:
-    artifact = load_artifact(path, KIND)
-    codebook = SOMCodebook(config_from_dict(CodebookConfig, artifact.config, source=str(path)))
-    load_state(codebook, artifact.tensors, path)
-    codebook.eval()
-    return codebook, artifact
+    return load_module(path, KIND, lambda a: SOMCodebook(config_from_dict(CodebookConfig, a.config, source=str(path))))
 
 
 def prune(codebook: SOMCodebook, counts: torch.Tensor, threshold: int) -> tuple[SOMCodebook, torch.Tensor]:

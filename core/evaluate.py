@@ -304,8 +304,8 @@ class Sets:
 
 def load_sets(args: EvalArgs) -> Sets:
     """The sets compared, each capped at num_images by a fixed random sample. The floor's sets come from the
-    rest of the held-out split when it is large enough (the classifier never saw it either), else from the
-    training split."""
+    rest of the held-out split when it is, or can be made, large enough (the classifier never saw it
+    either), else from the training split."""
     real = load_image_dataset(args.real_path)
     generated = load_image_dataset(args.generated_path)
     if args.classifier_path is not None:  # the real labels may be a subset of the classifier's (few-shot)
@@ -330,7 +330,12 @@ def load_sets(args: EvalArgs) -> Sets:
             raise PipelineError(f"{name} set has {size} images; the k-NN metrics need more than k={args.k}")
     generated = generated.sample(args.num_images, args.seed + 1)
     order = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(args.seed))
-    reference, rest = heldout.take(order[:args.num_images]), heldout.take(order[args.num_images:])
+    references = min(args.num_images, len(heldout))
+    if len(heldout) - references < len(generated) and len(heldout) >= 2 * len(generated):
+        # a few-shot class: the reference gives up images so that the floor is held-out images too, of
+        # the generated set's size (a floor of fewer, training images is not the same figure)
+        references = len(heldout) - len(generated)
+    reference, rest = heldout.take(order[:references]), heldout.take(order[references:])
     pool, source = (rest, "held-out") if len(rest) >= len(generated) else (train, "training")
     floors = [pool.sample(min(len(generated), len(pool)), args.seed + 2 + i) for i in range(args.floor_draws)]
     return Sets(real, train, reference, generated, floors, source)

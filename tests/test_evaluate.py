@@ -150,6 +150,24 @@ def test_a_real_set_without_held_out_images_is_refused(tmp_path: Path, image_fol
         load_sets(EvalArgs(path, path, tmp_path / "r"))
 
 
+def test_a_small_held_out_split_shares_itself_with_the_floor(tmp_path: Path):
+    """Few-shot: the real held-out set is smaller than num_images. The floor is still held-out images,
+    as many as the generated ones, none of them in the reference."""
+    build_dataset(write_folder(tmp_path / "flat", None, count=100), tmp_path / "real", 16, 1, None, 0.4, 0, False, False)
+    path = tmp_path / "real" / "dataset.json"
+    held_out = len(load_sets(EvalArgs(path, path, tmp_path / "r")).real.split(heldout=True))
+    sets = load_sets(EvalArgs(path, path, tmp_path / "r", num_images=1000))  # more generated than held-out
+    assert sets.floor_source == "training" and len(sets.heldout) == held_out
+    few = held_out // 3
+    generated = tmp_path / "generated"
+    build_dataset(write_folder(tmp_path / "few", None, count=few), generated, 16, 1, None, 0.0, 1, False, False)
+    sets = load_sets(EvalArgs(path, generated / "dataset.json", tmp_path / "r", num_images=1000))
+    assert sets.floor_source == "held-out" and len(sets.generated) == len(sets.floors[0]) == few
+    assert len(sets.heldout) == held_out - few
+    reference = {bytes(x.numpy()) for x in sets.heldout.items}
+    assert not reference & {bytes(x.numpy()) for x in sets.floors[0].items}
+
+
 def write_folder(folder: Path, classes: list[str] | None, count: int = 60) -> Path:
     """Dark and bright noise images, in one sub-folder per class or (classes None) all in one folder."""
     import numpy as np

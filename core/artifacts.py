@@ -109,14 +109,24 @@ def read_metadata(path: str | Path) -> dict:
         raise PipelineError(f"{path}: not a readable safetensors artifact ({reason})") from None
 
 
-def load_artifact(path: str | Path, kind: str | tuple[str, ...] | None = None) -> Artifact:
-    """Load an artifact, checking its kind and format version against what the caller expects."""
-    path = Path(path)
-    meta = read_metadata(path)
+def read_kind(path: str | Path, kind: str | tuple[str, ...] | None = None) -> str:
+    """An artifact's kind, read from its header alone, checked as load_artifact checks it."""
+    return _checked_kind(Path(path), read_metadata(path), kind)
+
+
+def _checked_kind(path: Path, meta: dict, kind: str | tuple[str, ...] | None) -> str:
     found_kind = meta.get("kind", "<none>")
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds is not None and found_kind not in kinds:
         raise PipelineError(f"{path}: expected a {' or '.join(kinds)} artifact, found kind '{found_kind}'")
+    return found_kind
+
+
+def load_artifact(path: str | Path, kind: str | tuple[str, ...] | None = None) -> Artifact:
+    """Load an artifact, checking its kind and format version against what the caller expects."""
+    path = Path(path)
+    meta = read_metadata(path)
+    found_kind = _checked_kind(path, meta, kind)
     try:
         version = int(meta.get("format_version", "-1"))
     except ValueError:

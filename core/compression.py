@@ -264,14 +264,15 @@ class Source:
 
 def load_source(model_path: Path, dataset_path: Path, device: torch.device) -> Source:
     from core import autoencoder, cascade
-    from core.artifacts import file_record, load_artifact
-    kind = load_artifact(model_path, KINDS).kind
+    from core.artifacts import file_record
+    model, artifact = load_model(model_path)
+    if "compression" in artifact.extra:
+        raise PipelineError(f"{model_path} is already compressed; compress the model it was made from")
+    kind = artifact.kind
     if kind == "autoencoder":
-        model, artifact = autoencoder.load_autoencoder(model_path)
         data = autoencoder.load_images(dataset_path, model.cfg)
         task = autoencoder.objective(model.cfg, data, device)
         return Source(kind, model, artifact, task, "heldout_psnr", [file_record(model_path), file_record(dataset_path)])
-    model, artifact = cascade.load_transformer(model_path)
     books = {}
     for key in ("lr_codebook", "hr_codebook"):
         record = artifact.extra.get(key) or {}
@@ -291,13 +292,13 @@ def load_source(model_path: Path, dataset_path: Path, device: torch.device) -> S
     return Source(kind, model, artifact, task, "heldout_loss", inputs)
 
 
-def load_model(path: Path) -> nn.Module:
-    """The model of an autoencoder or transformer artifact, loaded by its stage's own loader."""
+def load_model(path: Path) -> tuple[nn.Module, Artifact]:
+    """An autoencoder or transformer artifact and its model, loaded by its stage's own loader."""
     from core import autoencoder, cascade
-    from core.artifacts import read_metadata
-    if read_metadata(path).get("kind") == "autoencoder":
-        return autoencoder.load_autoencoder(path)[0]
-    return cascade.load_transformer(path)[0]
+    from core.artifacts import read_kind
+    if read_kind(path, KINDS) == "autoencoder":
+        return autoencoder.load_autoencoder(path)
+    return cascade.load_transformer(path)
 
 
 def evaluate(source: Source, model: nn.Module) -> float:
@@ -313,17 +314,14 @@ def compress(model_path: Path, config_path: Path | None, out_dir: Path, dataset_
              overwrite: bool = False) -> dict:
     """Cluster, fine-tune, quantize and fine-tune again; write the compressed artifact and report.json
     into out_dir, and return the report. Each fine-tuning phase has its own sub-folder and checkpoint."""
-    from core.artifacts import file_record, load_artifact
     from core.training import Trainer, TrainArgs, claim_out_dir, finish_run, setup_run
     cfg = load_config(CompressConfig, config_path)
-    if "compression" in load_artifact(model_path, KINDS).extra:
-        raise PipelineError(f"{model_path} is already compressed; compress the model it was made from")
     env = setup_run(device, seed)
     source = load_source(model_path, dataset_path, env.device)
     names = select_tensors(source.model, cfg, model_path)
     if source.task.num_items < batch_size:
         raise PipelineError(f"{dataset_path} has {source.task.num_items} training items, fewer than --batch-size {batch_size}")
-    run = {"compress": to_dict(cfg), "model": file_record(model_path)["sha256"]}
+    run = {"compress": to_dict(cfg), "model": source.inputs[0]["sha256"]}  # inputs[0]: the model's record
     saved = claim_out_dir(out_dir, run, resume, overwrite, env)
     if saved["model"] != run["model"]:
         raise PipelineError(f"--resume: {out_dir} compresses another model than {model_path}")
@@ -370,7 +368,7 @@ def write_outputs(model: nn.Module, shared: dict[str, SharedWeight], source: Sou
     save_artifact(path, tensors, artifact.kind, artifact.config, provenance, {**artifact.extra, "compression": info})
 
     device = next(model.parameters()).device
-    after = evaluate(source, load_model(path).to(device))  # read back as every stage reads it
+    after = evaluate(source, load_model(path)[0].to(device))  # read back as every stage reads it
     size_before, size_after = Path(model_path).stat().st_size, path.stat().st_size
     report = {"model": str(model_path), "artifact": str(path), "kind": artifact.kind, "clusters": cfg.clusters,
               "clustered_tensors": len(shared), "clustered_params": info["clustered_params"],

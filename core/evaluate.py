@@ -56,22 +56,26 @@ def knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     return pairwise_distances(x, x).kthvalue(k + 1, dim=1).values  # k+1: the point itself is at distance 0
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
-    """Precision: share of fake points inside some real point's k-NN ball; recall: the converse."""
+def manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]:
+    """Precision: share of fake points inside some real point's k-NN ball; recall: the converse.
+    Density: how many real k-NN balls hold each fake point, over k (about 1 for matching sets);
+    coverage: share of real points whose ball holds at least one fake point."""
     distances = pairwise_distances(real, fake)  # (R, F)
-    precision = (distances <= knn_radii(real, k)[:, None]).any(0).float().mean()
-    recall = (distances <= knn_radii(fake, k)[None, :]).any(1).float().mean()
-    return float(precision), float(recall)
+    in_real_balls = distances <= knn_radii(real, k)[:, None]
+    return {"precision": float(in_real_balls.any(0).float().mean()),
+            "recall": float((distances <= knn_radii(fake, k)[None, :]).any(1).float().mean()),
+            "density": float(in_real_balls.float().sum(0).mean() / k),
+            "coverage": float(in_real_balls.any(1).float().mean())}
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    metrics = manifold_metrics(real, fake, k)
+    return metrics["precision"], metrics["recall"]
 
 
 def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
-    """Density: how many real k-NN balls hold each fake point, over k (about 1 for matching sets);
-    coverage: share of real points whose ball holds at least one fake point."""
-    radii = knn_radii(real, k)
-    distances = pairwise_distances(real, fake)
-    density = (distances <= radii[:, None]).float().sum(0).mean() / k
-    coverage = (distances.min(1).values <= radii).float().mean()
-    return float(density), float(coverage)
+    metrics = manifold_metrics(real, fake, k)
+    return metrics["density"], metrics["coverage"]
 
 
 def nearest_distances(query: torch.Tensor, reference: torch.Tensor, chunk: int = 1024,
@@ -100,10 +104,7 @@ def memorization_rate(generated_nn: torch.Tensor, heldout_nn: torch.Tensor,
 
 
 def all_metrics(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
-    precision, recall = precision_recall(real, fake, k)
-    density, coverage = density_coverage(real, fake, k)
-    return {"frechet_distance": frechet_distance(real, fake), "precision": precision, "recall": recall,
-            "density": density, "coverage": coverage}
+    return {"frechet_distance": frechet_distance(real, fake), **manifold_metrics(real, fake, k)}
 
 
 # ---------------------------------------------------------------- projections

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,7 +94,17 @@ def save_artifact(path: str | Path, tensors: dict[str, torch.Tensor], kind: str,
     }
     # clone: safetensors refuses tensors that share storage (views, tied weights)
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    atomic_write_bytes(path, safetensors_bytes(plain, metadata=metadata))
+    atomic_write_bytes(path, canonical_header(safetensors_bytes(plain, metadata=metadata)))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the metadata keys in sorted order: safetensors writes them in a
+    random order, so without this the same artifact would not have the same sha256 twice."""
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return data[:8] + text.ljust(length) + data[8 + length:]
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -88,3 +88,13 @@ def test_written_files_get_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_the_same_artifact_has_the_same_bytes(tmp_path):
+    """safetensors orders metadata keys at random; saved artifacts must not, so that a sha256 names content."""
+    contents = set()
+    for i in range(6):
+        make(tmp_path / f"m{i}.safetensors")
+        contents.add((tmp_path / f"m{i}.safetensors").read_bytes())
+    assert len(contents) == 1
+    assert load_artifact(tmp_path / "m0.safetensors").config == {"a": 1}

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 import typer
 
 from core.cli import OutDir, Overwrite, Seed, console, entry, make_app, stage, track
-from core.data import build_dataset
+from core.stages.dataset import DatasetArgs, run
 
 app = make_app(__doc__)
 
@@ -30,9 +30,10 @@ def main(
         raise typer.BadParameter("--channels must be 1 or 3")
     if from_split not in (None, "train", "heldout"):
         raise typer.BadParameter("--from-split must be train or heldout")
-    counts = build_dataset(source, out_dir, size, channels, limit, holdout, seed, strict, overwrite,
-                           progress=lambda items: track(items, "images"), labels=label, from_split=from_split,
-                           train_count=train_count)
+    counts = run(DatasetArgs(source=source, out_dir=out_dir, size=size, channels=channels, limit=limit,
+                             holdout=holdout, seed=seed, strict=strict, overwrite=overwrite, labels=label,
+                             from_split=from_split, train_count=train_count,
+                             progress=lambda items: track(items, "images")))
     console.print(f"wrote {out_dir / 'dataset.json'}: {counts['images']} images ({counts['train']} train, "
                   f"{counts['heldout']} held out, {counts['labels']} labels), {counts['skipped']} skipped")
 

@@ -6,30 +6,27 @@ from typing import Annotated
 
 import typer
 
-from core import compression
-from core.cli import (BatchSize, CheckpointStep, ConfigPath, Device, OutDir, Overwrite, Resume, Seed, console, entry,
-                      make_app, stage)
+from core.cli import ConfigPath, OutDir, console, entry, make_app, stage, training_command
+from core.stages.compress import CompressArgs, run
+from core.training import TrainOptions
 
 app = make_app(__doc__)
 
 
 @app.command()
 @stage
+@training_command(exclude=("lr_step", "max_epoch", "max_steps"), checkpoint_step=100)
 def main(
     model_path: Annotated[Path, typer.Option(help="autoencoder or transformer artifact to compress")],
     dataset_path: Annotated[Path, typer.Option(help="its training data: the image dataset.json (autoencoder) "
                                                     "or the feature-map dataset.json (transformer)")],
     out_dir: OutDir,
     config_path: ConfigPath = None,
-    device: Device = "auto",
-    batch_size: BatchSize = 64,
-    checkpoint_step: CheckpointStep = 100,
-    seed: Seed = 0,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
+    *,
+    options: TrainOptions,
 ) -> None:
-    report = compression.compress(model_path, config_path, out_dir, dataset_path, device, batch_size, seed,
-                                  checkpoint_step, resume, overwrite)
+    report = run(CompressArgs(model_path=model_path, dataset_path=dataset_path, config_path=config_path,
+                              options=options))
     if not report:  # not the main process of a torchrun
         return
     sizes, quality = report["size_bytes"], report["quality"]

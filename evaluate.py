@@ -6,8 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from core.cli import Device, Seed, console, entry, make_app, stage, track
-from core.evaluate import EvalArgs, evaluate
-from core.training import pick_device
+from core.stages.evaluate import EvalArgs, run
 
 app = make_app(__doc__)
 
@@ -26,8 +25,9 @@ def main(
     seed: Seed = 0,
     device: Device = "auto",
 ) -> None:
-    args = EvalArgs(real_path, generated_path, out_dir, num_images, seed, classifier_steps, classifier_path, k)
-    report = evaluate(args, pick_device(device), progress=track)
+    report = run(EvalArgs(real_path=real_path, generated_path=generated_path, out_dir=out_dir, num_images=num_images,
+                          seed=seed, classifier_steps=classifier_steps, classifier_path=classifier_path, k=k,
+                          device=device, progress=track))
     for space, metrics in report["spaces"].items():
         summary = ", ".join(f"{name} {m['value']:.3g} (real {m['real_floor']:.3g})" for name, m in metrics.items())
         console.print(f"{space}: {summary}", highlight=False)

@@ -4,9 +4,8 @@ from typing import Annotated
 
 import typer
 
-from core import fmaps
 from core.cli import BatchSize, DatasetPath, Device, OutDir, console, entry, make_app, stage, track
-from core.training import pick_device
+from core.stages.fmaps import FmapArgs, run
 
 app = make_app(__doc__)
 
@@ -21,8 +20,9 @@ def main(
     batch_size: BatchSize = 256,
     num_files_folder: Annotated[int, typer.Option(min=1, help="feature maps per shard file")] = 10000,
 ) -> None:
-    summary = fmaps.generate(dataset_path, model_path, out_dir, pick_device(device), batch_size, num_files_folder,
-                             progress=lambda items: track(items, "shards"))
+    summary = run(FmapArgs(dataset_path=dataset_path, model_path=model_path, out_dir=out_dir, device=device,
+                           batch_size=batch_size, shard_size=num_files_folder,
+                           progress=lambda items: track(items, "shards")))
     console.print(f"wrote {out_dir / 'dataset.json'}: {summary['items']} feature maps of shape "
                   f"{tuple(summary['fmap_shape'])} in {summary['shards']} shards "
                   f"({summary['reused_shards']} reused from an earlier run)")

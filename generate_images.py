@@ -5,9 +5,8 @@ from typing import Annotated
 
 import typer
 
-from core import generate
 from core.cli import BatchSize, Device, OutDir, Overwrite, Seed, console, entry, make_app, stage, track
-from core.training import pick_device
+from core.stages.generate import GenerateArgs, run
 
 app = make_app(__doc__)
 
@@ -28,9 +27,9 @@ def main(
 ) -> None:
     if format not in ("png", "jpg"):
         raise typer.BadParameter("--format must be png or jpg")
-    path = generate.generate(config_path, decoder_path, out_dir, num_images, seed, batch_size, format,
-                             pick_device(device), overwrite, not no_cache,
-                             progress=lambda items: track(items, "batches"))
+    path = run(GenerateArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir,
+                            num_images=num_images, seed=seed, batch_size=batch_size, fmt=format, device=device,
+                            overwrite=overwrite, use_cache=not no_cache, progress=lambda items: track(items, "batches")))
     console.print(f"wrote {num_images} images, {out_dir / 'grid.png'} and {path}")
 
 

@@ -4,8 +4,8 @@ from typing import Annotated
 
 import typer
 
-from core import codebook
 from core.cli import BatchSize, DatasetPath, Device, OutDir, console, entry, make_app, stage
+from core.stages.prune import PruneArgs, run
 
 app = make_app(__doc__)
 
@@ -20,7 +20,8 @@ def main(
     device: Device = "auto",
     batch_size: BatchSize = 512,
 ) -> None:
-    report = codebook.prune_stage(dataset_path, codebook_path, out_dir, prune_threshold, device, batch_size)
+    report = run(PruneArgs(dataset_path=dataset_path, codebook_path=codebook_path, out_dir=out_dir,
+                           threshold=prune_threshold, device=device, batch_size=batch_size))
     before, after = report["before"], report["after"]
     console.print(f"kept {after['units']} of {before['units']} units; perplexity {before['perplexity']:.1f} -> "
                   f"{after['perplexity']:.1f}; quantization MSE {before['quant_mse']:.5f} -> {after['quant_mse']:.5f}")

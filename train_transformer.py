@@ -5,16 +5,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from core import cascade
-from core.cli import (BatchSize, CheckpointStep, ConfigPath, DatasetPath, Device, LrStep, MaxEpoch, MaxSteps,
-                      OutDir, Overwrite, Resume, Seed, console, entry, make_app, stage)
-from core.training import TrainArgs
+from core.cli import ConfigPath, DatasetPath, OutDir, console, entry, make_app, stage, training_command
+from core.stages.transformer import TransformerArgs, run
+from core.training import TrainOptions
 
 app = make_app(__doc__)
 
 
 @app.command()
 @stage
+@training_command()
 def main(
     dataset_path: DatasetPath,
     lr_codebook_path: Annotated[Path, typer.Option(help="codebook of the conditioning level (base: the whole-map condition codebook)")],
@@ -29,21 +29,14 @@ def main(
     test_num_sample: Annotated[int, typer.Option(min=0, help="images in each sample grid")] = 8,
     temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature of the sample grids")] = 1.0,
     use_activation_checkpoint: Annotated[bool, typer.Option(help="recompute activations in backward to save memory")] = False,
-    device: Device = "auto",
-    batch_size: BatchSize = 64,
-    checkpoint_step: CheckpointStep = 1000,
-    lr_step: LrStep = 0,
-    max_epoch: MaxEpoch = 1,
-    max_steps: MaxSteps = 0,
-    seed: Seed = 0,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
+    *,
+    options: TrainOptions,
 ) -> None:
-    args = TrainArgs(out_dir=out_dir, stage="train_transformer", batch_size=batch_size, max_epoch=max_epoch,
-                     max_steps=max_steps, checkpoint_step=checkpoint_step, lr_step=lr_step, seed=seed)
-    path = cascade.train(dataset_path, lr_codebook_path, hr_codebook_path, config_path, args, device,
-                         train_base_model, decoder_path, model_path, load_optim, use_activation_checkpoint, test_num_sample,
-                         temperature, resume, overwrite)
+    path = run(TransformerArgs(dataset_path=dataset_path, lr_codebook_path=lr_codebook_path,
+                               hr_codebook_path=hr_codebook_path, base=train_base_model, config_path=config_path,
+                               decoder_path=decoder_path, init_from=model_path, load_optim=load_optim,
+                               use_checkpointing=use_activation_checkpoint, test_num_sample=test_num_sample,
+                               temperature=temperature, options=options))
     console.print(f"wrote {path}")
 
 

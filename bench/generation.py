@@ -16,8 +16,8 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.config import load_config  # noqa: E402
-from core.sampling import DecodeSettings, generate_tokens  # noqa: E402
-from core.transformer import TokenShape, TokenTransformer, TransformerConfig  # noqa: E402
+from core.models.sampling import DecodeSettings, generate_tokens  # noqa: E402
+from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -26,15 +26,15 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def measure(length: int, use_cache: bool, batch: int, device: str) -> dict:
     torch.manual_seed(0)
     cfg = load_config(TransformerConfig, ROOT / "configs" / "transformer_tiny_cascade.json")
-    shape = TokenShape("cascade", lr_vocab=512, hr_vocab=1024, lr_len=max(1, length // 4), hr_len=length, num_labels=10)
+    shape = TokenShape("cascade", coarse_vocab=512, fine_vocab=1024, coarse_len=max(1, length // 4), fine_len=length, num_labels=10)
     model = TokenTransformer(cfg, shape).to(device).eval()
     labels = torch.randint(0, 10, (batch,), device=device)
-    lr_tokens = torch.randint(0, 512, (batch, shape.lr_len), device=device)
+    coarse_tokens = torch.randint(0, 512, (batch, shape.coarse_len), device=device)
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
     settings = DecodeSettings(temperature=1.0)
-    generate_tokens(model, labels[:2], lr_tokens[:2], settings, generators[:2], use_cache)  # warm-up
+    generate_tokens(model, labels[:2], coarse_tokens[:2], settings, generators[:2], use_cache)  # warm-up
     start = time.perf_counter()
-    generate_tokens(model, labels, lr_tokens, settings, generators, use_cache)
+    generate_tokens(model, labels, coarse_tokens, settings, generators, use_cache)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

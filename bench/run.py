@@ -41,50 +41,52 @@ def flops_per_sequence(model, training: bool) -> float:
     encoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder."))
     rest = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("encoder.") and "emb" not in n)
     per_weight = 6 if training else 2
-    return per_weight * (encoder * (model.shape.lr_len + 1) + rest * model.shape.hr_len)
+    return per_weight * (encoder * (model.shape.coarse_len + 1) + rest * model.shape.fine_len)
 
 
 def train_throughput(runs: Path, stage: str, steps: int, device: str) -> dict:
     """items/s (tokens/s for transformers) of `steps` training steps, from the stage's own metrics."""
-    from core import autoencoder, cascade, codebook
-    from core.training import TrainArgs
+    from core.stages import autoencoder, codebook, transformer
+    from core.training import TrainOptions
     work = Path(tempfile.mkdtemp())
-    args = TrainArgs(work / "run", stage, batch_size=64, max_epoch=1000, max_steps=steps, checkpoint_step=10**9,
-                     log_every=steps)
+    options = TrainOptions(work / "run", device=device, batch_size=128 if stage == "codebook" else 64,
+                           max_epoch=1000, max_steps=steps, checkpoint_step=10**9, log_every=steps)
     fmaps = runs / "fmaps" / "dataset.json"
     book = lambda name: runs / "pruned" / name / "codebook.safetensors"
     if stage == "autoencoder":
-        autoencoder.train(runs / "data" / "dataset.json", ROOT / "configs" / "autoencoder_tiny.json", args, device,
-                          eval_images=16)
+        autoencoder.run(autoencoder.AutoencoderArgs(dataset_path=runs / "data" / "dataset.json", options=options,
+                                                    config_path=ROOT / "configs" / "autoencoder_tiny.json",
+                                                    eval_images=16))
     elif stage == "codebook":
-        args.batch_size = 128
-        codebook.train(fmaps, ROOT / "configs" / "codebook_tiny_l2.json", args, device, eval_items=16)
+        codebook.run(codebook.CodebookArgs(dataset_path=fmaps, options=options, eval_items=16,
+                                           config_path=ROOT / "configs" / "codebook_tiny_l2.json"))
     else:
         base = stage == "base"
-        cascade.train(fmaps, book("cond" if base else "l1"), book("l1" if base else "l2"),
-                      ROOT / "configs" / f"transformer_tiny_{stage}.json", args, device, base, test_num_sample=0,
-                      eval_items=16)
+        transformer.run(transformer.TransformerArgs(
+            dataset_path=fmaps, lr_codebook_path=book("cond" if base else "l1"),
+            hr_codebook_path=book("l1" if base else "l2"), options=options, base=base, test_num_sample=0,
+            config_path=ROOT / "configs" / f"transformer_tiny_{stage}.json", eval_items=16))
     record = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()
               if "items_per_s" in json.loads(line)][-1]
     return {"items_per_s": round(record["items_per_s"], 1)}
 
 
 def generation_speed(runs: Path, models: str, use_cache: bool, images: int, device: str) -> dict:
-    from core.autoencoder import load_autoencoder
-    from core.generate import generate_batch, load_levels, parse_config
+    from core.model_artifacts import load_autoencoder
+    from core.stages.generate import generate_batch, load_levels, parse_config
     config = runs / ("generate.json" if models == "fp32" else "generate_compressed.json")
     levels = load_levels(parse_config(config), config)
     decoder, _ = load_autoencoder(runs / "autoencoder" / "autoencoder.safetensors")
     dev = torch.device(device)
     for level in levels:
         level.model.to(dev)
-        level.hr_book.to(dev)
+        level.fine_book.to(dev)
     decoder.to(dev)
     generate_batch(levels, decoder, range(2), 0, dev, use_cache)  # warm-up
     start = time.perf_counter()
     generate_batch(levels, decoder, range(images), 0, dev, use_cache)
     seconds = time.perf_counter() - start
-    tokens = sum(level.model.shape.hr_len for level in levels) * images
+    tokens = sum(level.model.shape.fine_len for level in levels) * images
     flops = sum(flops_per_sequence(level.model, training=False) for level in levels) * images
     return {"images_per_s": round(images / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "model_flops_per_s": flops / seconds}
@@ -125,9 +127,9 @@ def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make dem
         result = json.loads(done.stdout.strip().splitlines()[-1])
         name, _, option = kind.partition(":")
         if name == "train" and option in ("base", "cascade"):
-            from core.cascade import load_transformer
+            from core.model_artifacts import load_transformer
             model, _ = load_transformer(runs / "transformers" / option / "model.safetensors")
-            sequences_per_s = result["items_per_s"] / model.shape.hr_len
+            sequences_per_s = result["items_per_s"] / model.shape.fine_len
             result["model_flops_per_s"] = flops_per_sequence(model, training=True) * sequences_per_s
         if "model_flops_per_s" in result:
             result["share_of_matmul_peak"] = round(result["model_flops_per_s"] / peak, 4)

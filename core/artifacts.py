@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from core.compression import decode_tensors
+from core.codec import decode_tensors
 from core.errors import PipelineError
 
 FORMAT_VERSION = 1

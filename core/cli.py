@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from core.errors import Interrupted, PipelineError
+from core.training import TrainOptions
 
 # under torchrun only rank 0 reports progress and results; every rank reports its errors
 console = Console(stderr=True, soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0")
@@ -28,6 +30,7 @@ def stage(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            check_out_dir(kwargs.get("out_dir"))
             return fn(*args, **kwargs)
         except PipelineError as e:
             errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
@@ -44,6 +47,11 @@ def stage(fn: Callable) -> Callable:
     return wrapper
 
 
+def check_out_dir(out_dir: Path | None) -> None:
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise PipelineError(f"--out-dir {out_dir} is a file, not a folder")
+
+
 def track(items, description: str):
     """A rich progress bar over a sized iterable."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -58,13 +66,40 @@ DatasetPath = Annotated[Path, typer.Option(help="dataset.json to read")]
 OutDir = Annotated[Path, typer.Option(help="output directory (a run there with the same config resumes)")]
 ConfigPath = Annotated[Optional[Path], typer.Option(help="JSON config (defaults: the tiny preset)")]
 BatchSize = Annotated[int, typer.Option(min=1, help="items per step, over all processes")]
-CheckpointStep = Annotated[int, typer.Option(min=1, help="evaluate, export and checkpoint every N steps")]
-LrStep = Annotated[int, typer.Option(min=0, help="halve the learning rate every N steps (0: cosine decay)")]
-MaxEpoch = Annotated[int, typer.Option(min=1, help="passes over the training data")]
-MaxSteps = Annotated[int, typer.Option(min=0, help="stop after N steps (0: no limit)")]
-InitFrom = Annotated[Optional[Path], typer.Option(help="start from this artifact's weights (fine-tuning)")]
-Resume = Annotated[bool, typer.Option(help="continue the run in --out-dir with its saved config")]
 Overwrite = Annotated[bool, typer.Option(help="discard the run in --out-dir and start over")]
+InitFrom = Annotated[Optional[Path], typer.Option(help="start from this artifact's weights (fine-tuning)")]
+
+# The options of every training stage, with their defaults; they reach the stage as one TrainOptions.
+TRAIN_OPTIONS: dict[str, tuple[object, object]] = {
+    "device": (Device, "auto"),
+    "batch_size": (BatchSize, 64),
+    "checkpoint_step": (Annotated[int, typer.Option(min=1, help="evaluate, export and checkpoint every N steps")], 1000),
+    "lr_step": (Annotated[int, typer.Option(min=0, help="halve the learning rate every N steps (0: cosine decay)")], 0),
+    "max_epoch": (Annotated[int, typer.Option(min=1, help="passes over the training data")], 1),
+    "max_steps": (Annotated[int, typer.Option(min=0, help="stop after N steps (0: no limit)")], 0),
+    "seed": (Seed, 0),
+    "resume": (Annotated[bool, typer.Option(help="continue the run in --out-dir with its saved config")], False),
+    "overwrite": (Overwrite, False),
+}
+
+
+def training_command(*, exclude: tuple[str, ...] = (), **defaults) -> Callable:
+    """Give a stage's command the training options besides its own. The command takes them as one
+    `options: TrainOptions` (with its own `out_dir`); `exclude` leaves some out (their TrainOptions
+    default then holds), `defaults` changes a default."""
+    def decorate(fn: Callable) -> Callable:
+        own = [p for p in inspect.signature(fn).parameters.values() if p.name != "options"]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                    default=defaults.get(name, default))
+                  for name, (annotation, default) in TRAIN_OPTIONS.items() if name not in exclude]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            chosen = {name: kwargs.pop(name) for name in TRAIN_OPTIONS if name in kwargs}
+            return fn(**kwargs, options=TrainOptions(out_dir=kwargs["out_dir"], **chosen))
+        command.__signature__ = inspect.Signature(own + shared)
+        return command
+    return decorate
 
 
 def entry(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
-"""Pictures for the quality report, drawn with PIL: image grids side by side and two-colour scatter plots."""
+"""Pictures, drawn with PIL: image grids (training previews, the report), grids side by side and two-colour
+scatter plots. Every picture is written here, atomically."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,28 +8,48 @@ import torch
 from PIL import Image, ImageDraw
 
 from core.artifacts import atomic_path
+from core.data import to_uint8
 
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
 COLOURS = ((31, 119, 180), (255, 127, 14))  # blue: real, orange: generated
 
 
-def _save(image: Image.Image, path: Path) -> None:
+def save_picture(image: Image.Image, path: Path, fmt: str = "png") -> None:
+    """A PIL image as a PNG (or a JPEG, quality 95), written atomically."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG" if fmt == "png" else "JPEG", quality=95)
+
+
+def to_picture(image: torch.Tensor) -> Image.Image:
+    """One image (C, H, W), uint8 or float in [-1, 1], as a PIL image (L or RGB)."""
+    array = image if image.dtype == torch.uint8 else to_uint8(image)
+    return Image.fromarray(array[0].numpy() if array.shape[0] == 1 else array.permute(1, 2, 0).numpy())
+
+
+def tile(images: torch.Tensor, columns: int, fill: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W) as one uint8 picture (C, rows*(H+2), columns*(W+2)), each image framed by
+    a 1-pixel border of `fill`."""
+    n, c, h, w = images.shape
+    rows = max(1, (n + columns - 1) // columns)
+    grid = torch.full((c, rows * (h + 2), columns * (w + 2)), fill, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, col * (w + 2) + 1: col * (w + 2) + 1 + w] = images[i]
+    return grid
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> None:
+    """Float images in [-1, 1] (or uint8), shape (N, C, H, W), as one PNG grid on black."""
+    images = images if images.dtype == torch.uint8 else to_uint8(images)
+    save_picture(to_picture(tile(images, columns, fill=0)), Path(path))
 
 
 def grid_image(images: torch.Tensor, columns: int = 8, scale: int = 1) -> Image.Image:
-    """uint8 images (N, C, H, W) as one RGB picture, 2 pixels apart."""
-    n, c, h, w = images.shape
-    rows = max(1, (n + columns - 1) // columns)
-    canvas = Image.new("RGB", (columns * (w + 2), rows * (h + 2)), BACKGROUND)
-    for i in range(n):
-        array = images[i].permute(1, 2, 0).numpy()
-        tile = Image.fromarray(array[:, :, 0] if c == 1 else array).convert("RGB")
-        r, col = divmod(i, columns)
-        canvas.paste(tile, (col * (w + 2) + 1, r * (h + 2) + 1))
+    """uint8 images (N, C, H, W) as one RGB picture on white, 2 pixels apart."""
+    canvas = to_picture(tile(images, columns, fill=255)).convert("RGB")
     if scale > 1:
         canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
     return canvas
@@ -49,13 +70,13 @@ def side_by_side(real: torch.Tensor, generated: torch.Tensor, path: Path) -> Non
     draw.text((left.width + gap + 4, 4), f"generated ({len(generated)})", fill=INK)
     canvas.paste(left, (0, title))
     canvas.paste(right, (left.width + gap, title))
-    _save(canvas, path)
+    save_picture(canvas, path)
 
 
 def pairs_grid(top: torch.Tensor, bottom: torch.Tensor, path: Path) -> None:
     """Two rows: `top` images above their partners in `bottom`."""
     both = torch.cat([top, bottom])
-    _save(grid_image(both, columns=max(1, len(top)), scale=_scale_for(both)), path)
+    save_picture(grid_image(both, columns=max(1, len(top)), scale=_scale_for(both)), path)
 
 
 def scatter(a: torch.Tensor, b: torch.Tensor, legend: tuple[str, str], title: str, path: Path,
@@ -84,4 +105,4 @@ def scatter(a: torch.Tensor, b: torch.Tensor, legend: tuple[str, str], title: st
         x, y = size - margin - 150, 6 + 14 * i
         draw.ellipse((x, y + 2, x + 8, y + 10), fill=colour)
         draw.text((x + 14, y), f"{label} ({len(a) if i == 0 else len(b)})", fill=INK)
-    _save(canvas, path)
+    save_picture(canvas, path)

@@ -127,7 +127,31 @@ class Objective:
     items_per_batch: Callable[[object], int] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class TrainOptions:
+    """What the command line of every training stage gives (declared once, in core.cli)."""
+    out_dir: Path
+    device: str = "auto"
+    batch_size: int = 64
+    max_epoch: int = 1
+    max_steps: int = 0  # 0: no limit besides max_epoch
+    checkpoint_step: int = 1000
+    lr_step: int = 0  # >0: halve the learning rate every lr_step steps (the seed's schedule); 0: cosine
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    log_every: int = 10
+
+    def for_stage(self, *, stage: str, lr: float, config: dict, warmup_steps: int = 0, weight_decay: float = 0.0,
+                  mixed_precision: bool = True) -> "TrainArgs":
+        """The Trainer's arguments: these options, and what the stage's config decides."""
+        return TrainArgs(out_dir=self.out_dir, stage=stage, batch_size=self.batch_size, max_epoch=self.max_epoch,
+                         max_steps=self.max_steps, checkpoint_step=self.checkpoint_step, lr=lr,
+                         lr_step=self.lr_step, warmup_steps=warmup_steps, weight_decay=weight_decay, seed=self.seed,
+                         log_every=self.log_every, mixed_precision=mixed_precision, config=config)
+
+
+@dataclass(frozen=True)
 class TrainArgs:
     out_dir: Path
     stage: str
@@ -156,23 +180,23 @@ def learning_rate(args: TrainArgs, step: int, total_steps: int) -> float:
 
 
 class Trainer:
-    def __init__(self, env: RunEnv, model: torch.nn.Module, num_items: int,
-                 get_batch: Callable[[torch.Tensor], object],
-                 loss_fn: Callable[[torch.nn.Module, object, int], torch.Tensor],
-                 args: TrainArgs,
-                 evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
+    """Trains `model` on `objective`. At every checkpoint it evaluates, calls `preview(model, step)` (sample
+    grids, and any figures that depend on the step, returned as a dict) and `export(model, step)` (the
+    stage's artifact), and writes checkpoint.safetensors."""
+
+    def __init__(self, env: RunEnv, model: torch.nn.Module, objective: Objective, args: TrainArgs, *,
                  export: Callable[[torch.nn.Module, int], None] | None = None,
-                 items_per_batch: Callable[[object], int] | None = None, optimizer_from: Path | None = None):
+                 preview: Callable[[torch.nn.Module, int], dict | None] | None = None,
+                 optimizer_from: Path | None = None):
         self.env, self.model, self.args = env, model.to(env.device), args
-        self.num_items, self.get_batch, self.loss_fn = num_items, get_batch, loss_fn
-        self.evaluate, self.export = evaluate, export
-        self.items_per_batch = items_per_batch
+        self.objective, self.export, self.preview = objective, export, preview
         self.optimizer_from = optimizer_from
         if args.batch_size % env.world_size:
             raise PipelineError(f"--batch-size {args.batch_size} does not split evenly over {env.world_size} processes")
-        self.steps_per_epoch = num_items // args.batch_size
+        self.num_items = objective.num_items
+        self.steps_per_epoch = self.num_items // args.batch_size
         if self.steps_per_epoch == 0:
-            raise PipelineError(f"the dataset has {num_items} training items, fewer than --batch-size {args.batch_size}")
+            raise PipelineError(f"the dataset has {self.num_items} training items, fewer than --batch-size {args.batch_size}")
         total = args.max_epoch * self.steps_per_epoch
         self.total_steps = min(total, args.max_steps) if args.max_steps > 0 else total
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -280,13 +304,14 @@ class Trainer:
 
     def checkpoint(self, final: bool = False) -> None:
         if self.env.is_main:
-            if self.evaluate is not None:
-                self.model.eval()
-                with torch.no_grad():
-                    record = self.evaluate(self.model, self.step)
-                self.model.train()
-                if record:
-                    self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **record})
+            self.model.eval()
+            with torch.no_grad():
+                record = self.objective.evaluate(self.model)
+                if self.preview is not None:
+                    record.update(self.preview(self.model, self.step) or {})
+            self.model.train()
+            if record:
+                self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **record})
             if self.export is not None:
                 self.export(self.model, self.step)
             self.save_checkpoint()
@@ -301,12 +326,12 @@ class Trainer:
                 seen, started = 0, time.perf_counter()
                 loss_ema = None
                 while self.step < self.total_steps:
-                    batch = self.get_batch(self.batch_indices(self.step))
+                    batch = self.objective.get_batch(self.batch_indices(self.step))
                     lr = learning_rate(self.args, self.step, self.total_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                        loss = self.loss_fn(self.ddp_model, batch, self.step)
+                        loss = self.objective.loss_fn(self.ddp_model, batch, self.step)
                     if not torch.isfinite(loss):
                         raise PipelineError(f"loss became {loss.item()} at step {self.step}; lower model_lr")
                     self.optimizer.zero_grad(set_to_none=True)
@@ -315,7 +340,8 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
                     self.optimizer.step()
                     self.step += 1
-                    seen += self.items_per_batch(batch) if self.items_per_batch else self.args.batch_size
+                    count = self.objective.items_per_batch
+                    seen += count(batch) if count else self.args.batch_size
                     value = loss.item()
                     loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
                     rate = seen * self.env.world_size / (time.perf_counter() - started)

@@ -16,8 +16,22 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.stages import autoencoder, codebook, fmaps, transformer  # noqa: E402 (after the path is set)
+from core.stages.dataset import DatasetArgs, run as run_build  # noqa: E402
+from core.training import TrainOptions  # noqa: E402
+
 TINY_AE = {"min_channel": 4, "max_channel": 8, "num_layers": 1, "latent_channel": 2, "warmup_steps": 5,
            "model_lr": 0.005}
+
+
+def options(out_dir: Path, **overrides) -> TrainOptions:
+    """Training options for an in-process stage run on the CPU."""
+    return TrainOptions(out_dir=out_dir, **{"device": "cpu", "checkpoint_step": 1000, **overrides})
+
+
+def build_dataset(source: Path, out_dir: Path, size: int = 16, **overrides) -> dict:
+    """build_dataset.py's stage, in-process: grayscale, 10% held out, unless told otherwise."""
+    return run_build(DatasetArgs(source=source, out_dir=out_dir, size=size, **overrides))
 
 
 def script_env() -> dict:
@@ -85,10 +99,8 @@ def idx_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path: Path, image_folder: Path) -> Path:
     """dataset.json of the shapes at 16x16, 10% held out."""
-    from core.data import build_dataset
     out = tmp_path / "data"
-    build_dataset(image_folder, out, size=16, channels=1, limit=None, holdout=0.15, seed=0,
-                  strict=False, overwrite=False)
+    build_dataset(image_folder, out, size=16, holdout=0.15)
     return out / "dataset.json"
 
 
@@ -104,31 +116,28 @@ def pipeline(tmp_path_factory) -> dict:
     """The chain up to codebooks on the shapes dataset, made once per test session (in-process):
     16x16 images -> (2, 8, 8) feature maps -> codebooks for the whole map (1 token), 4x4 patches
     (4 tokens) and 2x2 patches (16 tokens)."""
-    import torch
-    from core import autoencoder, codebook, fmaps
-    from core.data import build_dataset
-    from core.training import TrainArgs
     root = tmp_path_factory.mktemp("pipeline")
     folder = root / "shapes"
     for kind, name in enumerate(["circle", "square", "bar"]):
         (folder / name).mkdir(parents=True)
         for i in range(24):
             Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
-    build_dataset(folder, root / "data", 16, 1, None, 0.15, 0, False, False)
+    build_dataset(folder, root / "data", 16, holdout=0.15)
     ae_config = root / "ae.json"
     ae_config.write_text(json.dumps(TINY_AE))
-    ae = autoencoder.train(root / "data" / "dataset.json", ae_config,
-                           TrainArgs(root / "ae", "train_autoencoder", batch_size=8, max_epoch=100, max_steps=60,
-                                     checkpoint_step=1000), "cpu")
-    fmaps.generate(root / "data" / "dataset.json", ae, root / "fmaps", torch.device("cpu"), 32, 1000)
+    ae = autoencoder.run(autoencoder.AutoencoderArgs(
+        dataset_path=root / "data" / "dataset.json", config_path=ae_config,
+        options=options(root / "ae", batch_size=8, max_epoch=100, max_steps=60)))
+    fmaps.run(fmaps.FmapArgs(dataset_path=root / "data" / "dataset.json", model_path=ae, out_dir=root / "fmaps",
+                             device="cpu", batch_size=32, shard_size=1000))
     paths = {"root": root, "dataset": root / "data" / "dataset.json", "autoencoder": ae,
              "fmaps": root / "fmaps" / "dataset.json"}
     for name, patch, units in (("cond", 8, 8), ("l1", 4, 16), ("l2", 2, 32)):
         config = root / f"cb_{name}.json"
         config.write_text(json.dumps({"image_H": 8, "image_W": 8, "image_C": 2, "patch_H": patch, "patch_W": patch,
                                       "num_embeddings": units, "model_lr": 0.01}))
-        paths[name] = codebook.train(paths["fmaps"], config, TrainArgs(root / f"cb_{name}", "train_codebook",
-                                     batch_size=8, max_epoch=100, max_steps=30, checkpoint_step=1000), "cpu")
+        paths[name] = codebook.run(codebook.CodebookArgs(dataset_path=paths["fmaps"], config_path=config,
+                                   options=options(root / f"cb_{name}", batch_size=8, max_epoch=100, max_steps=30)))
     return paths
 
 
@@ -136,18 +145,16 @@ def pipeline(tmp_path_factory) -> dict:
 def models(pipeline) -> dict:
     """A base (cond -> l1) and a cascade (l1 -> l2) transformer trained briefly on the pipeline's tokens,
     and a generation config naming them."""
-    from core import cascade
-    from core.training import TrainArgs
     root = pipeline["root"]
     config = root / "tf.json"
     config.write_text(json.dumps({"in_dim": 32, "hidden_dim": 64, "num_dec_layers": 2, "num_enc_layers": 1,
                                   "self_attn_heads": 2, "cross_attn_heads": 2, "model_lr": 0.003, "warmup_steps": 5}))
     paths = dict(pipeline)
     for name, base, lr, hr in (("base", True, "cond", "l1"), ("cascade", False, "l1", "l2")):
-        args = TrainArgs(root / name, "train_transformer", batch_size=8, max_epoch=100, max_steps=40,
-                         checkpoint_step=1000)
-        paths[name] = cascade.train(pipeline["fmaps"], pipeline[lr], pipeline[hr], config, args, "cpu", base,
-                                    test_num_sample=0)
+        paths[name] = transformer.run(transformer.TransformerArgs(
+            dataset_path=pipeline["fmaps"], lr_codebook_path=pipeline[lr], hr_codebook_path=pipeline[hr],
+            config_path=config, base=base, test_num_sample=0,
+            options=options(root / name, batch_size=8, max_epoch=100, max_steps=40)))
     levels = {"0": {"model_path": str(paths["base"]), "lr_codebook_path": str(pipeline["cond"]),
                     "hr_codebook_path": str(pipeline["l1"]), "temperature": 1.0},
               "1": {"model_path": str(paths["cascade"]), "lr_codebook_path": str(pipeline["l1"]),

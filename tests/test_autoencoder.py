@@ -2,9 +2,10 @@ import json
 
 import torch
 
-from core import autoencoder
-from core.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder, psnr
-from core.training import TrainArgs
+from conftest import options
+from core.model_artifacts import load_autoencoder
+from core.models.autoencoder import Autoencoder, AutoencoderConfig, psnr
+from core.stages import autoencoder
 
 
 def test_shapes_follow_the_config():
@@ -25,9 +26,9 @@ def test_psnr_known_values():
 
 
 def test_tiny_autoencoder_learns(tmp_path, tiny_dataset, tiny_ae_config):
-    args = TrainArgs(out_dir=tmp_path / "run", stage="train_autoencoder", batch_size=8, max_epoch=40,
-                     max_steps=200, checkpoint_step=100, seed=0)
-    path = autoencoder.train(tiny_dataset, tiny_ae_config, args, "cpu")
+    run_options = options(tmp_path / "run", batch_size=8, max_epoch=40, max_steps=200, checkpoint_step=100)
+    path = autoencoder.run(autoencoder.AutoencoderArgs(dataset_path=tiny_dataset, config_path=tiny_ae_config,
+                                                       options=run_options))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.3 * losses[0]

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from core.codebook import (CodebookConfig, SOMCodebook, load_codebook, patchify, prune, unpatchify, usage_counts,
-                           usage_stats)
-from core.fmaps import load_fmap_dataset
+from core.data import load_fmap_dataset
+from core.model_artifacts import load_codebook
+from core.models.codebook import CodebookConfig, SOMCodebook, patchify, unpatchify, usage_counts, usage_stats
+from core.stages.prune import prune
 
 
 def divisors(n):
@@ -136,7 +137,7 @@ def fmap_dataset(tmp_path, tiny_dataset, tiny_ae_config):
 
 
 def test_fmap_dataset_matches_encoder(fmap_dataset, tiny_dataset):
-    from core.autoencoder import load_autoencoder
+    from core.model_artifacts import load_autoencoder
     from core.data import load_image_dataset, to_float
     path, ae_path = fmap_dataset
     data, info = load_fmap_dataset(path)
@@ -189,7 +190,7 @@ def test_codebook_and_prune_stages(tmp_path, fmap_dataset):
 def test_codebook_for_other_maps_is_refused(tmp_path, fmap_dataset):
     path, _ = fmap_dataset
     other = SOMCodebook(CodebookConfig(image_H=4, image_W=4, image_C=2, patch_H=2, patch_W=2, num_embeddings=4))
-    from core.codebook import save_codebook
+    from core.model_artifacts import save_codebook
     save_codebook(tmp_path / "other.safetensors", other, {})
     result = run_script("prune_codebook.py", "--dataset-path", path, "--codebook-path", tmp_path / "other.safetensors",
                         "--out-dir", tmp_path / "p")

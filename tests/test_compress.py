@@ -12,10 +12,17 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from conftest import run_script, start_script
+from conftest import options, run_script, start_script
 from core.artifacts import load_artifact
-from core.compression import (CompressConfig, apply_clustering, compress, fake_quantize, pack_bits, quantize_int8,
-                              set_quantize, unpack_bits)
+from core.codec import pack_bits, unpack_bits
+from core.models.quantized import fake_quantize, quantize_int8, set_quantize, share_weights
+from core.stages.compress import CompressArgs, CompressConfig, run
+
+
+def compress(model_path, config_path, out_dir, dataset_path, batch_size):
+    """The compress stage in-process, on the CPU."""
+    return run(CompressArgs(model_path=model_path, dataset_path=dataset_path, config_path=config_path,
+                            options=options(out_dir, batch_size=batch_size, checkpoint_step=100)))
 
 FEW_STEPS = {"clusters": 16, "cluster_steps": 4, "quant_steps": 4, "cluster_lr": 1e-3, "quant_lr": 1e-3}
 
@@ -34,7 +41,8 @@ def small_model():
 def test_clustered_tensors_keep_at_most_n_values_through_fine_tuning(per_channel):
     model = small_model()
     cfg = CompressConfig(clusters=4, per_channel=per_channel)
-    shared = apply_clustering(model, ["0.weight", "2.weight"], cfg, seed=0)
+    shared = share_weights(model, ["0.weight", "2.weight"], clusters=cfg.clusters, per_channel=cfg.per_channel,
+                           init=cfg.init, iters=cfg.kmeans_iters, seed=0)
 
     def distinct_per_row(weight):
         rows = weight.detach().reshape(len(weight), -1) if per_channel else weight.detach().reshape(1, -1)
@@ -79,7 +87,7 @@ def test_bit_packing_round_trip(bits):
 def test_compressed_artifact_round_trip(tmp_path, pipeline):
     config = write_config(tmp_path / "c.json", **FEW_STEPS, per_channel=True)
     out = tmp_path / "ae"
-    report = compress(pipeline["autoencoder"], config, out, pipeline["dataset"], "cpu", batch_size=8)
+    report = compress(pipeline["autoencoder"], config, out, pipeline["dataset"], batch_size=8)
     path = out / "autoencoder.safetensors"
     artifact = load_artifact(path, "autoencoder")
     info = artifact.extra["compression"]
@@ -106,7 +114,7 @@ def test_generation_runs_from_compressed_models(tmp_path, models):
     config = write_config(tmp_path / "c.json", **FEW_STEPS)
     compressed = {}
     for name, data in (("base", "fmaps"), ("cascade", "fmaps"), ("autoencoder", "dataset")):
-        report = compress(models[name], config, tmp_path / name, models[data], "cpu", batch_size=8)
+        report = compress(models[name], config, tmp_path / name, models[data], batch_size=8)
         compressed[name] = report["artifact"]
         assert report["ratio"] > 1 and report["kind"] == ("autoencoder" if name == "autoencoder" else "transformer")
     levels = json.loads(models["generate_config"].read_text())

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from core.autoencoder import AutoencoderConfig
+from conftest import run_script
+
+from core.models.autoencoder import AutoencoderConfig
 from core.config import config_from_dict, load_config
 from core.errors import PipelineError
 from core.training import claim_out_dir
@@ -70,3 +72,22 @@ def test_every_rank_passes_the_same_barriers(tmp_path, monkeypatch):
     on_rank0 = len(barriers)
     claim_out_dir(out, {"a": 1}, resume=False, overwrite=False, env=rank1)  # rank 1 sees it written
     assert on_rank0 == 2 and len(barriers) - on_rank0 == on_rank0
+
+
+@pytest.mark.parametrize("script,args", [
+    ("build_dataset.py", ["--source", "x"]),
+    ("train_autoencoder.py", ["--dataset-path", "x"]),
+    ("generate_fmap_dataset.py", ["--dataset-path", "x", "--model-path", "x"]),
+    ("train_codebook.py", ["--dataset-path", "x"]),
+    ("prune_codebook.py", ["--dataset-path", "x", "--codebook-path", "x"]),
+    ("train_transformer.py", ["--dataset-path", "x", "--lr-codebook-path", "x", "--hr-codebook-path", "x"]),
+    ("generate_images.py", ["--config-path", "x", "--decoder-path", "x"]),
+    ("compress.py", ["--model-path", "x", "--dataset-path", "x"]),
+])
+def test_an_out_dir_that_is_a_file_gets_one_line(tmp_path, script, args):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    result = run_script(script, *args, "--out-dir", taken)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: --out-dir {taken} is a file, not a folder"]
+    assert taken.read_text() == "keep me"

@@ -5,15 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
-from core.data import build_dataset, load_image_dataset, read_idx, save_image_grid
+from conftest import build_dataset, run_script
+from core.data import load_image_dataset
 from core.errors import PipelineError
+from core.pictures import save_image_grid
+from core.stages.dataset import read_idx
 
 
 def test_build_from_folder(tmp_path, image_folder):
     out = tmp_path / "ds"
-    counts = build_dataset(image_folder, out, size=8, channels=1, limit=None, holdout=0.25, seed=0,
-                           strict=False, overwrite=False)
+    counts = build_dataset(image_folder, out, size=8, channels=1, holdout=0.25, seed=0)
     assert counts["images"] == 72 and counts["skipped"] == 0 and counts["labels"] == 3
     assert 0 < counts["heldout"] < 36
     raw = json.loads((out / "dataset.json").read_text())
@@ -28,15 +29,14 @@ def test_build_from_folder(tmp_path, image_folder):
 
 def test_build_rgb_and_limit(tmp_path, image_folder):
     out = tmp_path / "ds"
-    build_dataset(image_folder, out, size=12, channels=3, limit=10, holdout=0.0, seed=0, strict=False, overwrite=False)
+    build_dataset(image_folder, out, size=12, channels=3, limit=10, holdout=0.0, seed=0)
     data = load_image_dataset(out / "dataset.json")
     assert data.items.shape == (10, 3, 12, 12)
 
 
 def test_build_from_idx(tmp_path, idx_folder):
     out = tmp_path / "ds"
-    counts = build_dataset(idx_folder, out, size=32, channels=1, limit=None, holdout=0.5, seed=0,
-                           strict=False, overwrite=False)
+    counts = build_dataset(idx_folder, out, size=32, channels=1, holdout=0.5, seed=0)
     assert counts == {"images": 50, "skipped": 0, "train": 40, "heldout": 10, "labels": 3}
     data = load_image_dataset(out / "dataset.json")
     assert data.items.shape == (50, 1, 32, 32)
@@ -61,9 +61,9 @@ def test_truncated_idx_is_one_clear_error(tmp_path, idx_folder):
 
 def test_refuses_to_overwrite(tmp_path, image_folder):
     out = tmp_path / "ds"
-    build_dataset(image_folder, out, 8, 1, None, 0.1, 0, False, False)
+    build_dataset(image_folder, out, 8, channels=1, holdout=0.1, seed=0)
     with pytest.raises(PipelineError, match="already exists"):
-        build_dataset(image_folder, out, 8, 1, None, 0.1, 0, False, False)
+        build_dataset(image_folder, out, 8, channels=1, holdout=0.1, seed=0)
 
 
 def test_corrupt_image_skipped_or_refused(tmp_path, image_folder):
@@ -94,12 +94,12 @@ def test_grid_png(tmp_path):
 
 def test_subset_of_a_dataset(tmp_path, idx_folder):
     full = tmp_path / "full"
-    build_dataset(idx_folder, full, 16, 1, None, 0.0, 0, False, False)
+    build_dataset(idx_folder, full, 16, channels=1, holdout=0.0, seed=0)
     subset = tmp_path / "subset"
-    counts = build_dataset(full / "dataset.json", subset, 16, 1, None, 0.0, 0, False, False, labels=["1"],
+    counts = build_dataset(full / "dataset.json", subset, 16, channels=1, holdout=0.0, seed=0, labels=["1"],
                            from_split="heldout", train_count=2)
     assert counts["images"] == 3 and counts["train"] == 2 and counts["heldout"] == 1  # test labels 1 at 1, 4, 7
     data = load_image_dataset(subset / "dataset.json")
     assert data.label_names == ["1"]
     with pytest.raises(PipelineError, match="no images labelled Dress"):
-        build_dataset(full / "dataset.json", tmp_path / "x", 16, 1, None, 0.0, 0, False, False, labels=["Dress"])
+        build_dataset(full / "dataset.json", tmp_path / "x", 16, channels=1, holdout=0.0, seed=0, labels=["Dress"])

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
-from core.data import build_dataset
+from conftest import build_dataset, run_script
 from core.errors import PipelineError
-from core.evaluate import (EvalArgs, density_coverage, frechet_distance, load_sets, memorization_rate,
-                           nearest_distances, pca, precision_recall, tsne)
+from core.metrics import (density_coverage, frechet_distance, memorization_rate, nearest_distances, pca,
+                          precision_recall, tsne)
+from core.stages.evaluate import EvalArgs, load_sets, run
 
 
 def gaussian(n: int, mean: list[float], std: list[float], seed: int = 0) -> torch.Tensor:
@@ -97,8 +97,7 @@ def test_tsne_keeps_separated_clusters_apart():
 @pytest.fixture
 def two_datasets(tmp_path: Path, image_folder: Path) -> tuple[Path, Path]:
     for name, seed in (("real", 0), ("generated", 1)):
-        build_dataset(image_folder, tmp_path / name, size=16, channels=1, limit=None, holdout=0.3, seed=seed,
-                      strict=False, overwrite=False)
+        build_dataset(image_folder, tmp_path / name, size=16, channels=1, holdout=0.3, seed=seed)
     return tmp_path / "real" / "dataset.json", tmp_path / "generated" / "dataset.json"
 
 
@@ -131,8 +130,7 @@ def test_cli_writes_the_report_and_reuses_its_classifier(tmp_path: Path, two_dat
 
 def test_cli_refuses_images_of_another_size(tmp_path: Path, image_folder: Path, two_datasets):
     real, _ = two_datasets
-    build_dataset(image_folder, tmp_path / "small", size=8, channels=1, limit=None, holdout=0.3, seed=0,
-                  strict=False, overwrite=False)
+    build_dataset(image_folder, tmp_path / "small", size=8, channels=1, holdout=0.3, seed=0)
     small = tmp_path / "small" / "dataset.json"
     result = run_script("evaluate.py", "--real-path", real, "--generated-path", small, "--out-dir", tmp_path / "r",
                         "--device", "cpu")
@@ -143,8 +141,7 @@ def test_cli_refuses_images_of_another_size(tmp_path: Path, image_folder: Path, 
 
 
 def test_a_real_set_without_held_out_images_is_refused(tmp_path: Path, image_folder: Path):
-    build_dataset(image_folder, tmp_path / "all", size=16, channels=1, limit=None, holdout=0.0, seed=0,
-                  strict=False, overwrite=False)
+    build_dataset(image_folder, tmp_path / "all", size=16, channels=1, holdout=0.0, seed=0)
     path = tmp_path / "all" / "dataset.json"
     with pytest.raises(PipelineError, match="no held-out images"):
         load_sets(EvalArgs(path, path, tmp_path / "r"))
@@ -153,14 +150,14 @@ def test_a_real_set_without_held_out_images_is_refused(tmp_path: Path, image_fol
 def test_a_small_held_out_split_shares_itself_with_the_floor(tmp_path: Path):
     """Few-shot: the real held-out set is smaller than num_images. The floor is still held-out images,
     as many as the generated ones, none of them in the reference."""
-    build_dataset(write_folder(tmp_path / "flat", None, count=100), tmp_path / "real", 16, 1, None, 0.4, 0, False, False)
+    build_dataset(write_folder(tmp_path / "flat", None, count=100), tmp_path / "real", 16, channels=1, holdout=0.4, seed=0)
     path = tmp_path / "real" / "dataset.json"
     held_out = len(load_sets(EvalArgs(path, path, tmp_path / "r")).real.split(heldout=True))
     sets = load_sets(EvalArgs(path, path, tmp_path / "r", num_images=1000))  # more generated than held-out
     assert sets.floor_source == "training" and len(sets.heldout) == held_out
     few = held_out // 3
     generated = tmp_path / "generated"
-    build_dataset(write_folder(tmp_path / "few", None, count=few), generated, 16, 1, None, 0.0, 1, False, False)
+    build_dataset(write_folder(tmp_path / "few", None, count=few), generated, 16, channels=1, holdout=0.0, seed=1)
     sets = load_sets(EvalArgs(path, generated / "dataset.json", tmp_path / "r", num_images=1000))
     assert sets.floor_source == "held-out" and len(sets.generated) == len(sets.floors[0]) == few
     assert len(sets.heldout) == held_out - few
@@ -182,22 +179,18 @@ def write_folder(folder: Path, classes: list[str] | None, count: int = 60) -> Pa
 
 
 def test_unlabelled_real_data_gets_the_pixel_space_only(tmp_path: Path):
-    from core.evaluate import evaluate
-    build_dataset(write_folder(tmp_path / "flat", None), tmp_path / "real", 16, 1, None, 0.3, 0, False, False)
+    build_dataset(write_folder(tmp_path / "flat", None), tmp_path / "real", 16, channels=1, holdout=0.3, seed=0)
     path = tmp_path / "real" / "dataset.json"
-    report = evaluate(EvalArgs(path, path, tmp_path / "r", tsne_steps=50), torch.device("cpu"))
+    report = run(EvalArgs(path, path, tmp_path / "r", tsne_steps=50, device="cpu"))
     assert set(report["spaces"]) == {"pixel_pca"} and "classifier" not in report and "classes" not in report
     assert "no labels" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_a_classifier_for_other_labels_is_refused(tmp_path: Path, two_datasets):
-    from core.evaluate import evaluate
     real, generated = two_datasets
-    evaluate(EvalArgs(real, generated, tmp_path / "a", num_images=30, classifier_steps=2, tsne_steps=10),
-             torch.device("cpu"))
-    build_dataset(write_folder(tmp_path / "two", ["bright", "dark"]), tmp_path / "other", 16, 1, None, 0.3, 0,
-                  False, False)
+    run(EvalArgs(real, generated, tmp_path / "a", num_images=30, classifier_steps=2, tsne_steps=10, device="cpu"))
+    build_dataset(write_folder(tmp_path / "two", ["bright", "dark"]), tmp_path / "other", 16, channels=1, holdout=0.3, seed=0)
     other = tmp_path / "other" / "dataset.json"
     with pytest.raises(PipelineError, match="classifier does not know the labels"):
-        evaluate(EvalArgs(other, other, tmp_path / "b", classifier_path=tmp_path / "a" / "classifier.safetensors"),
-                 torch.device("cpu"))
+        run(EvalArgs(other, other, tmp_path / "b", classifier_path=tmp_path / "a" / "classifier.safetensors",
+                     device="cpu"))

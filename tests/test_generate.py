@@ -5,14 +5,14 @@ import torch
 
 from conftest import run_script
 from core.data import load_image_dataset
-from core.sampling import DecodeSettings, Decoder, beam_search, generate_tokens
-from core.transformer import sequence_logits
+from core.models.sampling import DecodeSettings, DecodeState, beam_search, generate_tokens
+from core.models.transformer import sequence_logits
 from test_transformer import make, random_inputs
 
 
 def teacher_forced(model, labels, lr, hr, use_cache, scale=1.0):
-    """Logits at every position from the Decoder, fed the given tokens."""
-    dec = Decoder(model, labels, lr, scale, use_cache)
+    """Logits at every position from the DecodeState, fed the given tokens."""
+    dec = DecodeState(model, labels, lr, scale, use_cache)
     rows = []
     for p in range(hr.shape[1]):
         rows.append(dec.logits_at(p))
@@ -23,7 +23,7 @@ def teacher_forced(model, labels, lr, hr, use_cache, scale=1.0):
 @pytest.mark.parametrize("kind", ["base", "cascade"])
 @pytest.mark.parametrize("window", [None, 4, 5])
 def test_cached_and_uncached_logits_agree(kind, window):
-    model = make(kind, hr_len=13, window=window)
+    model = make(kind, fine_len=13, window=window)
     labels, lr, hr = random_inputs(model)
     reference = sequence_logits(model, labels, lr, hr)
     cached = teacher_forced(model, labels, lr, hr, use_cache=True)
@@ -42,9 +42,9 @@ def test_beam_width_one_is_greedy_and_wider_beams_score_higher(kind):
     model = make(kind, window=5)
     labels, lr, _ = random_inputs(model, batch=4)
     greedy = generate_tokens(model, labels, lr, DecodeSettings(temperature=0), [None] * 4)
-    beam1 = beam_search(Decoder(model, labels, lr), beams=1)
+    beam1 = beam_search(DecodeState(model, labels, lr), beams=1)
     assert torch.equal(greedy, beam1)
-    beam4 = beam_search(Decoder(model, labels, lr), beams=4)
+    beam4 = beam_search(DecodeState(model, labels, lr), beams=4)
     assert (sequence_logprob(model, labels, lr, beam4) >= sequence_logprob(model, labels, lr, greedy) - 1e-5).all()
 
 
@@ -68,7 +68,7 @@ def test_top_k_one_is_greedy_and_rank_search_runs():
     greedy = generate_tokens(model, labels, lr, DecodeSettings(temperature=0), gens)
     assert torch.equal(generate_tokens(model, labels, lr, DecodeSettings(top_k=1), gens), greedy)
     ranked = generate_tokens(model, labels, lr, DecodeSettings(beam_width=4, num_beam=3), gens)
-    assert ranked.shape == greedy.shape and ranked.max() < model.shape.hr_vocab
+    assert ranked.shape == greedy.shape and ranked.max() < model.shape.fine_vocab
 
 
 def generate_cli(models, out, *extra):

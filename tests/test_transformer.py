@@ -5,18 +5,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script, start_script
+from conftest import build_dataset, run_script, start_script
 from core.artifacts import load_artifact
-from core.cascade import drop_labels, load_transformer
-from core.transformer import TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits, window_starts
+from core.model_artifacts import load_transformer
+from core.models.transformer import (TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits,
+                                     window_starts)
+from core.stages import fmaps
+from core.stages.transformer import drop_labels
 
 SMALL = dict(in_dim=32, hidden_dim=64, num_dec_layers=2, num_enc_layers=2, self_attn_heads=4, cross_attn_heads=2)
 
 
-def make(kind, hr_len=12, window=None, **overrides):
+def make(kind, fine_len=12, window=None, **overrides):
     cfg = TransformerConfig(**{**SMALL, **overrides}, use_sliding_window=window is not None,
                             sliding_window=window or 256)
-    shape = TokenShape(kind, lr_vocab=5, hr_vocab=7, lr_len=1 if kind == "base" else 4, hr_len=hr_len, num_labels=3)
+    shape = TokenShape(kind, coarse_vocab=5, fine_vocab=7, coarse_len=1 if kind == "base" else 4, fine_len=fine_len, num_labels=3)
     torch.manual_seed(0)
     return TokenTransformer(cfg, shape).eval()
 
@@ -25,8 +28,8 @@ def random_inputs(model, batch=3, seed=1):
     g = torch.Generator().manual_seed(seed)
     shape = model.shape
     return (torch.randint(0, shape.num_labels + 1, (batch,), generator=g),
-            torch.randint(0, shape.lr_vocab, (batch, shape.lr_len), generator=g),
-            torch.randint(0, shape.hr_vocab, (batch, shape.hr_len), generator=g))
+            torch.randint(0, shape.coarse_vocab, (batch, shape.coarse_len), generator=g),
+            torch.randint(0, shape.fine_vocab, (batch, shape.fine_len), generator=g))
 
 
 @pytest.mark.parametrize("kind", ["base", "cascade"])
@@ -184,12 +187,10 @@ def test_load_optim_needs_a_checkpoint(tmp_path, pipeline, tiny_config):
 
 def test_fine_tuning_keeps_the_models_labels(tmp_path, models):
     """Few-shot: a base model fine-tuned (--init-from) on images of one class keeps its three labels."""
-    from core import fmaps
-    from core.data import build_dataset
-    build_dataset(models["dataset"], tmp_path / "few", 16, 1, None, 0.0, 0, False, False, labels=["square"],
+    build_dataset(models["dataset"], tmp_path / "few", 16, channels=1, holdout=0.0, seed=0, labels=["square"],
                   train_count=10)
-    fmaps.generate(tmp_path / "few" / "dataset.json", models["autoencoder"], tmp_path / "few_fmaps",
-                   torch.device("cpu"), 16, 100)
+    fmaps.run(fmaps.FmapArgs(dataset_path=tmp_path / "few" / "dataset.json", model_path=models["autoencoder"],
+                             out_dir=tmp_path / "few_fmaps", device="cpu", batch_size=16, shard_size=100))
     out = tmp_path / "tuned"
     result = run_script("train_transformer.py", "--train-base-model", "--dataset-path", tmp_path / "few_fmaps" / "dataset.json",
                         "--lr-codebook-path", models["cond"], "--hr-codebook-path", models["l1"], "--out-dir", out,

@@ -8,18 +8,33 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from PIL import Image
 
 from core.artifacts import atomic_path, file_record
-from core.autoencoder import Autoencoder, load_autoencoder
-from core.cascade import load_transformer
-from core.codebook import SOMCodebook, load_codebook
 from core.config import config_from_dict, load_json, option, to_dict
-from core.data import read_image_files, save_image_grid, to_uint8, write_dataset_json
+from core.data import read_image_files, write_dataset_json
 from core.errors import PipelineError
-from core.sampling import DecodeSettings, generate_tokens
-from core.training import claim_out_dir
-from core.transformer import TokenTransformer
+from core.model_artifacts import load_autoencoder, load_codebook, load_transformer
+from core.models.autoencoder import Autoencoder
+from core.models.codebook import SOMCodebook
+from core.models.sampling import DecodeSettings, generate_tokens
+from core.models.transformer import TokenTransformer
+from core.pictures import save_image_grid, save_picture, to_picture
+from core.training import claim_out_dir, pick_device
+
+
+@dataclass
+class GenerateArgs:
+    config_path: Path  # one entry per cascade level
+    decoder_path: Path  # the autoencoder
+    out_dir: Path
+    num_images: int = 64
+    seed: int = 0
+    batch_size: int = 64
+    fmt: str = "png"  # or "jpg"
+    device: str = "auto"
+    overwrite: bool = False
+    use_cache: bool = True
+    progress: Callable[[Iterable], Iterator] = iter
 
 
 @dataclass
@@ -34,8 +49,8 @@ class LevelConfig(DecodeSettings):
 class Level:
     settings: LevelConfig
     model: TokenTransformer
-    lr_book: SOMCodebook
-    hr_book: SOMCodebook
+    coarse_book: SOMCodebook
+    fine_book: SOMCodebook
     record: dict  # the level's settings with the sha256 of every file it uses
     cond_counts: torch.Tensor | None  # base level: condition tokens seen with each label in training
 
@@ -130,38 +145,32 @@ def generate_batch(levels: list[Level], decoder: Autoencoder, indices: range, se
         level_labels = labels if override is None else [override] * len(labels)
         ids = torch.tensor([l if l >= 0 else level.model.shape.null_label for l in level_labels], device=device)
         tokens = generate_tokens(level.model, ids, tokens, level.settings, generators, use_cache)
-    final = levels[-1].hr_book
+    final = levels[-1].fine_book
     images = decoder.decoder(final.lookup(tokens)).float().clamp(-1, 1)
     return images.cpu(), labels
 
 
-def save_image(image: torch.Tensor, path: Path, fmt: str) -> None:
-    array = to_uint8(image)
-    array = array[0].numpy() if array.shape[0] == 1 else array.permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG" if fmt == "png" else "JPEG", quality=95)
-
-
-def generate(config_path: Path, decoder_path: Path, out_dir: Path, num_images: int, seed: int, batch_size: int,
-             fmt: str, device: torch.device, overwrite: bool = False, use_cache: bool = True,
-             progress: Callable[[Iterable], Iterator] = iter) -> Path:
-    """Generate `num_images` images into out_dir/images, with grid.png and dataset.json. A run stopped
-    midway continues: images already written by the same run are kept."""
+def run(args: GenerateArgs) -> Path:
+    """Generate the images into out_dir/images, with grid.png and dataset.json. A run stopped midway
+    continues: images already written by the same run are kept."""
+    config_path, decoder_path, out_dir, num_images = args.config_path, args.decoder_path, args.out_dir, args.num_images
+    seed, batch_size, fmt, overwrite = args.seed, args.batch_size, args.fmt, args.overwrite
+    device = pick_device(args.device)
     levels = load_levels(parse_config(config_path), config_path)
     decoder, _ = load_autoencoder(decoder_path)
-    final = levels[-1].hr_book.cfg
+    final = levels[-1].fine_book.cfg
     if final.image_C != decoder.cfg.latent_channel:
         raise PipelineError(f"{decoder_path} decodes {decoder.cfg.latent_channel}-channel feature maps, but level "
                             f"{len(levels) - 1}'s codebook {levels[-1].settings.hr_codebook_path} makes {final.image_C}")
     provenance = {"seed": seed, "levels": [level.record for level in levels], "decoder": file_record(decoder_path)}
-    run = {"provenance": provenance, "format": fmt, "num_images": num_images}
-    claim_out_dir(out_dir, run, resume=False, overwrite=overwrite)
+    run_config = {"provenance": provenance, "format": fmt, "num_images": num_images}
+    claim_out_dir(out_dir, run_config, resume=False, overwrite=overwrite)
     labels_file = out_dir / "labels.json"  # labels of the images written so far, for a run that continues
     if overwrite:
         labels_file.unlink(missing_ok=True)
     for level in levels:
         level.model.to(device)
-        level.hr_book.to(device)
+        level.fine_book.to(device)
     decoder.to(device)
     names = levels[0].model.shape.label_names
     image_dir = out_dir / "images"
@@ -169,13 +178,13 @@ def generate(config_path: Path, decoder_path: Path, out_dir: Path, num_images: i
     suffix = "png" if fmt == "png" else "jpg"
     known = json.loads(labels_file.read_text()) if labels_file.exists() else {}
     starts = range(0, num_images, batch_size)
-    for start in progress(starts):
+    for start in args.progress(starts):
         indices = range(start, min(num_images, start + batch_size))
         if all(str(i) in known and (image_dir / f"{i:06d}.{suffix}").exists() for i in indices):
             continue
-        images, labels = generate_batch(levels, decoder, indices, seed, device, use_cache)
+        images, labels = generate_batch(levels, decoder, indices, seed, device, args.use_cache)
         for index, image, label in zip(indices, images, labels):
-            save_image(image, image_dir / f"{index:06d}.{suffix}", fmt)
+            save_picture(to_picture(image), image_dir / f"{index:06d}.{suffix}", fmt)
             known[str(index)] = label
         with atomic_path(labels_file) as tmp:
             tmp.write_text(json.dumps(known))

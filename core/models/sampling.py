@@ -1,6 +1,6 @@
 """Drawing token sequences from a TokenTransformer.
 
-A Decoder walks the positions of a sequence in the window schedule of transformer.window_starts (the
+A DecodeState walks the positions of a sequence in the window schedule of transformer.window_starts (the
 one evaluation uses), keeping a key/value cache per window, so cached and uncached decoding read
 every position in the same context. On top of it: sampling (temperature, top-k, top-p), true beam
 search, the seed's chunked sample-and-rank, and classifier-free guidance."""
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from core.config import option
-from core.transformer import TokenTransformer, window_starts
+from core.models.transformer import TokenTransformer, window_starts
 
 
 @dataclass
@@ -55,19 +55,19 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
     return tokens.clamp(max=cdf.shape[-1] - 1)  # a token of zero probability is never drawn
 
 
-class Decoder:
+class DecodeState:
     """The state of decoding a batch: tokens so far and per-window caches, with guidance folded in."""
 
-    def __init__(self, model: TokenTransformer, labels: torch.Tensor, lr_tokens: torch.Tensor,
+    def __init__(self, model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
                  guidance_scale: float = 1.0, use_cache: bool = True):
         self.model, self.use_cache, self.scale = model, use_cache, guidance_scale
         self.guided = guidance_scale != 1.0
         if self.guided:  # rows [conditional; unconditional]
             labels = torch.cat([labels, torch.full_like(labels, model.shape.null_label)])
-            lr_tokens = torch.cat([lr_tokens, lr_tokens])
-        self.labels, self.lr_tokens = labels, lr_tokens
-        self.memory = model.encode(labels, lr_tokens)
-        n = model.shape.hr_len
+            coarse_tokens = torch.cat([coarse_tokens, coarse_tokens])
+        self.labels, self.coarse_tokens = labels, coarse_tokens
+        self.memory = model.encode(labels, coarse_tokens)
+        n = model.shape.fine_len
         self.tokens = torch.zeros(len(labels), n, dtype=torch.long, device=labels.device)
         self.schedule = {first: start for start, first in window_starts(n, model.window())}
         self.start, self.caches = 0, None
@@ -86,16 +86,16 @@ class Decoder:
     @torch.no_grad()
     def logits_at(self, p: int) -> torch.Tensor:
         """Logits (batch, V) for position p, given tokens[:, :p]."""
-        model, n = self.model, self.model.shape.hr_len
+        model, n = self.model, self.model.shape.fine_len
         positions = torch.arange(n, device=self.tokens.device).expand(len(self.tokens), n)
         if p in self.schedule:  # a new window: (re)fill the cache from its start
             self.start = self.schedule[p]
             self.caches = [{} for _ in model.decoder] if self.use_cache else None
         if self.use_cache and p not in self.schedule:
-            logits = model(self.labels, self.lr_tokens, self._inputs(p, p + 1), positions[:, p:p + 1],
+            logits = model(self.labels, self.coarse_tokens, self._inputs(p, p + 1), positions[:, p:p + 1],
                            self.memory, self.caches, with_prefix=False)
         else:
-            logits = model(self.labels, self.lr_tokens, self._inputs(self.start, p + 1),
+            logits = model(self.labels, self.coarse_tokens, self._inputs(self.start, p + 1),
                            positions[:, self.start:p + 1], self.memory, self.caches)
         logits = logits[:, -1].float()
         if self.guided:
@@ -110,7 +110,7 @@ class Decoder:
         """Keep (and repeat) batch rows: beams and candidates share their ancestors' caches."""
         if self.guided:
             rows = torch.cat([rows, rows + self.batch])
-        self.labels, self.lr_tokens, self.tokens = self.labels[rows], self.lr_tokens[rows], self.tokens[rows]
+        self.labels, self.coarse_tokens, self.tokens = self.labels[rows], self.coarse_tokens[rows], self.tokens[rows]
         if self.memory is not None:
             self.memory = self.memory[rows]
         for cache in self.caches or []:
@@ -122,10 +122,10 @@ class Decoder:
         return self.tokens[:self.batch]
 
 
-def sample(dec: Decoder, settings: DecodeSettings, generators: list[torch.Generator], begin: int = 0,
+def sample(dec: DecodeState, settings: DecodeSettings, generators: list[torch.Generator], begin: int = 0,
            end: int | None = None) -> torch.Tensor:
     """Positions [begin, end) drawn one by one; returns the summed log-probability of each row's draws."""
-    end = dec.model.shape.hr_len if end is None else end
+    end = dec.model.shape.fine_len if end is None else end
     total = torch.zeros(dec.batch, device=dec.tokens.device)
     for p in range(begin, end):
         logits = dec.logits_at(p)
@@ -139,9 +139,9 @@ def sample(dec: Decoder, settings: DecodeSettings, generators: list[torch.Genera
     return total
 
 
-def beam_search(dec: Decoder, beams: int) -> torch.Tensor:
+def beam_search(dec: DecodeState, beams: int) -> torch.Tensor:
     """The sequences of highest log-probability that `beams` beams find (beams=1: greedy)."""
-    batch, n = dec.batch, dec.model.shape.hr_len
+    batch, n = dec.batch, dec.model.shape.fine_len
     device = dec.tokens.device
     dec.select(torch.arange(batch, device=device).repeat_interleave(beams))
     scores = torch.zeros(batch, beams, device=device)
@@ -159,10 +159,10 @@ def beam_search(dec: Decoder, beams: int) -> torch.Tensor:
     return dec.result()
 
 
-def sample_and_rank(dec: Decoder, settings: DecodeSettings, generators: list[torch.Generator]) -> torch.Tensor:
+def sample_and_rank(dec: DecodeState, settings: DecodeSettings, generators: list[torch.Generator]) -> torch.Tensor:
     """The seed's search: for each chunk of beam_width tokens, draw num_beam candidate chunks and keep
     the one of highest joint probability."""
-    batch, n, device = dec.batch, dec.model.shape.hr_len, dec.tokens.device
+    batch, n, device = dec.batch, dec.model.shape.fine_len, dec.tokens.device
     candidates = settings.num_beam
     expanded = [g for g in generators for _ in range(candidates)]
     for begin in range(0, n, settings.beam_width):
@@ -173,10 +173,10 @@ def sample_and_rank(dec: Decoder, settings: DecodeSettings, generators: list[tor
     return dec.result()
 
 
-def generate_tokens(model: TokenTransformer, labels: torch.Tensor, lr_tokens: torch.Tensor,
+def generate_tokens(model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
                     settings: DecodeSettings, generators: list[torch.Generator], use_cache: bool = True) -> torch.Tensor:
-    """The predicted level's tokens (B, hr_len) for labels (B,) and conditioning tokens (B, lr_len)."""
-    dec = Decoder(model, labels, lr_tokens, settings.guidance_scale, use_cache)
+    """The predicted level's tokens (B, fine_len) for labels (B,) and conditioning tokens (B, coarse_len)."""
+    dec = DecodeState(model, labels, coarse_tokens, settings.guidance_scale, use_cache)
     if settings.mode == "beam":
         return beam_search(dec, settings.beam_width)
     if settings.mode == "rank":
@@ -185,9 +185,9 @@ def generate_tokens(model: TokenTransformer, labels: torch.Tensor, lr_tokens: to
     return dec.result()
 
 
-def sample_tokens(model: TokenTransformer, labels: torch.Tensor, lr_tokens: torch.Tensor, temperature: float = 1.0,
+def sample_tokens(model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor, temperature: float = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Plain sampling with one generator for the batch (training previews)."""
     generator = generator or torch.Generator().manual_seed(0)
-    return generate_tokens(model, labels, lr_tokens, DecodeSettings(temperature=temperature),
+    return generate_tokens(model, labels, coarse_tokens, DecodeSettings(temperature=temperature),
                            [generator] * len(labels))

@@ -9,7 +9,7 @@ of its absolute position, so the model knows where the window lies. The conditio
 condition token, or the encoder's output) is visible from every window."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -47,14 +47,27 @@ class TransformerConfig:
 
 @dataclass
 class TokenShape:
-    """What the data and codebooks fix about a model (stored in its artifact beside the config)."""
+    """What the data and codebooks fix about a model (stored in its artifact beside the config). The
+    coarse level conditions the model (base: the whole-map condition codebook); the fine level is the
+    one it predicts."""
     kind: str  # "base" or "cascade"
-    lr_vocab: int  # units of the conditioning codebook (base: the condition codebook)
-    hr_vocab: int  # units of the predicted level's codebook
-    lr_len: int  # tokens per image in the conditioning level (base: 1)
-    hr_len: int  # tokens per image in the predicted level
+    coarse_vocab: int  # units of the coarse level's codebook
+    fine_vocab: int  # units of the fine level's codebook
+    coarse_len: int  # tokens per image in the coarse level (base: 1)
+    fine_len: int  # tokens per image in the fine level
     num_labels: int = 0  # 0: unconditional
     label_names: list = field(default_factory=list)
+
+    # artifacts store the shape under the seed's low/high-resolution names
+    STORED_NAMES = {"coarse_vocab": "lr_vocab", "fine_vocab": "hr_vocab", "coarse_len": "lr_len", "fine_len": "hr_len"}
+
+    def to_record(self) -> dict:
+        return {self.STORED_NAMES.get(k, k): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "TokenShape":
+        stored = {v: k for k, v in cls.STORED_NAMES.items()}
+        return cls(**{stored.get(k, k): v for k, v in record.items()})
 
     @property
     def null_label(self) -> int:
@@ -62,7 +75,7 @@ class TokenShape:
 
     @property
     def start_token(self) -> int:
-        return self.hr_vocab
+        return self.fine_vocab
 
 
 class Attention(nn.Module):
@@ -140,16 +153,16 @@ class TokenTransformer(nn.Module):
         dim = cfg.in_dim
         cascade = shape.kind == "cascade"
         self.label_emb = nn.Embedding(shape.num_labels + 1, dim)  # the last entry is the null label
-        self.cond_emb = nn.Embedding(shape.lr_vocab, dim)  # base: condition token; cascade: coarse tokens
-        self.cond_pos = nn.Embedding(shape.lr_len + 1, dim)  # label, then conditioning tokens
-        self.tok_emb = nn.Embedding(shape.hr_vocab + 1, dim)  # the predicted level's units and a start token
-        self.pos_emb = nn.Embedding(shape.hr_len, dim)  # absolute positions: the window's place in the image
+        self.cond_emb = nn.Embedding(shape.coarse_vocab, dim)  # base: condition token; cascade: coarse tokens
+        self.cond_pos = nn.Embedding(shape.coarse_len + 1, dim)  # label, then conditioning tokens
+        self.tok_emb = nn.Embedding(shape.fine_vocab + 1, dim)  # the predicted level's units and a start token
+        self.pos_emb = nn.Embedding(shape.fine_len, dim)  # absolute positions: the window's place in the image
         self.encoder = nn.ModuleList(Block(cfg, causal=False, cross=False)
                                      for _ in range(cfg.num_enc_layers if cascade else 0))
         self.enc_ln = nn.LayerNorm(dim) if cascade else None
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=cascade) for _ in range(cfg.num_dec_layers))
         self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, shape.hr_vocab, bias=False)
+        self.head = nn.Linear(dim, shape.fine_vocab, bias=False)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -164,33 +177,33 @@ class TokenTransformer(nn.Module):
         """Decoder positions before the first predicted token's input: [label, condition] for base."""
         return 2 if self.shape.kind == "base" else 0
 
-    def conditioning(self, labels: torch.Tensor, lr_tokens: torch.Tensor) -> torch.Tensor:
-        """Embeddings of [label, lr tokens...]: (B, 1 + lr_len, D)."""
-        positions = torch.arange(lr_tokens.shape[1] + 1, device=lr_tokens.device)
-        x = torch.cat([self.label_emb(labels)[:, None], self.cond_emb(lr_tokens)], 1)
+    def conditioning(self, labels: torch.Tensor, coarse_tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings of [label, lr tokens...]: (B, 1 + coarse_len, D)."""
+        positions = torch.arange(coarse_tokens.shape[1] + 1, device=coarse_tokens.device)
+        x = torch.cat([self.label_emb(labels)[:, None], self.cond_emb(coarse_tokens)], 1)
         return x + self.cond_pos(positions)
 
-    def encode(self, labels: torch.Tensor, lr_tokens: torch.Tensor) -> torch.Tensor | None:
+    def encode(self, labels: torch.Tensor, coarse_tokens: torch.Tensor) -> torch.Tensor | None:
         """Cascade: the encoder's output (the decoder's memory). Base: None."""
         if self.shape.kind == "base":
             return None
-        x = self.conditioning(labels, lr_tokens)
+        x = self.conditioning(labels, coarse_tokens)
         for block in self.encoder:
             x = self._run(block, x)
         return self.enc_ln(x)
 
-    def forward(self, labels: torch.Tensor, lr_tokens: torch.Tensor, hr_input: torch.Tensor,
+    def forward(self, labels: torch.Tensor, coarse_tokens: torch.Tensor, fine_input: torch.Tensor,
                 positions: torch.Tensor, memory: torch.Tensor | None = None, caches: list | None = None,
                 with_prefix: bool = True) -> torch.Tensor:
-        """Logits (B, T, hr_vocab) for the decoder inputs `hr_input` (B, T) at absolute `positions` (B, T).
-        hr_input[:, i] is the token before position i (the start token at position 0). `memory` may
+        """Logits (B, T, fine_vocab) for the decoder inputs `fine_input` (B, T) at absolute `positions` (B, T).
+        fine_input[:, i] is the token before position i (the start token at position 0). `memory` may
         carry a precomputed encoder output; `caches` (one dict per decoder block) keep keys and values
         between calls, and `with_prefix` False means the prefix is already in the caches."""
-        x = self.tok_emb(hr_input) + self.pos_emb(positions)
+        x = self.tok_emb(fine_input) + self.pos_emb(positions)
         if self.shape.kind == "base" and with_prefix:
-            x = torch.cat([self.conditioning(labels, lr_tokens), x], 1)
+            x = torch.cat([self.conditioning(labels, coarse_tokens), x], 1)
         if self.shape.kind == "cascade" and memory is None:
-            memory = self.encode(labels, lr_tokens)
+            memory = self.encode(labels, coarse_tokens)
         for i, block in enumerate(self.decoder):
             x = self._run(block, x, memory, None if caches is None else caches[i])
         if self.shape.kind == "base" and with_prefix:
@@ -203,13 +216,13 @@ class TokenTransformer(nn.Module):
         return block(x, memory, cache)
 
     def window(self) -> int:
-        return self.cfg.sliding_window if self.cfg.use_sliding_window else self.shape.hr_len
+        return self.cfg.sliding_window if self.cfg.use_sliding_window else self.shape.fine_len
 
 
-def decoder_input(hr_tokens: torch.Tensor, start_token: int) -> torch.Tensor:
+def decoder_input(fine_tokens: torch.Tensor, start_token: int) -> torch.Tensor:
     """[start, t0, ..., t_{n-2}]: what the decoder reads to predict [t0, ..., t_{n-1}]."""
-    start = torch.full_like(hr_tokens[:, :1], start_token)
-    return torch.cat([start, hr_tokens[:, :-1]], 1)
+    start = torch.full_like(fine_tokens[:, :1], start_token)
+    return torch.cat([start, fine_tokens[:, :-1]], 1)
 
 
 def window_starts(length: int, window: int) -> list[tuple[int, int]]:
@@ -227,17 +240,17 @@ def window_starts(length: int, window: int) -> list[tuple[int, int]]:
     return schedule
 
 
-def sequence_logits(model: TokenTransformer, labels: torch.Tensor, lr_tokens: torch.Tensor,
-                    hr_tokens: torch.Tensor) -> torch.Tensor:
+def sequence_logits(model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
+                    fine_tokens: torch.Tensor) -> torch.Tensor:
     """Logits for every position of whole sequences (B, n, vocab), without a cache, reading each
     position in the window the schedule gives it. The reference that cached sampling must match."""
-    n, window = hr_tokens.shape[1], model.window()
-    inputs = decoder_input(hr_tokens, model.shape.start_token)
-    memory = model.encode(labels, lr_tokens)
-    positions = torch.arange(n, device=hr_tokens.device).expand(len(hr_tokens), n)
+    n, window = fine_tokens.shape[1], model.window()
+    inputs = decoder_input(fine_tokens, model.shape.start_token)
+    memory = model.encode(labels, coarse_tokens)
+    positions = torch.arange(n, device=fine_tokens.device).expand(len(fine_tokens), n)
     pieces = []  # window k predicts [first_k, end_k), and these tile [0, n)
     for start, first in window_starts(n, window):
         end = min(n, start + window)
-        logits = model(labels, lr_tokens, inputs[:, start:end], positions[:, start:end], memory=memory)
+        logits = model(labels, coarse_tokens, inputs[:, start:end], positions[:, start:end], memory=memory)
         pieces.append(logits[:, first - start:])
     return torch.cat(pieces, 1)

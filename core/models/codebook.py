@@ -9,23 +9,14 @@ live patches, so that the codebook is used rather than assumed."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from core.artifacts import (Artifact, atomic_write_json, file_record, load_module, load_state, save_artifact,
-                            state_tensors)
-from core.autoencoder import load_autoencoder, psnr
-from core.config import config_from_dict, load_config, option, to_dict
-from core.data import save_image_grid, to_float
-from core.errors import PipelineError
-from core.fmaps import load_fmap_dataset, load_source_images
-from core.training import Trainer, TrainArgs, claim_out_dir, finish_run, pick_device, setup_run
-
-KIND = "codebook"
+from core.config import option
+from core.models.clustering import kmeans_plus_plus
 
 
 @dataclass
@@ -125,14 +116,7 @@ class SOMCodebook(nn.Module):
         """k-means++ seeding from a random sample of the data's patches."""
         patches = patchify(fmaps, self.cfg.patch_H, self.cfg.patch_W).reshape(-1, self.cfg.patch_dim).float()
         patches = patches[torch.randperm(len(patches))[:sample]]
-        chosen = [int(torch.randint(len(patches), (1,)))]
-        nearest = (patches - patches[chosen[0]]).pow(2).sum(1)
-        for _ in range(1, self.cfg.num_embeddings):
-            total = nearest.sum()
-            index = int(torch.multinomial(nearest / total, 1)) if total > 0 else int(torch.randint(len(patches), (1,)))
-            chosen.append(index)
-            nearest = torch.minimum(nearest, (patches - patches[index]).pow(2).sum(1))
-        self.units.copy_(patches[chosen])
+        self.units.copy_(patches[kmeans_plus_plus(patches, self.cfg.num_embeddings)])
 
     def radius(self, step: int) -> float:
         return max(0.0, self.cfg.neighbourhood_radius - step // self.cfg.neighbourhood_step)
@@ -204,111 +188,13 @@ def quantize(codebook: SOMCodebook, fmaps: torch.Tensor, batch_size: int = 512) 
     return torch.cat([codebook.lookup(codebook.tokenize(c.to(device))).cpu() for c in fmaps.split(batch_size)])
 
 
-# ---------------------------------------------------------------- artifacts
-
-def check_fits(cfg: CodebookConfig, fmap_shape, codebook_path: str | Path, data_path: str | Path) -> None:
-    if tuple(cfg.fmap_shape) != tuple(fmap_shape):
-        raise PipelineError(f"{codebook_path} is for feature maps of shape {tuple(cfg.fmap_shape)} (C, H, W), "
-                            f"but {data_path} holds maps of shape {tuple(fmap_shape)}")
-
-
-def save_codebook(path: str | Path, codebook: SOMCodebook, provenance: dict, extra: dict | None = None) -> None:
-    save_artifact(path, state_tensors(codebook), KIND, to_dict(codebook.cfg), provenance, extra)
-
-
-def load_codebook(path: str | Path) -> tuple[SOMCodebook, Artifact]:
-    return load_module(path, KIND, lambda a: SOMCodebook(config_from_dict(CodebookConfig, a.config, source=str(path))))
-
-
-def prune(codebook: SOMCodebook, counts: torch.Tensor, threshold: int) -> tuple[SOMCodebook, torch.Tensor]:
-    """Drop units with fewer than `threshold` BMU hits. Returns the pruned codebook and the remap
-    (old index -> new index, -1 for a dropped unit)."""
-    kept = (counts >= threshold).nonzero().flatten()
-    if len(kept) < 2:
-        raise PipelineError(f"--prune-threshold {threshold} keeps {len(kept)} of {len(counts)} units; "
-                            f"the most used unit has {int(counts.max())} uses")
-    cfg = config_from_dict(CodebookConfig, {**to_dict(codebook.cfg), "num_embeddings": len(kept)})
-    pruned = SOMCodebook(cfg)
+def keep_units(codebook: SOMCodebook, kept: torch.Tensor) -> tuple[SOMCodebook, torch.Tensor]:
+    """A codebook of the `kept` units only (pruning), and the remap: old index -> new index, -1 for a
+    dropped unit."""
+    pruned = SOMCodebook(replace(codebook.cfg, num_embeddings=len(kept)))
     with torch.no_grad():
         pruned.units.copy_(codebook.units[kept])
         pruned.grid.copy_(codebook.grid[kept])
-    remap = torch.full((len(counts),), -1, dtype=torch.long)
+    remap = torch.full((codebook.cfg.num_embeddings,), -1, dtype=torch.long)
     remap[kept] = torch.arange(len(kept))
     return pruned, remap
-
-
-# ---------------------------------------------------------------- the stages
-
-def train(dataset_path: Path, config_path: Path | None, args: TrainArgs, device: str,
-          decoder_path: Path | None = None, init_from: Path | None = None, resume: bool = False,
-          overwrite: bool = False, eval_items: int = 1000) -> Path:
-    """Train a SOM codebook on the training split of a feature-map dataset; returns the artifact's path."""
-    cfg = load_config(CodebookConfig, config_path)
-    data, _ = load_fmap_dataset(dataset_path)
-    check_fits(cfg, data.items.shape[1:], config_path or "the default codebook config", dataset_path)
-    decoder = load_autoencoder(decoder_path)[0] if decoder_path else None
-    env = setup_run(device, args.seed)
-    cfg = config_from_dict(CodebookConfig, claim_out_dir(args.out_dir, to_dict(cfg), resume, overwrite, env))
-    codebook = SOMCodebook(cfg)
-    train_set, heldout = data.split(heldout=False), data.split(heldout=True)
-    eval_set = (heldout if len(heldout) else train_set).sample(eval_items)
-    if init_from is not None:
-        start, _ = load_codebook(init_from)
-        check_fits(start.cfg, data.items.shape[1:], init_from, dataset_path)
-        load_state(codebook, state_tensors(start), init_from)
-    else:
-        codebook.init_from_data(train_set.items)
-    images = to_float(load_source_images(eval_set)) if decoder is not None else None
-    if decoder is not None:
-        decoder.to(env.device)
-    artifact_path = args.out_dir / "codebook.safetensors"
-    inputs = [file_record(p) for p in (dataset_path, decoder_path, init_from) if p is not None]
-    args.lr, args.warmup_steps, args.config = cfg.model_lr, cfg.warmup_steps, to_dict(cfg)
-    args.mixed_precision = False  # nearest-unit search needs full precision
-
-    def evaluate(net: SOMCodebook, step: int) -> dict:
-        quantized = quantize(net, eval_set.items)
-        record = {"quant_mse": (quantized - eval_set.items).pow(2).mean().item(),
-                  **usage_stats(usage_counts(net, eval_set.items)), "radius": net.radius(step)}
-        if decoder is not None:
-            decoded = torch.cat([decoder.decoder(q.to(env.device)).cpu() for q in quantized.split(250)])
-            plain = torch.cat([decoder.decoder(f.to(env.device)).cpu() for f in eval_set.items[:16].split(250)])
-            record["decoded_psnr"] = psnr(decoded, images)
-            save_image_grid(torch.cat([images[:16], plain, decoded[:16]]),
-                            args.out_dir / "samples" / f"quantized_{step:07d}.png")
-        return record
-
-    def export(net: SOMCodebook, step: int) -> None:
-        save_codebook(artifact_path, net, {"stage": "train_codebook", "inputs": inputs, "step": step})
-
-    Trainer(env, codebook, len(train_set), lambda idx: train_set.items[idx].to(env.device),
-            lambda net, fmaps, step: net(fmaps, step), args, evaluate, export).fit()
-    finish_run(env)
-    return artifact_path
-
-
-def prune_stage(dataset_path: Path, codebook_path: Path, out_dir: Path, threshold: int, device: str,
-                batch_size: int) -> dict:
-    """Count every unit's BMU uses over the training split, drop those under `threshold`, and write the
-    pruned codebook and a usage report. Returns the report."""
-    data, _ = load_fmap_dataset(dataset_path)
-    codebook, _ = load_codebook(codebook_path)
-    check_fits(codebook.cfg, data.items.shape[1:], codebook_path, dataset_path)
-    codebook.to(pick_device(device))
-    fmaps = data.split(heldout=False).items
-    if len(fmaps) == 0:
-        fmaps = data.items
-    counts = usage_counts(codebook, fmaps, batch_size)
-    pruned, remap = prune(codebook, counts, threshold)
-    after = usage_counts(pruned, fmaps, batch_size)
-    error = {name: (quantize(book, fmaps, batch_size) - fmaps).pow(2).mean().item()
-             for name, book in (("before", codebook), ("after", pruned))}
-    report = {"threshold": threshold, "before": {**usage_stats(counts), "quant_mse": error["before"]},
-              "after": {**usage_stats(after), "quant_mse": error["after"]},
-              "counts_before": counts.tolist()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    provenance = {"stage": "prune_codebook", "inputs": [file_record(codebook_path), file_record(dataset_path)],
-                  "threshold": threshold}
-    save_codebook(out_dir / "codebook.safetensors", pruned, provenance, {"remap": remap.tolist()})
-    atomic_write_json(out_dir / "usage_report.json", report)
-    return report

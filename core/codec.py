@@ -1,0 +1,85 @@
+"""The encoding of compressed weights in an artifact (written by compress.py, read by every loader).
+
+For each clustered tensor `name` the artifact stores `name.indices` (cluster indices packed to the bits
+the number of clusters needs, then deflated unless entropy coding is off), `name.centroids` (int8, one
+per cluster) and `name.scale` (float, one per tensor or per output channel): the weight is
+centroids[indices] * scale. The other tensors are kept (as float16 with float16_rest). The artifact's
+extra["compression"] describes this."""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import PipelineError
+
+FORMAT = 1
+
+
+def index_bits(clusters: int) -> int:
+    return max(1, (clusters - 1).bit_length())
+
+
+def pack_bits(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Indices (< 2**bits) as a stream of `bits`-bit fields, most significant bit first, in uint8."""
+    values = indices.flatten().numpy().astype(np.uint16)
+    fields = (values[:, None] >> np.arange(bits - 1, -1, -1, dtype=np.uint16)) & 1
+    return torch.from_numpy(np.packbits(fields.astype(np.uint8).reshape(-1)))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    fields = np.unpackbits(packed.numpy(), count=count * bits).reshape(count, bits).astype(np.int64)
+    return torch.from_numpy(fields @ (1 << np.arange(bits - 1, -1, -1, dtype=np.int64)))
+
+
+def dequantize(indices: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    values = centroids.float()[indices.long()]
+    return values * scale.float().view(-1, *([1] * (values.dim() - 1)))
+
+
+def encode_tensors(rest: dict[str, torch.Tensor], codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   *, clusters: int, per_channel: bool, entropy_coding: bool,
+                   float16_rest: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """The artifact's tensors and its extra["compression"]. `codes` maps each clustered tensor's name to
+    (indices, int8 centroids, scale per row); `rest` holds every other tensor the artifact keeps."""
+    bits = index_bits(clusters)
+    out, shapes = {}, {}
+    for name, (indices, centroids, scale) in codes.items():
+        packed = pack_bits(indices, bits)
+        if entropy_coding:
+            packed = torch.from_numpy(np.frombuffer(zlib.compress(packed.numpy().tobytes(), 9), dtype=np.uint8).copy())
+        if float16_rest:
+            scale = scale.half()
+        out[f"{name}.indices"], out[f"{name}.centroids"], out[f"{name}.scale"] = packed, centroids, scale
+        shapes[name] = list(indices.shape)
+    halved = []
+    for name, t in rest.items():
+        if float16_rest and t.dtype == torch.float32:
+            t = t.half()
+            halved.append(name)
+        out[name] = t
+    info = {"format": FORMAT, "clusters": clusters, "bits": bits,
+            "coding": "deflate" if entropy_coding else "packed", "per_channel": per_channel,
+            "tensors": shapes, "float16": halved}
+    return out, info
+
+
+def decode_tensors(tensors: dict[str, torch.Tensor], info: dict, source: str | Path) -> dict[str, torch.Tensor]:
+    """Float tensors of a compressed artifact: each clustered weight rebuilt as centroids[indices] * scale."""
+    if info.get("format") != FORMAT:
+        raise PipelineError(f"{source}: unsupported compression format {info.get('format')!r} (this tool reads {FORMAT})")
+    out = dict(tensors)
+    try:
+        for name, shape in info["tensors"].items():
+            packed = out.pop(f"{name}.indices")
+            if info["coding"] == "deflate":
+                packed = torch.from_numpy(np.frombuffer(zlib.decompress(packed.numpy().tobytes()), dtype=np.uint8).copy())
+            indices = unpack_bits(packed, info["bits"], int(np.prod(shape))).view(shape)
+            out[name] = dequantize(indices, out.pop(f"{name}.centroids"), out.pop(f"{name}.scale"))
+        for name in info.get("float16", []):
+            out[name] = out[name].float()
+    except (KeyError, ValueError, RuntimeError, IndexError, zlib.error) as e:
+        raise PipelineError(f"{source}: damaged compressed artifact ({type(e).__name__}: {e})") from None
+    return out

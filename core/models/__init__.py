@@ -1,0 +1,1 @@
+"""Pure modules and their maths: no file I/O, no command-line parsing."""

@@ -1,0 +1,82 @@
+"""The autoencoder stage: train the convolutional autoencoder on a dataset's training images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.artifacts import file_record, load_artifact, load_state
+from core.config import config_from_dict, load_config, to_dict
+from core.data import Dataset, load_image_dataset, to_float
+from core.errors import PipelineError
+from core.model_artifacts import AUTOENCODER, save_autoencoder
+from core.models.autoencoder import Autoencoder, AutoencoderConfig, psnr, reconstruction_loss
+from core.pictures import save_image_grid
+from core.training import Objective, Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
+
+
+@dataclass
+class AutoencoderArgs:
+    dataset_path: Path
+    options: TrainOptions
+    config_path: Path | None = None
+    init_from: Path | None = None
+    eval_images: int = 1000
+
+
+def load_images(dataset_path: Path, cfg: AutoencoderConfig) -> Dataset:
+    data = load_image_dataset(dataset_path)
+    if data.items.shape[1] != cfg.image_channel:
+        raise PipelineError(f"config image_channel is {cfg.image_channel}, but {dataset_path} holds "
+                            f"{data.items.shape[1]}-channel images")
+    return data
+
+
+def objective(cfg: AutoencoderConfig, data: Dataset, device: torch.device, eval_images: int = 1000) -> Objective:
+    """The autoencoder's batch (training images), loss (reconstruction) and evaluation (held-out PSNR)."""
+    train_set = data.split(heldout=False)
+    eval_set = to_float(data.take(data.eval_ids(eval_images)).items)
+
+    def get_batch(indices: torch.Tensor) -> torch.Tensor:
+        return to_float(train_set.items[indices]).to(device)
+
+    def loss_fn(net: torch.nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
+        return reconstruction_loss(cfg, net(images), images)
+
+    def evaluate(net: torch.nn.Module) -> dict:
+        recon = torch.cat([net(chunk.to(device)).float().cpu() for chunk in eval_set.split(250)])
+        return {"heldout_psnr": psnr(recon, eval_set)}
+
+    return Objective(len(train_set), get_batch, loss_fn, evaluate)
+
+
+def run(args: AutoencoderArgs) -> Path:
+    """Train an autoencoder on the dataset's training split; returns the artifact's path."""
+    options = args.options
+    cfg = load_config(AutoencoderConfig, args.config_path)
+    data = load_images(args.dataset_path, cfg)
+    env = setup_run(options.device, options.seed)
+    cfg = config_from_dict(AutoencoderConfig, claim_out_dir(options.out_dir, to_dict(cfg), options.resume,
+                                                            options.overwrite, env))
+    model = Autoencoder(cfg)
+    if args.init_from is not None:
+        load_state(model, load_artifact(args.init_from, AUTOENCODER).tensors, args.init_from)
+    task = objective(cfg, data, env.device, args.eval_images)
+    preview_images = to_float(data.take(data.eval_ids(args.eval_images)).items[:16])
+    artifact_path = options.out_dir / "autoencoder.safetensors"
+    inputs = [file_record(p) for p in (args.dataset_path, args.init_from) if p is not None]
+
+    def preview(net: Autoencoder, step: int) -> None:
+        """Top: held-out images; bottom: their reconstructions."""
+        recon = net(preview_images.to(env.device)).float().cpu()
+        save_image_grid(torch.cat([preview_images, recon]), options.out_dir / "samples" / f"recon_{step:07d}.png")
+
+    def export(net: Autoencoder, step: int) -> None:
+        save_autoencoder(artifact_path, net, {"stage": "train_autoencoder", "inputs": inputs, "step": step})
+
+    train_args = options.for_stage(stage="train_autoencoder", lr=cfg.model_lr, warmup_steps=cfg.warmup_steps,
+                                   config=to_dict(cfg))
+    Trainer(env, model, task, train_args, export=export, preview=preview).fit()
+    finish_run(env)
+    return artifact_path

@@ -1,0 +1,220 @@
+"""The dataset stage: the seed's tinydb dataset.json and its resized images, built from an image folder,
+MNIST-format idx files, or an existing dataset.json (a subset of it)."""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import random
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from core.data import read_records, write_dataset_json
+from core.errors import PipelineError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+@dataclass
+class DatasetArgs:
+    source: Path
+    out_dir: Path
+    size: int = 32
+    channels: int = 1
+    limit: int | None = None  # at most N images (per split, for idx files)
+    holdout: float = 0.1  # the share held out (folders; idx files use t10k)
+    seed: int = 0
+    strict: bool = False  # refuse a corrupt image instead of skipping it
+    overwrite: bool = False
+    labels: list[str] | None = None  # keep only images with one of these labels
+    from_split: str | None = None  # keep only images of this split of the source
+    train_count: int | None = None  # the first N kept images are the training split, the rest held out
+    progress: Callable[[Iterable], Iterator] = iter
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An MNIST-format idx file (optionally gzipped) as a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise PipelineError(f"{path}: cannot read idx file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise PipelineError(f"{path}: not an idx file (bad magic number)")
+    dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise PipelineError(f"{path}: truncated idx header")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    count = int(np.prod(shape)) if ndim else 0
+    body = raw[4 + 4 * ndim:]
+    if len(body) < count * dtype.itemsize:
+        raise PipelineError(f"{path}: truncated idx data ({len(body)} bytes, expected {count * dtype.itemsize})")
+    return np.frombuffer(body, dtype=dtype, count=count).reshape(shape)
+
+
+def find_idx_pairs(folder: Path) -> list[tuple[str, Path, Path | None]]:
+    """(split, images file, labels file) for the MNIST naming: train-* is training, t10k-* held out."""
+    pairs = []
+    for prefix, split in (("train", "train"), ("t10k", "heldout")):
+        images = sorted(folder.glob(f"{prefix}-images-idx3-ubyte*"))
+        if images:
+            labels = sorted(folder.glob(f"{prefix}-labels-idx1-ubyte*"))
+            pairs.append((split, images[0], labels[0] if labels else None))
+    return pairs
+
+
+@dataclass
+class SourceItem:
+    load: Callable[[], Image.Image]  # opens the image; may raise for a corrupt file
+    label: str | None
+    name: str  # shown in error messages
+    split: str | None  # fixed by the source (idx train/t10k), or None to draw from the held-out fraction
+    origin: str | None = None  # the split it had in its source (for --from-split)
+
+
+def idx_items(pairs: list[tuple[str, Path, Path | None]], class_names: list[str] | None) -> list[SourceItem]:
+    items = []
+    for split, images_path, labels_path in pairs:
+        images = read_idx(images_path)
+        if images.ndim not in (3, 4):
+            raise PipelineError(f"{images_path}: expected images of shape (N,H,W) or (N,H,W,C), found {images.shape}")
+        labels = read_idx(labels_path) if labels_path else None
+        if labels is not None and len(labels) != len(images):
+            raise PipelineError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+        for i, array in enumerate(images):
+            label = None
+            if labels is not None:
+                index = int(labels[i])
+                label = class_names[index] if class_names and index < len(class_names) else str(index)
+            items.append(SourceItem(lambda a=array: Image.fromarray(np.ascontiguousarray(a)), label,
+                                    f"{images_path.name}[{i}]", split, split))
+    return items
+
+
+def folder_items(folder: Path) -> list[SourceItem]:
+    """Every image under `folder`; an image in a sub-folder takes the sub-folder's name as its label."""
+    items = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        relative = path.relative_to(folder)
+        label = relative.parts[0] if len(relative.parts) > 1 else None
+        items.append(SourceItem(lambda p=path: Image.open(p), label, str(path), None))
+    return items
+
+
+def dataset_items(dataset_path: Path) -> list[SourceItem]:
+    """The images of an existing dataset.json, with their labels; their split is drawn anew."""
+    records, _ = read_records(dataset_path)
+    if records and "image_fpath" not in records[0]:
+        raise PipelineError(f"{dataset_path}: expected an image dataset")
+    return [SourceItem(lambda p=dataset_path.parent / r["image_fpath"]: Image.open(p),
+                       str(r["labels"][0]) if r.get("labels") else None, r["image_fpath"], None, r.get("split"))
+            for r in records]
+
+
+def source_items(source: Path) -> list[SourceItem]:
+    if not source.exists():
+        raise PipelineError(f"{source}: no such file or folder")
+    if source.is_file() and source.suffix == ".json":
+        return dataset_items(source)
+    if source.is_file():
+        if "idx" not in source.name:
+            raise PipelineError(f"{source}: expected a folder of images, idx(.gz) files or a dataset.json")
+        labels = Path(str(source).replace("images-idx3", "labels-idx1"))
+        return idx_items([("train", source, labels if labels.exists() and labels != source else None)], None)
+    pairs = find_idx_pairs(source)
+    if pairs:
+        names = FASHION_MNIST_CLASSES if "fashion" in str(source).lower() else None
+        return idx_items(pairs, names)
+    items = folder_items(source)
+    if not items:
+        raise PipelineError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items
+
+
+# ---------------------------------------------------------------- building dataset.json
+
+def prepare_image(image: Image.Image, size: int, channels: int) -> Image.Image:
+    image.load()  # decode now so that a truncated file fails here
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return image
+
+
+def run(args: DatasetArgs) -> dict:
+    """Write out_dir/dataset.json and out_dir/images/; returns counts. Leaves nothing half-written."""
+    source, out_dir, size, channels, limit = args.source, args.out_dir, args.size, args.channels, args.limit
+    holdout, strict, labels, from_split, train_count = (args.holdout, args.strict, args.labels, args.from_split,
+                                                        args.train_count)
+    dataset_path = out_dir / "dataset.json"
+    if dataset_path.exists() and not args.overwrite:
+        raise PipelineError(f"{dataset_path} already exists (pass --overwrite to rebuild it)")
+    items = source_items(source)
+    if labels:
+        found = {item.label for item in items}
+        missing = [label for label in labels if label not in found]
+        if missing:
+            known = ", ".join(sorted(str(l) for l in found if l is not None)) or "none"
+            raise PipelineError(f"{source}: no images labelled {', '.join(missing)} (labels: {known})")
+        items = [item for item in items if item.label in labels]
+    if from_split is not None:
+        items = [item for item in items if item.origin == from_split]
+    if train_count is not None:
+        items = [dataclasses.replace(item, split="train" if i < train_count else "heldout")
+                 for i, item in enumerate(items)]
+    if limit is not None:
+        items = _limit_per_split(items, limit)
+    rng = random.Random(args.seed)
+    image_dir = out_dir / "images"
+    staging = out_dir / ".images.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    records, skipped = [], 0
+    for i, item in enumerate(args.progress(items)):
+        try:
+            image = prepare_image(item.load(), size, channels)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            if strict:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise PipelineError(f"{item.name}: corrupt or unreadable image ({e}); "
+                                    "drop --strict to skip such files") from None
+            skipped += 1
+            continue
+        split = item.split or ("heldout" if rng.random() < holdout else "train")
+        name = f"{i:06d}.png"
+        image.save(staging / name)
+        records.append({"image_fpath": f"images/{name}", "labels": [item.label] if item.label else [],
+                        "split": split})
+    if not records:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PipelineError(f"{source}: no readable images ({skipped} skipped)")
+    shutil.rmtree(image_dir, ignore_errors=True)
+    staging.rename(image_dir)
+    write_dataset_json(dataset_path, records, {"size": size, "channels": channels, "source": str(source)})
+    counts = {"images": len(records), "skipped": skipped,
+              "train": sum(r["split"] == "train" for r in records),
+              "heldout": sum(r["split"] == "heldout" for r in records),
+              "labels": len({r["labels"][0] for r in records if r["labels"]})}
+    return counts
+
+
+def _limit_per_split(items: list[SourceItem], limit: int) -> list[SourceItem]:
+    """Keep the first `limit` training items (and as many held-out ones, at most, when the source splits)."""
+    kept, seen = [], {}
+    for item in items:
+        key = item.split or "any"
+        if seen.get(key, 0) < limit:
+            kept.append(item)
+            seen[key] = seen.get(key, 0) + 1
+    return kept

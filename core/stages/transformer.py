@@ -1,0 +1,212 @@
+"""The transformer stage (the seed's train_quantized_transformer.py): the tokens of two codebook levels are
+computed once, then a base (decoder-only; the coarse level is the whole-map condition codebook) or a
+cascade (encoder-decoder) TokenTransformer learns to predict the fine level's tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.artifacts import file_record, load_artifact, load_state
+from core.config import config_from_dict, load_config, to_dict
+from core.data import Dataset, load_fmap_dataset, load_source_images
+from core.errors import PipelineError
+from core.model_artifacts import TRANSFORMER, check_fits, load_autoencoder, load_codebook, save_transformer
+from core.models.autoencoder import Autoencoder
+from core.models.codebook import SOMCodebook
+from core.models.sampling import sample_tokens
+from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits
+from core.pictures import save_image_grid
+from core.training import Objective, Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
+
+
+@dataclass
+class TransformerArgs:
+    dataset_path: Path
+    lr_codebook_path: Path  # the coarse level's codebook (the seed's "low resolution")
+    hr_codebook_path: Path  # the fine level's codebook, whose tokens the model predicts
+    options: TrainOptions
+    base: bool = False  # the base (decoder-only) model; otherwise a cascade model
+    config_path: Path | None = None
+    decoder_path: Path | None = None  # for sample grids
+    init_from: Path | None = None  # a transformer artifact or a run's checkpoint.safetensors
+    load_optim: bool = False  # with init_from a checkpoint: keep its optimizer state too
+    use_checkpointing: bool = False  # activation checkpointing
+    test_num_sample: int = 8  # images per sample grid (0: none)
+    temperature: float = 1.0  # of the sample grids
+    eval_items: int = 1000
+
+
+def tokenize_all(codebook: SOMCodebook, fmaps: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    return torch.cat([codebook.tokenize(chunk) for chunk in fmaps.split(batch_size)])
+
+
+def condition_counts(labels: torch.Tensor, cond_tokens: torch.Tensor, shape: TokenShape) -> torch.Tensor:
+    """How often each condition token occurs with each label (rows 0..L-1) and overall (row L): the base
+    level draws its condition token from this at sampling."""
+    counts = torch.zeros(shape.num_labels + 1, shape.coarse_vocab, dtype=torch.long)
+    labelled = labels >= 0
+    counts.index_put_((labels[labelled], cond_tokens[labelled]), torch.ones(int(labelled.sum()), dtype=torch.long),
+                      accumulate=True)
+    counts[shape.num_labels] = torch.bincount(cond_tokens, minlength=shape.coarse_vocab)
+    return counts
+
+
+def null_labels(labels: torch.Tensor, shape: TokenShape) -> torch.Tensor:
+    """Dataset labels (-1 = none) as model label ids (the null id for none)."""
+    return torch.where(labels >= 0, labels, torch.full_like(labels, shape.null_label))
+
+
+def drop_labels(labels: torch.Tensor, rate: float, null_label: int) -> torch.Tensor:
+    """Replace a `rate` share of labels by the null label, so that the model also learns to generate
+    without one (classifier-free guidance needs both)."""
+    return torch.where(torch.rand(labels.shape) < rate, torch.full_like(labels, null_label), labels)
+
+
+@dataclass
+class TokenData:
+    """A feature-map dataset read as the tokens of two codebook levels."""
+    data: Dataset
+    coarse_book: SOMCodebook
+    fine_book: SOMCodebook
+    coarse_tokens: torch.Tensor  # (N, coarse_len)
+    fine_tokens: torch.Tensor  # (N, fine_len)
+    shape: TokenShape
+
+
+def load_token_data(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, base: bool) -> TokenData:
+    data, _ = load_fmap_dataset(dataset_path)
+    coarse_book, _ = load_codebook(lr_codebook_path)
+    fine_book, _ = load_codebook(hr_codebook_path)
+    check_fits(coarse_book.cfg, data.items.shape[1:], lr_codebook_path, dataset_path)
+    check_fits(fine_book.cfg, data.items.shape[1:], hr_codebook_path, dataset_path)
+    if base and coarse_book.cfg.num_patches != 1:
+        raise PipelineError(f"--train-base-model needs a condition codebook (patch = the whole map) as "
+                            f"--lr-codebook-path; {lr_codebook_path} cuts each map into {coarse_book.cfg.num_patches} patches")
+    coarse_tokens, fine_tokens = tokenize_all(coarse_book, data.items), tokenize_all(fine_book, data.items)
+    shape = TokenShape("base" if base else "cascade", coarse_book.cfg.num_embeddings, fine_book.cfg.num_embeddings,
+                       coarse_tokens.shape[1], fine_tokens.shape[1], len(data.label_names), data.label_names)
+    return TokenData(data, coarse_book, fine_book, coarse_tokens, fine_tokens, shape)
+
+
+def adopt_labels(tokens: TokenData, label_names: list[str]) -> TokenData:
+    """Re-express the data's labels in another model's label list (for fine-tuning it); a label that
+    model does not know becomes no label, so that the model learns it as its unconditional output."""
+    shape = replace(tokens.shape, num_labels=len(label_names), label_names=list(label_names))
+    return replace(tokens, data=tokens.data.relabelled(label_names), shape=shape)
+
+
+def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, device: torch.device,
+              eval_items: int = 1000) -> Objective:
+    """The transformer's batch (random windows of training sequences), loss (next-token cross-entropy)
+    and evaluation (held-out loss and accuracy over whole sequences)."""
+    train_ids, eval_ids = (~tokens.data.is_heldout).nonzero().flatten(), tokens.data.eval_ids(eval_items)
+    labels = null_labels(tokens.data.labels, shape)
+    coarse_tokens, fine_tokens = tokens.coarse_tokens, tokens.fine_tokens
+    fine_inputs = decoder_input(fine_tokens, shape.start_token)
+    window = cfg.sliding_window if cfg.use_sliding_window else shape.fine_len  # = TokenTransformer.window()
+
+    def get_batch(indices: torch.Tensor) -> dict:
+        ids = train_ids[indices]
+        batch_labels = drop_labels(labels[ids], cfg.label_dropout, shape.null_label)
+        starts = torch.randint(0, shape.fine_len - window + 1, (len(ids), 1))  # all zero when the window fits
+        positions = starts + torch.arange(window)
+        batch = {"labels": batch_labels, "coarse": coarse_tokens[ids], "input": fine_inputs[ids].gather(1, positions),
+                 "positions": positions, "targets": fine_tokens[ids].gather(1, positions)}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def loss_fn(net, batch: dict, step: int) -> torch.Tensor:
+        logits = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1))
+
+    def evaluate(net: TokenTransformer) -> dict:
+        total_loss, correct, count = 0.0, 0, 0
+        for chunk in eval_ids.split(250):
+            targets = fine_tokens[chunk].to(device)
+            logits = sequence_logits(net, labels[chunk].to(device), coarse_tokens[chunk].to(device), targets)
+            total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                          reduction="sum").item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            count += targets.numel()
+        return {"heldout_loss": total_loss / count, "heldout_accuracy": correct / count}
+
+    return Objective(len(train_ids), get_batch, loss_fn, evaluate, items_per_batch=lambda batch: batch["targets"].numel())
+
+
+def build_model(cfg: TransformerConfig, shape: TokenShape, args: TransformerArgs, start) -> TokenTransformer:
+    """The model to train: fresh, or with the weights of the --init-from artifact or checkpoint."""
+    model = TokenTransformer(cfg, shape)
+    model.use_checkpointing = args.use_checkpointing
+    if start is not None:
+        load_state(model, start.tensors, args.init_from, prefix="model." if start.kind == "checkpoint" else "")
+        if args.load_optim and start.kind != "checkpoint":
+            raise PipelineError(f"--load-optim needs --model-path to be a run's checkpoint.safetensors; "
+                                f"{args.init_from} is a {start.kind} artifact, which holds no optimizer state")
+    elif args.load_optim:
+        raise PipelineError("--load-optim needs --model-path (a run's checkpoint.safetensors)")
+    return model
+
+
+def sample_grids(args: TransformerArgs, tokens: TokenData, shape: TokenShape, cond_counts: torch.Tensor | None,
+                 decoder: Autoencoder | None, device: torch.device):
+    """The preview hook: grids whose rows are real held-out images, their decoded coarse level, and
+    samples drawn given it. None without a decoder."""
+    if decoder is None:
+        return None
+    decoder.to(device)
+    ids = tokens.data.eval_ids(args.eval_items)[:args.test_num_sample]
+    real = load_source_images(tokens.data.take(ids)).float() / 127.5 - 1
+    labels = null_labels(tokens.data.labels, shape)[ids]
+
+    def preview(net: TokenTransformer, step: int) -> None:
+        generator = torch.Generator().manual_seed(args.options.seed)
+        cond = tokens.coarse_tokens[ids]
+        if args.base:  # draw the condition token as generation does: from the label's recorded distribution
+            cond = torch.multinomial(cond_counts[labels].float() + 1e-9, 1, generator=generator)
+        sampled = sample_tokens(net, labels.to(device), cond.to(device), temperature=args.temperature,
+                                generator=generator)
+        decode = lambda book, codes: decoder.decoder(book.to(device).lookup(codes.to(device))).cpu()
+        grid = torch.cat([real, decode(tokens.coarse_book, cond), decode(tokens.fine_book, sampled)])
+        save_image_grid(grid, args.options.out_dir / "samples" / f"samples_{step:07d}.png", columns=len(ids))
+    return preview
+
+
+def run(args: TransformerArgs) -> Path:
+    """Train a base or cascade transformer; returns the artifact's path."""
+    options = args.options
+    cfg = load_config(TransformerConfig, args.config_path)
+    tokens = load_token_data(args.dataset_path, args.lr_codebook_path, args.hr_codebook_path, args.base)
+    start = load_artifact(args.init_from, (TRANSFORMER, "checkpoint")) if args.init_from is not None else None
+    if start is not None:  # fine-tuning keeps the labels the model knows
+        tokens = adopt_labels(tokens, start.config["shape"]["label_names"])
+    # built before the seed is set, so that sample grids do not change the training's random numbers
+    decoder = load_autoencoder(args.decoder_path)[0] if args.decoder_path and args.test_num_sample else None
+
+    env = setup_run(options.device, options.seed)
+    run_config = claim_out_dir(options.out_dir, {"transformer": to_dict(cfg), "shape": tokens.shape.to_record()},
+                               options.resume, options.overwrite, env)
+    cfg = config_from_dict(TransformerConfig, run_config["transformer"])
+    shape = TokenShape.from_record(run_config["shape"])
+    model = build_model(cfg, shape, args, start)
+    task = objective(cfg, shape, tokens, env.device, args.eval_items)
+    train_ids = (~tokens.data.is_heldout).nonzero().flatten()
+    cond_counts = (condition_counts(tokens.data.labels[train_ids], tokens.coarse_tokens[train_ids, 0], shape)
+                   if args.base else None)
+    preview = sample_grids(args, tokens, shape, cond_counts, decoder, env.device)
+    artifact_path = options.out_dir / "model.safetensors"
+    inputs = [file_record(p) for p in (args.dataset_path, args.lr_codebook_path, args.hr_codebook_path,
+                                       args.decoder_path, args.init_from) if p]
+    extra = {"lr_codebook": file_record(args.lr_codebook_path), "hr_codebook": file_record(args.hr_codebook_path)}
+
+    def export(net: TokenTransformer, step: int) -> None:
+        save_transformer(artifact_path, net, {"stage": "train_transformer", "inputs": inputs, "step": step},
+                         extra, cond_counts)
+
+    train_args = options.for_stage(stage="train_transformer", lr=cfg.model_lr, warmup_steps=cfg.warmup_steps,
+                                   weight_decay=cfg.weight_decay, config=run_config)
+    Trainer(env, model, task, train_args, export=export, preview=preview,
+            optimizer_from=args.init_from if args.load_optim else None).fit()
+    finish_run(env)
+    return artifact_path

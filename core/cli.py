@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from core.console import console, errors
 from core.errors import Interrupted, PipelineError
 from core.training import TrainOptions
 
-# under torchrun only rank 0 reports progress and results; every rank reports its errors
-console = Console(stderr=True, soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0")
-errors = Console(stderr=True, soft_wrap=True)
+__all__ = ["console", "errors"]  # the scripts print through these
 
 
 def make_app(help: str) -> typer.Typer:

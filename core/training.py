@@ -9,7 +9,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from core.artifacts import atomic_write_bytes, atomic_write_json, load_artifact, load_state, save_artifact, state_tensors
+from core.console import notice
 from core.errors import Interrupted, PipelineError
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -98,16 +99,34 @@ def claim_out_dir(out_dir: Path, config: dict, resume: bool, overwrite: bool, en
     return chosen
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested settings as one level of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_diff(old: dict, new: dict, shown: int = 3) -> str:
+    """The settings that differ, old -> new, e.g. "transformer.sliding_window: 256 -> 16"."""
+    old, new = flatten(old), flatten(new)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, "<none>") != new.get(k, "<none>")]
+    shorten = lambda v: v if len(v) <= 40 else v[:37] + "..."
+    parts = [f"{k}: {shorten(json.dumps(old.get(k)))} -> {shorten(json.dumps(new.get(k)))}" for k in changed[:shown]]
+    return ", ".join(parts) + (f" and {len(changed) - shown} more" if len(changed) > shown else "")
+
+
 def _decide_claim(out_dir: Path, run_file: Path, config: dict, resume: bool, overwrite: bool) -> tuple[dict, bool]:
     """The config to train with, and whether the out dir starts a fresh run."""
     if run_file.exists() and not overwrite:
         saved = json.loads(run_file.read_text())["config"]
         if saved == config or resume:
             return saved, False
-        changed = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
-        diff = ", ".join(f"{k}: {json.dumps(saved.get(k))} -> {json.dumps(config.get(k))}" for k in changed[:3])
-        raise PipelineError(f"{out_dir} holds a run with another config ({diff}); pass --resume to continue "
-                            "it with its saved config, or --overwrite to start over")
+        raise PipelineError(f"{out_dir} holds a run with another config ({config_diff(saved, config)}); pass "
+                            "--resume to continue it with its saved config, or --overwrite to start over")
     if resume and not run_file.exists():
         raise PipelineError(f"--resume: {out_dir} holds no run to resume")
     return config, True
@@ -194,9 +213,15 @@ class Trainer:
         if args.batch_size % env.world_size:
             raise PipelineError(f"--batch-size {args.batch_size} does not split evenly over {env.world_size} processes")
         self.num_items = objective.num_items
+        if args.batch_size > self.num_items:  # a small folder: every step sees all of it
+            usable = self.num_items - self.num_items % env.world_size
+            if usable == 0:
+                raise PipelineError(f"the dataset has {self.num_items} training items, fewer than the "
+                                    f"{env.world_size} processes")
+            notice(f"--batch-size {args.batch_size} is more than the {self.num_items} training items: "
+                   f"batches of {usable}")
+            args = self.args = replace(args, batch_size=usable)
         self.steps_per_epoch = self.num_items // args.batch_size
-        if self.steps_per_epoch == 0:
-            raise PipelineError(f"the dataset has {self.num_items} training items, fewer than --batch-size {args.batch_size}")
         total = args.max_epoch * self.steps_per_epoch
         self.total_steps = min(total, args.max_steps) if args.max_steps > 0 else total
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -278,6 +303,14 @@ class Trainer:
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
         atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
+    def _record_batch_size(self) -> None:
+        """run.json keeps the batch size the run trains with (it may have been clipped to the data)."""
+        run_file = self.out_dir / RUN_FILE
+        if self.env.is_main and run_file.exists():
+            run = json.loads(run_file.read_text())
+            if run.get("batch_size") != self.args.batch_size:
+                atomic_write_json(run_file, {**run, "batch_size": self.args.batch_size})
+
     # -- signals
 
     def _request_stop(self, signum, frame) -> None:
@@ -319,6 +352,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to total_steps (continuing from a checkpoint if there is one). Returns the last step."""
         resumed = self.restore_checkpoint()
+        self._record_batch_size()
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
         try:

@@ -216,7 +216,13 @@ class TokenTransformer(nn.Module):
         return block(x, memory, cache)
 
     def window(self) -> int:
-        return self.cfg.sliding_window if self.cfg.use_sliding_window else self.shape.fine_len
+        return sequence_window(self.cfg, self.shape.fine_len)
+
+
+def sequence_window(cfg: TransformerConfig, length: int) -> int:
+    """Decoder tokens read at once: the sliding window, or the whole sequence when there is no window or
+    the window is longer than the sequence (the seed's meaning: no sliding needed)."""
+    return min(cfg.sliding_window, length) if cfg.use_sliding_window else length
 
 
 def decoder_input(fine_tokens: torch.Tensor, start_token: int) -> torch.Tensor:

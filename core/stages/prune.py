@@ -28,9 +28,20 @@ def prune(codebook: SOMCodebook, counts: torch.Tensor, threshold: int) -> tuple[
     """The codebook without the units of fewer than `threshold` best-match uses, and the remap."""
     kept = (counts >= threshold).nonzero().flatten()
     if len(kept) < 2:
-        raise PipelineError(f"--prune-threshold {threshold} keeps {len(kept)} of {len(counts)} units; "
-                            f"the most used unit has {int(counts.max())} uses")
+        suggested, units = threshold_for_share(counts, 0.9)
+        raise PipelineError(f"--prune-threshold {threshold} keeps {len(kept)} of {len(counts)} units (the most used "
+                            f"unit has {int(counts.max())} uses); --prune-threshold {suggested} would keep {units} "
+                            f"units, which serve 90% of the {int(counts.sum())} training patches")
     return keep_units(codebook, kept)
+
+
+def threshold_for_share(counts: torch.Tensor, share: float) -> tuple[int, int]:
+    """The highest threshold whose kept units are the best match for at least `share` of the patches, and
+    how many units it keeps (at least 2)."""
+    ordered = counts.sort(descending=True).values
+    needed = int((ordered.cumsum(0) < share * ordered.sum()).sum()) + 1
+    threshold = int(ordered[max(needed, 2) - 1])
+    return threshold, int((counts >= threshold).sum())
 
 
 def run(args: PruneArgs) -> dict:

@@ -17,7 +17,8 @@ from core.model_artifacts import TRANSFORMER, check_fits, load_autoencoder, load
 from core.models.autoencoder import Autoencoder
 from core.models.codebook import SOMCodebook
 from core.models.sampling import sample_tokens
-from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits
+from core.models.transformer import (TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits,
+                                     sequence_window)
 from core.pictures import save_image_grid
 from core.training import Objective, Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
 
@@ -106,7 +107,7 @@ def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, devi
     labels = null_labels(tokens.data.labels, shape)
     coarse_tokens, fine_tokens = tokens.coarse_tokens, tokens.fine_tokens
     fine_inputs = decoder_input(fine_tokens, shape.start_token)
-    window = cfg.sliding_window if cfg.use_sliding_window else shape.fine_len  # = TokenTransformer.window()
+    window = sequence_window(cfg, shape.fine_len)
 
     def get_batch(indices: torch.Tensor) -> dict:
         ids = train_ids[indices]

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import run_script
 
@@ -91,3 +92,23 @@ def test_an_out_dir_that_is_a_file_gets_one_line(tmp_path, script, args):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: --out-dir {taken} is a file, not a folder"]
     assert taken.read_text() == "keep me"
+
+
+def test_a_refusal_names_the_nested_keys_that_differ(tmp_path):
+    saved = {"transformer": {"sliding_window": 256, "in_dim": 512}, "shape": {"hr_len": 16}}
+    claim_out_dir(tmp_path, saved, resume=False, overwrite=False)
+    changed = {"transformer": {"sliding_window": 16, "in_dim": 512}, "shape": {"hr_len": 16}}
+    with pytest.raises(PipelineError) as refused:
+        claim_out_dir(tmp_path, changed, resume=False, overwrite=False)
+    message = str(refused.value).replace(str(tmp_path), "")
+    assert "(transformer.sliding_window: 256 -> 16)" in message and len(message) < 200
+
+
+def test_a_threshold_that_keeps_nothing_names_one_that_keeps_90_percent():
+    from core.models.codebook import CodebookConfig, SOMCodebook
+    from core.stages.prune import prune
+    codebook = SOMCodebook(CodebookConfig(image_H=2, image_W=2, image_C=1, patch_H=2, patch_W=2, num_embeddings=6))
+    counts = torch.tensor([50, 30, 10, 5, 3, 2])  # units 0-2 serve 90 of the 100 patches
+    with pytest.raises(PipelineError, match="--prune-threshold 10 would keep 3 units, which serve 90% of the 100"):
+        prune(codebook, counts, 1000)
+    assert prune(codebook, counts, 10)[0].cfg.num_embeddings == 3

@@ -5,6 +5,7 @@ from typing import Annotated, Optional
 import typer
 
 from core.cli import OutDir, Overwrite, Seed, console, entry, make_app, stage, track
+from core.errors import PipelineError
 from core.stages.dataset import DatasetArgs, run
 
 app = make_app(__doc__)
@@ -15,8 +16,11 @@ app = make_app(__doc__)
 def main(
     source: Annotated[Path, typer.Option(help="a folder of images (sub-folder name = label), a folder of idx files, one idx(.gz) file, or a dataset.json")],
     out_dir: OutDir,
-    size: Annotated[int, typer.Option(min=4, max=4096, help="images are resized to size x size")] = 32,
-    channels: Annotated[int, typer.Option(min=1, max=3, help="1 (grayscale) or 3 (RGB)")] = 1,
+    size: Annotated[int, typer.Option(min=4, max=4096, help="images are stored at size x size")] = 32,
+    channels: Annotated[Optional[int], typer.Option(min=1, max=3, help="1 (grayscale) or 3 (RGB); leave it out to "
+                                                                       "detect it (3 if any image has colour)")] = None,
+    fit: Annotated[str, typer.Option(help="an image of another size: pad (centred on its border colour; one that "
+                                          "fits keeps every pixel), crop (the centred square) or resize")] = "pad",
     limit: Annotated[Optional[int], typer.Option(min=1, help="keep at most N images (per split, for idx files)")] = None,
     holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="fraction held out for evaluation (folders; idx files use t10k)")] = 0.1,
     label: Annotated[Optional[list[str]], typer.Option(help="keep only images with this label (repeatable)")] = None,
@@ -26,16 +30,17 @@ def main(
     seed: Seed = 0,
     overwrite: Overwrite = False,
 ) -> None:
-    if channels not in (1, 3):
-        raise typer.BadParameter("--channels must be 1 or 3")
+    if channels not in (None, 1, 3):
+        raise PipelineError("--channels must be 1 or 3")
     if from_split not in (None, "train", "heldout"):
-        raise typer.BadParameter("--from-split must be train or heldout")
-    counts = run(DatasetArgs(source=source, out_dir=out_dir, size=size, channels=channels, limit=limit,
+        raise PipelineError("--from-split must be train or heldout")
+    counts = run(DatasetArgs(source=source, out_dir=out_dir, size=size, channels=channels, fit=fit, limit=limit,
                              holdout=holdout, seed=seed, strict=strict, overwrite=overwrite, labels=label,
                              from_split=from_split, train_count=train_count,
                              progress=lambda items: track(items, "images")))
-    console.print(f"wrote {out_dir / 'dataset.json'}: {counts['images']} images ({counts['train']} train, "
-                  f"{counts['heldout']} held out, {counts['labels']} labels), {counts['skipped']} skipped")
+    console.print(f"wrote {out_dir / 'dataset.json'}: {counts['images']} images of {counts['channels']} channel(s) "
+                  f"({counts['train']} train, {counts['heldout']} held out, {counts['labels']} labels), "
+                  f"{counts['skipped']} skipped")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from core.cli import BatchSize, Device, OutDir, Overwrite, Seed, console, entry, make_app, stage, track
+from core.errors import PipelineError
 from core.stages.generate import GenerateArgs, run
 
 app = make_app(__doc__)
@@ -26,7 +27,7 @@ def main(
     overwrite: Overwrite = False,
 ) -> None:
     if format not in ("png", "jpg"):
-        raise typer.BadParameter("--format must be png or jpg")
+        raise PipelineError("--format must be png or jpg")
     path = run(GenerateArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir,
                             num_images=num_images, seed=seed, batch_size=batch_size, fmt=format, device=device,
                             overwrite=overwrite, use_cache=not no_cache, progress=lambda items: track(items, "batches")))

@@ -157,3 +157,13 @@ def load_fmap_dataset(dataset_path: str | Path) -> tuple[Dataset, dict]:
 def load_source_images(fmap_data: Dataset) -> torch.Tensor:
     """The images the feature maps were made from (uint8), in the same order."""
     return read_image_files([fmap_data.path.parent / r["image_fpath"] for r in fmap_data.records])
+
+
+def crop_to_content(images: torch.Tensor, content_size: list[int] | None) -> torch.Tensor:
+    """Images (N, C, H, W) cut to their centred content box (width, height) as the dataset build placed it
+    (build_dataset.py --fit pad): padded images come back at their source's size."""
+    if not content_size:
+        return images
+    width, height = content_size
+    top, left = (images.shape[-2] - height) // 2, (images.shape[-1] - width) // 2
+    return images[..., top:top + height, left:left + width]

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import build_dataset, run_script
-from core.data import load_image_dataset
+from core.data import crop_to_content, load_image_dataset, read_records
 from core.errors import PipelineError
 from core.pictures import save_image_grid
 from core.stages.dataset import read_idx
@@ -19,7 +19,8 @@ def test_build_from_folder(tmp_path, image_folder):
     assert 0 < counts["heldout"] < 36
     raw = json.loads((out / "dataset.json").read_text())
     first = raw["_default"]["1"]
-    assert set(first) == {"image_fpath", "labels", "split"} and first["labels"] == ["bar"]
+    assert set(first) == {"image_fpath", "labels", "split", "source_size", "content_size"}
+    assert first["labels"] == ["bar"] and first["source_size"] == [16, 16] and first["content_size"] == [8, 8]
     assert Image.open(out / first["image_fpath"]).size == (8, 8)
     data = load_image_dataset(out / "dataset.json")
     assert data.items.shape == (72, 1, 8, 8) and data.items.dtype == torch.uint8
@@ -37,10 +38,57 @@ def test_build_rgb_and_limit(tmp_path, image_folder):
 def test_build_from_idx(tmp_path, idx_folder):
     out = tmp_path / "ds"
     counts = build_dataset(idx_folder, out, size=32, channels=1, holdout=0.5, seed=0)
-    assert counts == {"images": 50, "skipped": 0, "train": 40, "heldout": 10, "labels": 3}
+    assert counts == {"images": 50, "skipped": 0, "train": 40, "heldout": 10, "labels": 3, "channels": 1}
     data = load_image_dataset(out / "dataset.json")
     assert data.items.shape == (50, 1, 32, 32)
     assert data.labels.tolist()[:3] == [0, 1, 2]  # labels "0", "1", "2" keep their order
+
+
+def test_a_28_pixel_idx_source_lands_padded_not_resampled(tmp_path, idx_folder):
+    build_dataset(idx_folder, tmp_path / "ds", size=32, holdout=0.0)
+    data = load_image_dataset(tmp_path / "ds" / "dataset.json")
+    source = torch.from_numpy(read_idx(idx_folder / "train-images-idx3-ubyte.gz").copy())
+    assert torch.equal(data.items[:40, 0, 2:30, 2:30], source)  # every source pixel, unchanged
+    assert torch.equal(crop_to_content(data.items[:40], [28, 28])[:, 0], source)
+    info = read_records(tmp_path / "ds" / "dataset.json")[1]
+    assert info["fit"] == "pad" and info["source_size"] == info["content_size"] == [28, 28]
+
+
+@pytest.mark.parametrize("width,height", [(20, 13), (9, 32), (32, 32)])
+def test_pad_then_crop_gives_back_the_source_pixels(tmp_path, width, height):
+    rng = np.random.default_rng(width)
+    array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    (tmp_path / "src").mkdir()
+    Image.fromarray(array).save(tmp_path / "src" / "a.png")
+    build_dataset(tmp_path / "src", tmp_path / "ds", size=32, holdout=0.0)
+    info = read_records(tmp_path / "ds" / "dataset.json")[1]
+    stored = load_image_dataset(tmp_path / "ds" / "dataset.json").items
+    assert info["channels"] == 3 and info["content_size"] == [width, height]
+    assert torch.equal(crop_to_content(stored, info["content_size"])[0], torch.from_numpy(array).permute(2, 0, 1))
+
+
+def test_larger_images_are_letterboxed_cropped_or_resized(tmp_path):
+    (tmp_path / "src").mkdir()
+    Image.fromarray(np.full((40, 80), 200, np.uint8)).save(tmp_path / "src" / "wide.png")
+    for fit, content in (("pad", [32, 16]), ("crop", [32, 32]), ("resize", [32, 32])):
+        build_dataset(tmp_path / "src", tmp_path / fit, size=32, holdout=0.0, fit=fit)
+        records, info = read_records(tmp_path / fit / "dataset.json")
+        assert records[0]["source_size"] == [80, 40] and records[0]["content_size"] == content, fit
+    with pytest.raises(PipelineError, match="--fit must be one of pad, crop, resize"):
+        build_dataset(tmp_path / "src", tmp_path / "x", size=32, fit="stretch")
+
+
+def test_transparency_lies_on_white_and_grey_sources_stay_grey(tmp_path):
+    (tmp_path / "icons").mkdir()
+    icon = np.zeros((8, 8, 4), np.uint8)
+    icon[2:6, 2:6] = (255, 0, 0, 255)  # an opaque red square on a transparent ground
+    Image.fromarray(icon, "RGBA").save(tmp_path / "icons" / "a.png")
+    build_dataset(tmp_path / "icons", tmp_path / "ds", size=8, holdout=0.0)
+    stored = load_image_dataset(tmp_path / "ds" / "dataset.json").items[0]
+    assert stored[:, 0, 0].tolist() == [255, 255, 255] and stored[:, 3, 3].tolist() == [255, 0, 0]
+    (tmp_path / "grey").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "grey" / "a.png")  # RGB file, no colour
+    assert build_dataset(tmp_path / "grey", tmp_path / "g", size=8, holdout=0.0)["channels"] == 1
 
 
 def test_read_idx_matches_written(idx_folder):

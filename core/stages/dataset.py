@@ -24,12 +24,16 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dty
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
+FITS = ("pad", "crop", "resize")
+
+
 @dataclass
 class DatasetArgs:
     source: Path
     out_dir: Path
     size: int = 32
-    channels: int = 1
+    channels: int | None = None  # 1 or 3; None: 3 if any image has colour, else 1
+    fit: str = "pad"  # how an image of another size becomes size x size: one of FITS
     limit: int | None = None  # at most N images (per split, for idx files)
     holdout: float = 0.1  # the share held out (folders; idx files use t10k)
     seed: int = 0
@@ -81,6 +85,7 @@ class SourceItem:
     name: str  # shown in error messages
     split: str | None  # fixed by the source (idx train/t10k), or None to draw from the held-out fraction
     origin: str | None = None  # the split it had in its source (for --from-split)
+    sizes: tuple | None = None  # (source_size, content_size) recorded by an earlier build (dataset.json sources)
 
 
 def idx_items(pairs: list[tuple[str, Path, Path | None]], class_names: list[str] | None) -> list[SourceItem]:
@@ -118,7 +123,8 @@ def dataset_items(dataset_path: Path) -> list[SourceItem]:
     if records and "image_fpath" not in records[0]:
         raise PipelineError(f"{dataset_path}: expected an image dataset")
     return [SourceItem(lambda p=dataset_path.parent / r["image_fpath"]: Image.open(p),
-                       str(r["labels"][0]) if r.get("labels") else None, r["image_fpath"], None, r.get("split"))
+                       str(r["labels"][0]) if r.get("labels") else None, r["image_fpath"], None, r.get("split"),
+                       (r["source_size"], r["content_size"]) if "content_size" in r else None)
             for r in records]
 
 
@@ -144,12 +150,76 @@ def source_items(source: Path) -> list[SourceItem]:
 
 # ---------------------------------------------------------------- building dataset.json
 
-def prepare_image(image: Image.Image, size: int, channels: int) -> Image.Image:
-    image.load()  # decode now so that a truncated file fails here
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
+def flatten_alpha(image: Image.Image) -> Image.Image:
+    """An image with transparency composited onto white (icons and cut-outs are drawn for a light
+    background); others unchanged."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image
+
+
+def border_colour(image: Image.Image) -> int | tuple[int, ...]:
+    """The median colour of the image's outermost pixels: what padding fills with."""
+    array = np.asarray(image)
+    ring = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    median = np.median(ring, axis=0).round().astype(int)
+    return int(median) if median.ndim == 0 else tuple(int(v) for v in median)
+
+
+def fit_image(image: Image.Image, size: int, fit: str) -> tuple[Image.Image, tuple[int, int]]:
+    """The image as size x size, and the size of the part that holds it (its content box, centred).
+    pad: centred on its border colour, scaled down first (aspect kept) only if it does not fit: an
+    image that fits keeps every pixel. crop: the centred square, resized only if it is not size x size.
+    resize: resampled to size x size."""
+    width, height = image.size
+    if fit == "resize":
+        return image.resize((size, size), Image.Resampling.BICUBIC) if image.size != (size, size) else image, (size, size)
+    if fit == "crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        square = image.crop((left, top, left + side, top + side))
+        return square.resize((size, size), Image.Resampling.BICUBIC) if side != size else square, (size, size)
+    if width > size or height > size:
+        scale = size / max(width, height)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+        width, height = image.size
+    canvas = Image.new(image.mode, (size, size), border_colour(image))
+    canvas.paste(image, ((size - width) // 2, (size - height) // 2))
+    return canvas, (width, height)
+
+
+def has_colour(image: Image.Image) -> bool:
+    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return False
+    array = np.asarray(flatten_alpha(image).convert("RGB")).astype(np.int16)
+    return bool((np.abs(array[..., 0] - array[..., 1]) + np.abs(array[..., 1] - array[..., 2])).max() > 8)
+
+
+def detect_channels(items: list[SourceItem], sample: int = 200) -> int:
+    """3 if any of (up to) `sample` images spread over the source has colour, else 1."""
+    step = max(1, len(items) // sample)
+    for item in items[::step]:
+        try:
+            if has_colour(item.load()):
+                return 3
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            continue  # the build itself counts (or refuses) unreadable images
+    return 1
+
+
+def prepare_image(image: Image.Image, size: int, channels: int, fit: str) -> tuple[Image.Image, tuple[int, int]]:
+    """The image as stored, and its content box (see fit_image)."""
+    image.load()  # decode now so that a truncated file fails here
+    image = flatten_alpha(image).convert("L" if channels == 1 else "RGB")
+    return fit_image(image, size, fit)
+
+
+def common_size(records: list[dict], key: str) -> list[int] | None:
+    """The value of `key` shared by every record, or None when they differ."""
+    values = {tuple(r[key]) for r in records}
+    return list(values.pop()) if len(values) == 1 else None
 
 
 def run(args: DatasetArgs) -> dict:
@@ -175,6 +245,9 @@ def run(args: DatasetArgs) -> dict:
                  for i, item in enumerate(items)]
     if limit is not None:
         items = _limit_per_split(items, limit)
+    if args.fit not in FITS:
+        raise PipelineError(f"--fit must be one of {', '.join(FITS)}, got '{args.fit}'")
+    channels = channels or detect_channels(items)
     rng = random.Random(args.seed)
     image_dir = out_dir / "images"
     staging = out_dir / ".images.partial"
@@ -183,7 +256,11 @@ def run(args: DatasetArgs) -> dict:
     records, skipped = [], 0
     for i, item in enumerate(args.progress(items)):
         try:
-            image = prepare_image(item.load(), size, channels)
+            source_image = item.load()
+            source_size = source_image.size
+            image, content_size = prepare_image(source_image, size, channels, args.fit)
+            if item.sizes and source_size == (size, size):  # a stored image kept as it is: its origin stays
+                source_size, content_size = item.sizes
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             if strict:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -195,14 +272,16 @@ def run(args: DatasetArgs) -> dict:
         name = f"{i:06d}.png"
         image.save(staging / name)
         records.append({"image_fpath": f"images/{name}", "labels": [item.label] if item.label else [],
-                        "split": split})
+                        "split": split, "source_size": list(source_size), "content_size": list(content_size)})
     if not records:
         shutil.rmtree(staging, ignore_errors=True)
         raise PipelineError(f"{source}: no readable images ({skipped} skipped)")
     shutil.rmtree(image_dir, ignore_errors=True)
     staging.rename(image_dir)
-    write_dataset_json(dataset_path, records, {"size": size, "channels": channels, "source": str(source)})
-    counts = {"images": len(records), "skipped": skipped,
+    write_dataset_json(dataset_path, records, {"size": size, "channels": channels, "source": str(source),
+                                               "fit": args.fit, "source_size": common_size(records, "source_size"),
+                                               "content_size": common_size(records, "content_size")})
+    counts = {"images": len(records), "skipped": skipped, "channels": channels,
               "train": sum(r["split"] == "train" for r in records),
               "heldout": sum(r["split"] == "heldout" for r in records),
               "labels": len({r["labels"][0] for r in records if r["labels"]})}

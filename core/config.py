@@ -41,6 +41,11 @@ def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise PipelineError(f"{source}: '{name}' must be a string, got {json.dumps(value)}")
         return value
+    if kind in ("int|None", "int|str"):  # an integer, or null / a word the field documents
+        other = None if kind == "int|None" else str
+        if value is None and other is None or other is str and isinstance(value, str):
+            return value
+        return _check_type(name, value, "int", source)
     if kind == "list[str]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise PipelineError(f"{source}: '{name}' must be a list of strings, got {json.dumps(value)}")
@@ -63,10 +68,11 @@ def config_from_dict(cls: type[T], data: dict, source: str = "config") -> T:
             continue
         value = _check_type(name, data[name], f.type, source)
         low, high, choices = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("choices")
-        if choices is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             raise PipelineError(f"{source}: '{name}' is {json.dumps(value)}, expected one of "
                                 f"{', '.join(json.dumps(c) for c in choices)}")
-        if low is not None and value < low or high is not None and value > high:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and (low is not None and value < low or high is not None and value > high):
             bounds = f"between {low} and {high}" if low is not None and high is not None else (
                 f"at least {low}" if low is not None else f"at most {high}")
             raise PipelineError(f"{source}: '{name}' is {value}, must be {bounds}")

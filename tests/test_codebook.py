@@ -119,7 +119,7 @@ def test_patch_must_tile_the_map():
     from core.config import config_from_dict
     from core.errors import PipelineError
     with pytest.raises(PipelineError, match="patch 3x3 does not tile the feature map 8x8"):
-        config_from_dict(CodebookConfig, {"patch_H": 3, "patch_W": 3})
+        config_from_dict(CodebookConfig, {"image_H": 8, "image_W": 8, "patch_H": 3, "patch_W": 3})
 
 
 @pytest.fixture
@@ -204,3 +204,27 @@ def test_codebook_for_other_maps_is_refused(tmp_path, fmap_dataset):
 def test_image_dataset_is_not_a_fmap_dataset(tmp_path, tiny_dataset):
     result = run_script("train_codebook.py", "--dataset-path", tiny_dataset, "--out-dir", tmp_path / "cb")
     assert result.returncode == 2 and "expected a feature-map dataset" in result.stderr
+
+
+def test_a_config_without_shape_keys_takes_the_maps_shape(tmp_path, fmap_dataset):
+    path, _ = fmap_dataset
+    config = tmp_path / "cb.json"
+    for name, patch, tokens in (("cond", "map", 1), ("fine", 2, 16)):
+        config.write_text(json.dumps({"patch_H": patch, "patch_W": patch, "num_embeddings": 8}))
+        result = run_script("train_codebook.py", "--dataset-path", path, "--config-path", config,
+                            "--out-dir", tmp_path / name, "--max-steps", "3", "--batch-size", "8")
+        assert result.returncode == 0, result.stderr
+        codebook, artifact = load_codebook(tmp_path / name / "codebook.safetensors")
+        assert codebook.cfg.fmap_shape == (2, 8, 8) and codebook.cfg.num_patches == tokens
+        assert artifact.config["image_H"] == 8  # the artifact holds the sizes it was made for
+
+
+def test_a_wrong_shape_given_explicitly_fails_in_one_line(tmp_path, fmap_dataset):
+    path, _ = fmap_dataset
+    config = tmp_path / "cb.json"
+    config.write_text(json.dumps({"image_H": 32, "image_W": 32, "image_C": 4, "patch_H": 8, "patch_W": 8}))
+    result = run_script("train_codebook.py", "--dataset-path", path, "--config-path", config, "--out-dir", tmp_path / "c")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {config}: image_C 4, image_H 32, image_W 32, but {path} holds feature maps of shape (2, 8, 8) "
+        "(C, H, W); leave image_C/H/W out to take them from the data"]
+    assert not (tmp_path / "c").exists()

@@ -15,7 +15,7 @@ ACTIVATIONS = ("silu", "relu", "gelu", "leaky_relu", "tanh", "sigmoid", "identit
 @dataclass
 class AutoencoderConfig:
     model_lr: float = option(2e-3, low=1e-7, high=1.0)
-    image_channel: int = option(1, choices=(1, 3))
+    image_channel: int | None = option(None, choices=(1, 3), doc="1 or 3 (null: from the data)")
     min_channel: int = option(32, low=1, high=4096)
     max_channel: int = option(64, low=1, high=4096)
     num_layers: int = option(2, low=0, high=8, doc="down-samplings by 2: the map is H/2^num_layers")

@@ -19,14 +19,19 @@ from core.config import option
 from core.models.clustering import kmeans_plus_plus
 
 
+WHOLE_MAP = "map"  # a patch as large as the feature map: one token per image (the condition codebook)
+
+
 @dataclass
 class CodebookConfig:
+    """The feature map's shape (image_H/W/C, the seed's names) is taken from the data when left out; a
+    patch size of "map" is the whole map."""
     model_lr: float = option(5e-3, low=1e-7, high=10.0)
-    image_H: int = option(8, low=1, high=4096, doc="feature map height")
-    image_W: int = option(8, low=1, high=4096, doc="feature map width")
-    image_C: int = option(4, low=1, high=4096, doc="feature map channels")
-    patch_H: int = option(8, low=1, high=4096)
-    patch_W: int = option(8, low=1, high=4096)
+    image_H: int | None = option(None, low=1, high=4096, doc="feature map height (null: from the data)")
+    image_W: int | None = option(None, low=1, high=4096, doc="feature map width (null: from the data)")
+    image_C: int | None = option(None, low=1, high=4096, doc="feature map channels (null: from the data)")
+    patch_H: int | str = option(8, low=1, high=4096, doc='patch height, or "map" for the whole map')
+    patch_W: int | str = option(8, low=1, high=4096, doc='patch width, or "map" for the whole map')
     num_embeddings: int = option(256, low=2, high=16384)
     neighbourhood_step: int = option(200, low=1, high=10**9, doc="steps between shrinks of the radius")
     neighbourhood_radius: float = option(2.0, low=0.0, high=4096.0, doc="starting radius on the unit grid")
@@ -34,10 +39,33 @@ class CodebookConfig:
     warmup_steps: int = option(0, low=0, high=10**7)
 
     def check(self) -> str | None:
-        if self.image_H % self.patch_H or self.image_W % self.patch_W:
+        for name in ("patch_H", "patch_W"):
+            if isinstance(getattr(self, name), str) and getattr(self, name) != WHOLE_MAP:
+                return f"'{name}' is {getattr(self, name)!r}: a number, or \"{WHOLE_MAP}\" for the whole map"
+        sizes = (self.image_H, self.image_W, self.patch_H, self.patch_W)
+        if all(isinstance(v, int) for v in sizes) and (self.image_H % self.patch_H or self.image_W % self.patch_W):
             return (f"patch {self.patch_H}x{self.patch_W} does not tile the feature map "
                     f"{self.image_H}x{self.image_W}")
         return None
+
+    @property
+    def is_resolved(self) -> bool:
+        """Every size is a number (a codebook can be built from it)."""
+        return all(isinstance(getattr(self, k), int) for k in ("image_H", "image_W", "image_C", "patch_H", "patch_W"))
+
+    def mismatch(self, fmap_shape: tuple[int, int, int]) -> str | None:
+        """What, of the sizes given, contradicts feature maps of shape (C, H, W)."""
+        given = {k: getattr(self, k) for k in ("image_C", "image_H", "image_W") if getattr(self, k) is not None}
+        wrong = [f"{k} {v}" for (k, v), actual in zip(given.items(), fmap_shape) if v != actual]
+        return ", ".join(wrong) or None
+
+    def resolved(self, fmap_shape: tuple[int, int, int]) -> "CodebookConfig":
+        """This config with the map's sizes filled in from its shape (C, H, W), and "map" patches made
+        numbers."""
+        channels, height, width = fmap_shape
+        return replace(self, image_C=channels, image_H=height, image_W=width,
+                       patch_H=height if self.patch_H == WHOLE_MAP else self.patch_H,
+                       patch_W=width if self.patch_W == WHOLE_MAP else self.patch_W)
 
     @property
     def fmap_shape(self) -> tuple[int, int, int]:

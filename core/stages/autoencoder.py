@@ -1,7 +1,7 @@
 """The autoencoder stage: train the convolutional autoencoder on a dataset's training images."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,9 +27,9 @@ class AutoencoderArgs:
 
 def load_images(dataset_path: Path, cfg: AutoencoderConfig) -> Dataset:
     data = load_image_dataset(dataset_path)
-    if data.items.shape[1] != cfg.image_channel:
+    if cfg.image_channel is not None and data.items.shape[1] != cfg.image_channel:
         raise PipelineError(f"config image_channel is {cfg.image_channel}, but {dataset_path} holds "
-                            f"{data.items.shape[1]}-channel images")
+                            f"{data.items.shape[1]}-channel images (leave image_channel out to take it from the data)")
     return data
 
 
@@ -56,6 +56,7 @@ def run(args: AutoencoderArgs) -> Path:
     options = args.options
     cfg = load_config(AutoencoderConfig, args.config_path)
     data = load_images(args.dataset_path, cfg)
+    cfg = replace(cfg, image_channel=data.items.shape[1])
     env = setup_run(options.device, options.seed)
     cfg = config_from_dict(AutoencoderConfig, claim_out_dir(options.out_dir, to_dict(cfg), options.resume,
                                                             options.overwrite, env))

@@ -9,6 +9,7 @@ import torch
 from core.artifacts import file_record, load_state, state_tensors
 from core.config import config_from_dict, load_config, to_dict
 from core.data import Dataset, load_fmap_dataset, load_source_images, to_float
+from core.errors import PipelineError
 from core.model_artifacts import check_fits, load_autoencoder, load_codebook, save_codebook
 from core.models.autoencoder import psnr
 from core.models.codebook import CodebookConfig, SOMCodebook, quantize, usage_counts, usage_stats
@@ -24,6 +25,20 @@ class CodebookArgs:
     decoder_path: Path | None = None  # for decoded previews and PSNR
     init_from: Path | None = None
     eval_items: int = 1000
+
+
+def resolve_shape(cfg: CodebookConfig, fmap_shape: tuple[int, int, int], config_source, dataset_path: Path
+                  ) -> CodebookConfig:
+    """The config with the feature map's shape taken from the data; sizes the config gives must agree."""
+    wrong = cfg.mismatch(fmap_shape)
+    if wrong:
+        raise PipelineError(f"{config_source}: {wrong}, but {dataset_path} holds feature maps of shape "
+                            f"{fmap_shape} (C, H, W); leave image_C/H/W out to take them from the data")
+    resolved = cfg.resolved(fmap_shape)
+    problem = resolved.check()
+    if problem:
+        raise PipelineError(f"{config_source}: {problem}")
+    return resolved
 
 
 def objective(data: Dataset, device: torch.device, eval_items: int = 1000) -> Objective:
@@ -44,9 +59,9 @@ def objective(data: Dataset, device: torch.device, eval_items: int = 1000) -> Ob
 def run(args: CodebookArgs) -> Path:
     """Train a SOM codebook on the training split of a feature-map dataset; returns the artifact's path."""
     options = args.options
-    cfg = load_config(CodebookConfig, args.config_path)
     data, _ = load_fmap_dataset(args.dataset_path)
-    check_fits(cfg, data.items.shape[1:], args.config_path or "the default codebook config", args.dataset_path)
+    cfg = resolve_shape(load_config(CodebookConfig, args.config_path), tuple(data.items.shape[1:]),
+                        args.config_path or "the default codebook config", args.dataset_path)
     decoder = load_autoencoder(args.decoder_path)[0] if args.decoder_path else None
     env = setup_run(options.device, options.seed)
     cfg = config_from_dict(CodebookConfig, claim_out_dir(options.out_dir, to_dict(cfg), options.resume,

@@ -9,7 +9,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -138,12 +138,36 @@ def _decide_claim(out_dir: Path, run_file: Path, config: dict, resume: bool, ove
 class Objective:
     """What a stage trains on, built without training: how many training items there are, a batch of
     them by index, the loss of a model on a batch, and the model's held-out evaluation (a dict of
-    metrics). Training and fine-tuning (compression) use the same one."""
+    metrics). Training and fine-tuning (compression) use the same one. `metric` names the evaluation's
+    figure that chooses the checkpoint to keep; `heldout` is false when the data has no held-out split
+    and the evaluation falls back to training items."""
     num_items: int
     get_batch: Callable[[torch.Tensor], object]
     loss_fn: Callable[[torch.nn.Module, object, int], torch.Tensor]
     evaluate: Callable[[torch.nn.Module], dict]
     items_per_batch: Callable[[object], int] | None = None
+    metric: str | None = None
+    higher_is_better: bool = False
+    heldout: bool = True
+
+
+@dataclass
+class Best:
+    """The checkpoint whose held-out figure is the best so far: its artifact is the one a stage keeps."""
+    value: float | None = None
+    step: int = 0
+    train_loss: float | None = None  # the mean training loss over the steps before it
+
+    def improved_by(self, value: float, higher_is_better: bool) -> bool:
+        return self.value is None or (value > self.value if higher_is_better else value < self.value)
+
+    def worse_by(self, value: float, higher_is_better: bool) -> float:
+        """How much worse `value` is than the best, as a share of the best (0 when not worse)."""
+        change = (self.value - value) if higher_is_better else (value - self.value)
+        return max(0.0, change) / max(abs(self.value), 1e-12)
+
+
+OVERFIT_SHARE = 0.02  # a held-out figure this much worse than its best, while the training loss falls
 
 
 @dataclass(frozen=True)
@@ -231,6 +255,8 @@ class Trainer:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.step = 0
+        self.best = Best()
+        self.interval_losses: list[float] = []  # training losses since the last checkpoint
         self.stop_requested = False
         self.out_dir = args.out_dir
         self.metrics_path = self.out_dir / METRICS
@@ -253,7 +279,8 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available() and self.env.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.env.device)
-        extra = {"step": self.step, "param_groups": optim["param_groups"], "optim_scalars": scalars}
+        extra = {"step": self.step, "param_groups": optim["param_groups"], "optim_scalars": scalars,
+                 "best": asdict(self.best)}
         save_artifact(self.out_dir / CHECKPOINT, tensors, "checkpoint", self.args.config,
                       {"stage": self.args.stage, "step": self.step}, extra)
 
@@ -270,6 +297,7 @@ class Trainer:
         if "rng.cuda" in ckpt.tensors and self.env.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], self.env.device)
         self.step = int(ckpt.extra["step"])
+        self.best = Best(**ckpt.extra.get("best", {}))
         self._truncate_metrics()
         return True
 
@@ -336,6 +364,8 @@ class Trainer:
         return batch[self.env.rank::self.env.world_size]
 
     def checkpoint(self, final: bool = False) -> None:
+        """Evaluate, export the artifact if this is the best checkpoint so far (or if the objective names no
+        figure to choose by), warn when the model starts to memorize, and write the resume checkpoint."""
         if self.env.is_main:
             self.model.eval()
             with torch.no_grad():
@@ -343,16 +373,47 @@ class Trainer:
                 if self.preview is not None:
                     record.update(self.preview(self.model, self.step) or {})
             self.model.train()
+            train_loss = sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else None
+            self.interval_losses = []
+            keep = self._judge(record, train_loss)
             if record:
-                self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **record})
-            if self.export is not None:
+                self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **record,
+                          "train_loss": train_loss, "best_step": self.best.step})
+            if keep and self.export is not None:
                 self.export(self.model, self.step)
-            self.save_checkpoint()
+            if final and not keep and self.export is not None:
+                notice(f"{self.args.stage}: the artifact keeps step {self.best.step}, whose "
+                       f"{self.objective.metric} ({self.best.value:.4g}) is the best; step {self.step} has "
+                       f"{record[self.objective.metric]:.4g}")
+        self.save_checkpoint()
+
+    def _judge(self, record: dict, train_loss: float | None) -> bool:
+        """Whether this checkpoint is the best so far; warns when the held-out figure has turned worse by
+        more than OVERFIT_SHARE while the training loss kept falling."""
+        metric, higher = self.objective.metric, self.objective.higher_is_better
+        if metric is None or metric not in record:
+            return True
+        value = record[metric]
+        if self.best.improved_by(value, higher):
+            self.best = Best(value, self.step, train_loss)
+            return True
+        worse = self.best.worse_by(value, higher)
+        falling = train_loss is not None and self.best.train_loss is not None and train_loss < self.best.train_loss
+        if self.objective.heldout and worse > OVERFIT_SHARE and falling:
+            message = (f"{metric} went from {self.best.value:.4g} at step {self.best.step} to {value:.4g} at step "
+                       f"{self.step} ({worse:.0%} worse) while the training loss fell from "
+                       f"{self.best.train_loss:.4g} to {train_loss:.4g}: the model is memorizing its training set")
+            notice(f"{self.args.stage}: {message}; the artifact keeps step {self.best.step}")
+            self.log({"step": self.step, "warning": "overfitting", "message": message})
+        return False
 
     def fit(self) -> int:
         """Train to total_steps (continuing from a checkpoint if there is one). Returns the last step."""
         resumed = self.restore_checkpoint()
         self._record_batch_size()
+        if not self.objective.heldout and self.objective.metric and self.env.is_main and not resumed:
+            notice(f"{self.args.stage}: the data has no held-out split, so {self.objective.metric} is measured on "
+                   "training items and memorization cannot be seen")
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
         try:
@@ -377,6 +438,7 @@ class Trainer:
                     count = self.objective.items_per_batch
                     seen += count(batch) if count else self.args.batch_size
                     value = loss.item()
+                    self.interval_losses.append(value)
                     loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
                     rate = seen * self.env.world_size / (time.perf_counter() - started)
                     if self.step % self.args.log_every == 0:

@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, TINY_AE, run_script, script_env, start_script
 from core.artifacts import load_artifact
+from core.training import RunEnv
 
 
 def train_args(dataset, config, out, *extra):
@@ -138,3 +139,40 @@ def test_torchrun_two_processes(tmp_path, tiny_dataset, tiny_ae_config):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["autoencoder.safetensors", "checkpoint.safetensors"]
     assert load_artifact(out / "autoencoder.safetensors", "autoencoder").provenance["step"] == 20
     assert not list(out.glob(".*.tmp"))
+
+
+def fake_run(out, held_out_values, steps, exported):
+    """A one-weight model whose training loss falls every step, evaluated as `held_out_values` dictates
+    (one value per checkpoint, every 5 steps); `exported` collects the steps whose artifact is written."""
+    from core.training import Objective, Trainer, TrainArgs, claim_out_dir
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    calls = []
+
+    def evaluate(net):
+        calls.append(1)
+        return {"heldout_loss": held_out_values[len(calls) - 1]}
+
+    objective = Objective(num_items=8, get_batch=lambda ids: torch.ones(len(ids), 1),
+                          loss_fn=lambda net, x, step: net(x).pow(2).mean(), evaluate=evaluate, metric="heldout_loss")
+    args = TrainArgs(out, "test", batch_size=4, max_epoch=100, max_steps=steps, checkpoint_step=5, lr=0.05)
+    claim_out_dir(out, {"fake": 1}, resume=False, overwrite=False)
+    Trainer(RunEnv(torch.device("cpu")), model, objective, args, export=lambda net, step: exported.append(step)).fit()
+
+
+def test_the_best_held_out_checkpoint_is_the_one_exported_and_memorizing_is_called_out(tmp_path):
+    exported = []
+    fake_run(tmp_path, [1.0, 0.8, 0.9, 0.95], steps=20, exported=exported)
+    assert exported == [5, 10]  # steps 15 and 20 are worse than step 10: the artifact stays step 10's
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    warnings = [r for r in records if r.get("warning") == "overfitting"]
+    assert [w["step"] for w in warnings] == [15, 20]
+    assert "heldout_loss went from 0.8 at step 10 to 0.9 at step 15" in warnings[0]["message"]
+    assert [r["best_step"] for r in records if "heldout_loss" in r] == [5, 10, 10, 10]
+
+
+def test_the_best_checkpoint_survives_a_resume(tmp_path):
+    exported = []
+    fake_run(tmp_path, [1.0, 0.8], steps=10, exported=exported)
+    fake_run(tmp_path, [0.9, 0.85], steps=20, exported=exported)  # continues from step 10
+    assert exported == [5, 10]

@@ -201,3 +201,23 @@ def test_fine_tuning_keeps_the_models_labels(tmp_path, models):
     assert model.shape.label_names == ["bar", "circle", "square"]
     counts = artifact.tensors["cond_counts"]
     assert counts[2].sum() == 10 and counts[:2].sum() == 0  # every training image is a square
+
+
+def test_a_memorizing_run_is_called_out(tmp_path, models):
+    """A transformer far larger than its 61 training sequences, trained long: its held-out loss turns up
+    while its training loss falls, and the run says so."""
+    config = tmp_path / "big.json"
+    config.write_text(json.dumps({"in_dim": 64, "hidden_dim": 256, "num_dec_layers": 2, "self_attn_heads": 2,
+                                  "model_lr": 0.01, "warmup_steps": 5, "label_dropout": 0.0, "weight_decay": 0.0}))
+    out = tmp_path / "memorizer"
+    result = run_script("train_transformer.py", "--train-base-model", "--dataset-path", models["fmaps"],
+                        "--lr-codebook-path", models["cond"], "--hr-codebook-path", models["l2"], "--out-dir", out,
+                        "--config-path", config, "--batch-size", "16", "--max-steps", "300", "--checkpoint-step", "20",
+                        "--max-epoch", "1000", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "the model is memorizing its training set" in result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "heldout_loss" in r]
+    best = min(evals, key=lambda r: r["heldout_loss"])
+    assert evals[-1]["heldout_loss"] > best["heldout_loss"] and evals[-1]["train_loss"] < best["train_loss"]
+    assert load_artifact(out / "model.safetensors").provenance["step"] == best["step"] < 300

@@ -48,7 +48,8 @@ def objective(cfg: AutoencoderConfig, data: Dataset, device: torch.device, eval_
         recon = torch.cat([net(chunk.to(device)).float().cpu() for chunk in eval_set.split(250)])
         return {"heldout_psnr": psnr(recon, eval_set)}
 
-    return Objective(len(train_set), get_batch, loss_fn, evaluate)
+    return Objective(len(train_set), get_batch, loss_fn, evaluate, metric="heldout_psnr", higher_is_better=True,
+                     heldout=bool(data.is_heldout.any()))
 
 
 def run(args: AutoencoderArgs) -> Path:

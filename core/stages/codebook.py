@@ -53,7 +53,8 @@ def objective(data: Dataset, device: torch.device, eval_items: int = 1000) -> Ob
                 **usage_stats(usage_counts(net, eval_set.items))}
 
     return Objective(len(train_set), lambda ids: train_set.items[ids].to(device),
-                     lambda net, fmaps, step: net(fmaps, step), evaluate)
+                     lambda net, fmaps, step: net(fmaps, step), evaluate, metric="quant_mse",
+                     heldout=bool(data.is_heldout.any()))
 
 
 def run(args: CodebookArgs) -> Path:

@@ -133,7 +133,8 @@ def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, devi
             count += targets.numel()
         return {"heldout_loss": total_loss / count, "heldout_accuracy": correct / count}
 
-    return Objective(len(train_ids), get_batch, loss_fn, evaluate, items_per_batch=lambda batch: batch["targets"].numel())
+    return Objective(len(train_ids), get_batch, loss_fn, evaluate, items_per_batch=lambda batch: batch["targets"].numel(),
+                     metric="heldout_loss", heldout=bool(tokens.data.is_heldout.any()))
 
 
 def build_model(cfg: TransformerConfig, shape: TokenShape, args: TransformerArgs, start) -> TokenTransformer:

@@ -36,7 +36,8 @@ def checkpoint_step(out):
 def slow_config(tmp_path):
     """Big enough that a run lasts a few seconds on one thread, so it can be killed midway."""
     path = tmp_path / "slow.json"
-    path.write_text(json.dumps({**TINY_AE, "min_channel": 16, "max_channel": 16, "num_res_blocks": 2}))
+    path.write_text(json.dumps({**TINY_AE, "min_channel": 16, "max_channel": 16, "num_res_blocks": 2,
+                                "augment_flip": True, "augment_shift": 1, "augment_jitter": 0.1}))
     return path
 
 

@@ -28,6 +28,18 @@ class AutoencoderConfig:
     num_res_blocks: int = option(1, low=0, high=16, doc="residual blocks at each resolution")
     loss: str = option("mse", choices=("mse", "l1", "mse+l1"))
     warmup_steps: int = option(100, low=0, high=10**7)
+    augment_flip: bool = option(False, doc="flip training images left to right at random")
+    augment_shift: int = option(0, low=0, high=64, doc="move training images by up to N pixels")
+    augment_jitter: float = option(0.0, low=0.0, high=1.0, doc="brightness/contrast/saturation jitter")
+
+    @property
+    def augmentation(self) -> dict:
+        """The augment() settings (see core.models.augment); the feature-map stage's copies use them too."""
+        return {"flip": self.augment_flip, "shift": self.augment_shift, "jitter": self.augment_jitter}
+
+    @property
+    def augments(self) -> bool:
+        return self.augment_flip or self.augment_shift > 0 or self.augment_jitter > 0
 
     def check(self) -> str | None:
         if self.min_channel > self.max_channel:

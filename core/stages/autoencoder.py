@@ -11,6 +11,7 @@ from core.config import config_from_dict, load_config, to_dict
 from core.data import Dataset, load_image_dataset, to_float
 from core.errors import PipelineError
 from core.model_artifacts import AUTOENCODER, save_autoencoder
+from core.models.augment import augment, augmentation_generator
 from core.models.autoencoder import Autoencoder, AutoencoderConfig, psnr, reconstruction_loss
 from core.pictures import save_image_grid
 from core.training import Objective, Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
@@ -33,8 +34,10 @@ def load_images(dataset_path: Path, cfg: AutoencoderConfig) -> Dataset:
     return data
 
 
-def objective(cfg: AutoencoderConfig, data: Dataset, device: torch.device, eval_images: int = 1000) -> Objective:
-    """The autoencoder's batch (training images), loss (reconstruction) and evaluation (held-out PSNR)."""
+def objective(cfg: AutoencoderConfig, data: Dataset, device: torch.device, eval_images: int = 1000,
+              seed: int = 0) -> Objective:
+    """The autoencoder's batch (training images, augmented as the config says), loss (reconstruction) and
+    evaluation (held-out PSNR)."""
     train_set = data.split(heldout=False)
     eval_set = to_float(data.take(data.eval_ids(eval_images)).items)
 
@@ -42,6 +45,8 @@ def objective(cfg: AutoencoderConfig, data: Dataset, device: torch.device, eval_
         return to_float(train_set.items[indices]).to(device)
 
     def loss_fn(net: torch.nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
+        if cfg.augments:
+            images = augment(images, augmentation_generator(seed, step), **cfg.augmentation)
         return reconstruction_loss(cfg, net(images), images)
 
     def evaluate(net: torch.nn.Module) -> dict:
@@ -64,7 +69,7 @@ def run(args: AutoencoderArgs) -> Path:
     model = Autoencoder(cfg)
     if args.init_from is not None:
         load_state(model, load_artifact(args.init_from, AUTOENCODER).tensors, args.init_from)
-    task = objective(cfg, data, env.device, args.eval_images)
+    task = objective(cfg, data, env.device, args.eval_images, options.seed)
     preview_images = to_float(data.take(data.eval_ids(args.eval_images)).items[:16])
     artifact_path = options.out_dir / "autoencoder.safetensors"
     inputs = [file_record(p) for p in (args.dataset_path, args.init_from) if p is not None]

@@ -143,12 +143,14 @@ class Objective:
     and the evaluation falls back to training items."""
     num_items: int
     get_batch: Callable[[torch.Tensor], object]
-    loss_fn: Callable[[torch.nn.Module, object, int], torch.Tensor]
+    # the loss, or (the loss, its terms as numbers to log beside it)
+    loss_fn: Callable[[torch.nn.Module, object, int], torch.Tensor | tuple[torch.Tensor, dict]]
     evaluate: Callable[[torch.nn.Module], dict]
     items_per_batch: Callable[[object], int] | None = None
     metric: str | None = None
     higher_is_better: bool = False
     heldout: bool = True
+    select_from: int = 0  # checkpoints before this step are exported but not kept as the best
 
 
 @dataclass
@@ -391,7 +393,7 @@ class Trainer:
         """Whether this checkpoint is the best so far; warns when the held-out figure has turned worse by
         more than OVERFIT_SHARE while the training loss kept falling."""
         metric, higher = self.objective.metric, self.objective.higher_is_better
-        if metric is None or metric not in record:
+        if metric is None or metric not in record or self.step < self.objective.select_from:
             return True
         value = record[metric]
         if self.best.improved_by(value, higher):
@@ -427,6 +429,7 @@ class Trainer:
                         group["lr"] = lr
                     with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                         loss = self.objective.loss_fn(self.ddp_model, batch, self.step)
+                    loss, terms = loss if isinstance(loss, tuple) else (loss, {})
                     if not torch.isfinite(loss):
                         raise PipelineError(f"loss became {loss.item()} at step {self.step}; lower model_lr")
                     self.optimizer.zero_grad(set_to_none=True)
@@ -443,7 +446,7 @@ class Trainer:
                     rate = seen * self.env.world_size / (time.perf_counter() - started)
                     if self.step % self.args.log_every == 0:
                         self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": value,
-                                  "lr": lr, "items_per_s": rate})
+                                  **terms, "lr": lr, "items_per_s": rate})
                     if progress is not None:
                         progress.update(task, completed=self.step, status=f"loss {loss_ema:.4f} | {rate:.0f} items/s")
                     if self.step % self.args.checkpoint_step == 0 and self.step < self.total_steps:

@@ -1,8 +1,9 @@
 import json
+import math
 
 import torch
 
-from conftest import options
+from conftest import TINY_AE, options
 from core.model_artifacts import load_autoencoder
 from core.models.autoencoder import Autoencoder, AutoencoderConfig, psnr
 from core.stages import autoencoder
@@ -37,3 +38,48 @@ def test_tiny_autoencoder_learns(tmp_path, tiny_dataset, tiny_ae_config):
     model, artifact = load_autoencoder(path)
     assert artifact.provenance["step"] == 200 and artifact.provenance["inputs"][0]["path"] == str(tiny_dataset)
     assert (tmp_path / "run" / "samples" / "recon_0000200.png").exists()
+
+
+def test_each_half_of_the_adversarial_pair_learns_from_its_own_loss():
+    from core.models.discriminator import AdversarialAutoencoder, hinge_loss
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(image_channel=1, min_channel=4, max_channel=8, num_layers=1, latent_channel=2,
+                            disc_weight=0.7, disc_width=8)
+    model = AdversarialAutoencoder(cfg)
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    loss, terms = model(images, step=0)
+    loss.backward()
+    disc_grads = [p.grad.clone() for p in model.discriminator.parameters()]
+    model.zero_grad()
+    recon = model.autoencoder(images).detach()
+    hinge_loss(model.discriminator(images), model.discriminator(recon)).backward()
+    for got, own in zip(disc_grads, [p.grad for p in model.discriminator.parameters()]):
+        assert torch.allclose(got, own, atol=1e-6)  # the autoencoder's adversarial term does not train it
+    model.zero_grad()
+    recon = model.autoencoder(images)
+    rec = ((recon - images) ** 2).mean()
+    weight = model.adaptive_weight(rec, -model.discriminator(recon).mean()) * cfg.disc_weight
+    (rec - weight * model.discriminator(recon).mean()).backward()
+    assert torch.isclose(torch.tensor(terms["adv_weight"]), weight)
+    first = next(model.autoencoder.parameters())
+    expected = first.grad.clone()
+    model.zero_grad()
+    model(images, step=0)[0].backward()
+    assert torch.allclose(first.grad, expected, atol=1e-6)  # nor does its loss move the autoencoder
+
+
+def test_the_adversarial_phase_trains_on_a_tiny_set(tmp_path, tiny_dataset):
+    config = tmp_path / "gan.json"
+    config.write_text(json.dumps({**TINY_AE, "disc_weight": 0.5, "disc_start": 20, "disc_width": 8}))
+    run_options = options(tmp_path / "run", batch_size=8, max_epoch=100, max_steps=60, checkpoint_step=20)
+    path = autoencoder.run(autoencoder.AutoencoderArgs(dataset_path=tiny_dataset, config_path=config,
+                                                       options=run_options))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    adversarial = [r for r in records if "d_loss" in r]
+    assert [r["step"] for r in adversarial] == [30, 40, 50, 60]  # logged every 10 steps, from step 20 on
+    for name in ("d_loss", "g_loss", "rec_loss"):
+        values = [r[name] for r in adversarial]
+        assert all(math.isfinite(v) for v in values) and len(set(values)) == len(values), name
+    model, artifact = load_autoencoder(path)
+    assert not any(name.startswith("discriminator") for name in artifact.tensors)  # only the autoencoder ships
+    assert artifact.provenance["step"] >= 20  # the kept checkpoint is one of the adversarial phase

@@ -34,10 +34,12 @@ def checkpoint_step(out):
 
 @pytest.fixture
 def slow_config(tmp_path):
-    """Big enough that a run lasts a few seconds on one thread, so it can be killed midway."""
+    """Big enough that a run lasts a few seconds on one thread, so it can be killed midway; with
+    augmentation and a discriminator from step 20, which a resumed run must replay exactly too."""
     path = tmp_path / "slow.json"
     path.write_text(json.dumps({**TINY_AE, "min_channel": 16, "max_channel": 16, "num_res_blocks": 2,
-                                "augment_flip": True, "augment_shift": 1, "augment_jitter": 0.1}))
+                                "augment_flip": True, "augment_shift": 1, "augment_jitter": 0.1,
+                                "disc_weight": 0.5, "disc_start": 20, "disc_width": 8}))
     return path
 
 

@@ -28,6 +28,11 @@ class AutoencoderConfig:
     num_res_blocks: int = option(1, low=0, high=16, doc="residual blocks at each resolution")
     loss: str = option("mse", choices=("mse", "l1", "mse+l1"))
     warmup_steps: int = option(100, low=0, high=10**7)
+    disc_weight: float = option(0.0, low=0.0, high=100.0, doc="adversarial loss weight, times the adaptive "
+                                                                  "balance (0: no discriminator)")
+    disc_start: int = option(0, low=0, high=10**9, doc="step at which the discriminator joins")
+    disc_width: int = option(32, low=1, high=1024, doc="channels of the discriminator's first layer")
+    disc_layers: int = option(3, low=1, high=6, doc="strided layers of the discriminator")
     augment_flip: bool = option(False, doc="flip training images left to right at random")
     augment_shift: int = option(0, low=0, high=64, doc="move training images by up to N pixels")
     augment_jitter: float = option(0.0, low=0.0, high=1.0, doc="brightness/contrast/saturation jitter")
@@ -102,6 +107,11 @@ class ImageDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
+
+    @property
+    def last_layer(self) -> nn.Conv2d:
+        """The convolution that makes the image (where the adversarial loss is balanced)."""
+        return [m for m in self.net if isinstance(m, nn.Conv2d)][-1]
 
 
 class Autoencoder(nn.Module):

@@ -13,6 +13,7 @@ from core.errors import PipelineError
 from core.model_artifacts import AUTOENCODER, save_autoencoder
 from core.models.augment import augment, augmentation_generator
 from core.models.autoencoder import Autoencoder, AutoencoderConfig, psnr, reconstruction_loss
+from core.models.discriminator import AdversarialAutoencoder
 from core.pictures import save_image_grid
 from core.training import Objective, Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
 
@@ -35,9 +36,10 @@ def load_images(dataset_path: Path, cfg: AutoencoderConfig) -> Dataset:
 
 
 def objective(cfg: AutoencoderConfig, data: Dataset, device: torch.device, eval_images: int = 1000,
-              seed: int = 0) -> Objective:
-    """The autoencoder's batch (training images, augmented as the config says), loss (reconstruction) and
-    evaluation (held-out PSNR)."""
+              seed: int = 0, adversarial: bool = False) -> Objective:
+    """The autoencoder's batch (training images, augmented as the config says), loss (reconstruction, and
+    with `adversarial` the discriminator's terms: the model is then an AdversarialAutoencoder) and
+    evaluation (held-out PSNR; with a discriminator, the kept checkpoint is one of its phase)."""
     train_set = data.split(heldout=False)
     eval_set = to_float(data.take(data.eval_ids(eval_images)).items)
 
@@ -47,14 +49,20 @@ def objective(cfg: AutoencoderConfig, data: Dataset, device: torch.device, eval_
     def loss_fn(net: torch.nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
         if cfg.augments:
             images = augment(images, augmentation_generator(seed, step), **cfg.augmentation)
+        if adversarial:
+            return net(images, step)
         return reconstruction_loss(cfg, net(images), images)
 
     def evaluate(net: torch.nn.Module) -> dict:
-        recon = torch.cat([net(chunk.to(device)).float().cpu() for chunk in eval_set.split(250)])
+        recon = torch.cat([autoencoder_of(net)(chunk.to(device)).float().cpu() for chunk in eval_set.split(250)])
         return {"heldout_psnr": psnr(recon, eval_set)}
 
     return Objective(len(train_set), get_batch, loss_fn, evaluate, metric="heldout_psnr", higher_is_better=True,
-                     heldout=bool(data.is_heldout.any()))
+                     heldout=bool(data.is_heldout.any()), select_from=cfg.disc_start if adversarial else 0)
+
+
+def autoencoder_of(model: torch.nn.Module) -> Autoencoder:
+    return model.autoencoder if isinstance(model, AdversarialAutoencoder) else model
 
 
 def run(args: AutoencoderArgs) -> Path:
@@ -66,21 +74,23 @@ def run(args: AutoencoderArgs) -> Path:
     env = setup_run(options.device, options.seed)
     cfg = config_from_dict(AutoencoderConfig, claim_out_dir(options.out_dir, to_dict(cfg), options.resume,
                                                             options.overwrite, env))
-    model = Autoencoder(cfg)
+    adversarial = cfg.disc_weight > 0
+    model = AdversarialAutoencoder(cfg) if adversarial else Autoencoder(cfg)
     if args.init_from is not None:
-        load_state(model, load_artifact(args.init_from, AUTOENCODER).tensors, args.init_from)
-    task = objective(cfg, data, env.device, args.eval_images, options.seed)
+        load_state(autoencoder_of(model), load_artifact(args.init_from, AUTOENCODER).tensors, args.init_from)
+    task = objective(cfg, data, env.device, args.eval_images, options.seed, adversarial)
     preview_images = to_float(data.take(data.eval_ids(args.eval_images)).items[:16])
     artifact_path = options.out_dir / "autoencoder.safetensors"
     inputs = [file_record(p) for p in (args.dataset_path, args.init_from) if p is not None]
 
-    def preview(net: Autoencoder, step: int) -> None:
+    def preview(net: torch.nn.Module, step: int) -> None:
         """Top: held-out images; bottom: their reconstructions."""
-        recon = net(preview_images.to(env.device)).float().cpu()
+        recon = autoencoder_of(net)(preview_images.to(env.device)).float().cpu()
         save_image_grid(torch.cat([preview_images, recon]), options.out_dir / "samples" / f"recon_{step:07d}.png")
 
-    def export(net: Autoencoder, step: int) -> None:
-        save_autoencoder(artifact_path, net, {"stage": "train_autoencoder", "inputs": inputs, "step": step})
+    def export(net: torch.nn.Module, step: int) -> None:
+        save_autoencoder(artifact_path, autoencoder_of(net), {"stage": "train_autoencoder", "inputs": inputs,
+                                                              "step": step})
 
     train_args = options.for_stage(stage="train_autoencoder", lr=cfg.model_lr, warmup_steps=cfg.warmup_steps,
                                    config=to_dict(cfg))

@@ -1,56 +1,57 @@
 # The pipeline, one target per stage. Each stage leaves a DONE stamp when it finishes, so `make demo`
 # runs only what is missing, and a stage interrupted midway resumes from its checkpoint.
-# Your own data: make demo SOURCE=path/to/images RUNS=runs/mine (PRESET=tiny|large, DEVICE=cuda).
+# Your own images: make demo SOURCE=path/to/images SIZE=64 (PRESET=tiny|large, DEVICE=cuda).
 PRESET ?= tiny
 SOURCE ?= /usr/share/datasets/fashion-mnist
 SIZE ?= 32
-CHANNELS ?= 1
+# CHANNELS=1 or 3 forces grey or colour; left empty, the dataset build detects it
+CHANNELS ?=
+FIT ?= pad
 DEVICE ?= auto
-RUNS ?= runs/$(PRESET)
+CONFIGS ?= configs
+# a preset is a folder of configs for one image size, with its steps in steps.mk
+PRESET_DIR := $(CONFIGS)/$(PRESET)$(SIZE)
+ifeq ($(wildcard $(PRESET_DIR)/steps.mk),)
+$(error no preset '$(PRESET)' for SIZE=$(SIZE): $(PRESET_DIR) does not exist (presets: $(notdir $(wildcard $(CONFIGS)/*))))
+endif
+include $(PRESET_DIR)/steps.mk
+RUNS ?= runs/$(PRESET)$(SIZE)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-
-# steps and batch sizes per preset: tiny runs on a 2-core CPU, large wants a GPU
-AE_STEPS_tiny := 4000
-AE_STEPS_large := 40000
-CB_STEPS_tiny := 1000
-CB_STEPS_large := 5000
-BASE_STEPS_tiny := 3000
-BASE_STEPS_large := 30000
-CASCADE_STEPS_tiny := 3000
-CASCADE_STEPS_large := 30000
-BATCH_tiny := 64
-BATCH_large := 256
 PRUNE_THRESHOLD ?= 5
-# any of these can be set on the command line (make demo AE_STEPS=100 ...)
-AE_STEPS ?= $(AE_STEPS_$(PRESET))
-CB_STEPS ?= $(CB_STEPS_$(PRESET))
-BASE_STEPS ?= $(BASE_STEPS_$(PRESET))
-CASCADE_STEPS ?= $(CASCADE_STEPS_$(PRESET))
-BATCH ?= $(BATCH_$(PRESET))
-CB_BATCH ?= 128
-CONFIGS ?= configs
+# augmented copies of each training image for the codebooks and transformers (auto: enough for about
+# 8,000 training maps, none for a large dataset)
+AUG_COPIES ?= auto
 # each stage's wall time and peak memory are appended to $(RUNS)/timings.log
 TIMER = $(if $(wildcard /usr/bin/time),/usr/bin/time -a -o $(RUNS)/timings.log -f "$(1): %e s wall; %M KB peak")
+
+# the token levels, coarse to fine (a codebook config each), and the transformer that predicts each level
+# after the first from the one before it
+LEVELS := $(patsubst codebook_%.json,%,$(notdir $(wildcard $(PRESET_DIR)/codebook_*.json)))
+MODELS := $(wordlist 2,$(words $(LEVELS)),x base cascade cascade2)
+coarse_base := cond
+fine_base := l1
+coarse_cascade := l1
+fine_cascade := l2
+coarse_cascade2 := l2
+fine_cascade2 := l3
 
 DATA := $(RUNS)/data/DONE
 AUTOENCODER := $(RUNS)/autoencoder/DONE
 FMAPS := $(RUNS)/fmaps/DONE
-LEVELS := cond l1 l2
 CODEBOOKS := $(LEVELS:%=$(RUNS)/codebooks/%/DONE)
 PRUNED := $(LEVELS:%=$(RUNS)/pruned/%/DONE)
-BASE := $(RUNS)/transformers/base/DONE
-CASCADE := $(RUNS)/transformers/cascade/DONE
+TRANSFORMERS := $(MODELS:%=$(RUNS)/transformers/%/DONE)
 GENERATED := $(RUNS)/generated/DONE
 REPORT := $(RUNS)/report/DONE
-COMPRESSED := $(RUNS)/compressed/autoencoder/DONE $(RUNS)/compressed/base/DONE $(RUNS)/compressed/cascade/DONE
+COMPRESSED := $(RUNS)/compressed/autoencoder/DONE $(MODELS:%=$(RUNS)/compressed/%/DONE)
 GENERATED_COMPRESSED := $(RUNS)/generated_compressed/DONE
 REPORT_COMPRESSED := $(RUNS)/report_compressed/DONE
 NUM_IMAGES ?= 1000
 REPORT_FLAGS ?=
 AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
 codebook = $(RUNS)/pruned/$(1)/codebook.safetensors
-TRAIN_FLAGS = --device $(DEVICE) --max-epoch 1000 --checkpoint-step 1000
+TRAIN_FLAGS = --device $(DEVICE) --checkpoint-step $(CHECKPOINT_STEP)
 # a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
 # starts over
 RESTART = $(if $(wildcard $@),--overwrite)
@@ -61,16 +62,21 @@ SETTINGS := $(RUNS)/settings
 same = $(and $(findstring x$(strip $(1)),x$(strip $(2))),$(findstring x$(strip $(2)),x$(strip $(1))))
 changed = $(if $(wildcard $(SETTINGS)/$(1)),$(if $(call same,$(2),$(file <$(SETTINGS)/$(1))),,FORCE))
 record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
+# a transformer's steps, epochs and batch: the base model's or the cascade models'
+model_steps = $(if $(filter base,$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS)) $(BATCH)
 
 .PHONY: setup test demo codebooks transformers generate report compress fewshot bench clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
 
+# the apt packages: Fashion-MNIST (the demo's data) and an icon theme (the colour test set)
+APT_PACKAGES := dataset-fashion-mnist oxygen-icon-theme
 $(VENV)/.installed: requirements.txt
-	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
-		else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; fi
+	@missing="$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; fi; fi
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q -r requirements.txt
 	touch $@
@@ -83,37 +89,40 @@ demo: setup $(REPORT) $(REPORT_COMPRESSED)
 	@echo "from the compressed models: $(RUNS)/generated_compressed and $(RUNS)/report_compressed/report.md"
 
 codebooks: $(CODEBOOKS) $(PRUNED)
-transformers: $(BASE) $(CASCADE)
+transformers: $(TRANSFORMERS)
 generate: $(GENERATED)
 report: $(REPORT)
 compress: $(COMPRESSED)
 FORCE:
 
-$(DATA): $$(call changed,data,$$(SOURCE) $$(SIZE) $$(CHANNELS)) | setup
+$(DATA): $$(call changed,data,$$(SOURCE) $$(SIZE) $$(CHANNELS) $$(FIT)) | setup
 	rm -f $@
 	mkdir -p $(RUNS)
-	$(call TIMER,dataset) $(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS) --overwrite
-	$(call record,data,$(SOURCE) $(SIZE) $(CHANNELS))
+	$(call TIMER,dataset) $(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) \
+		$(if $(CHANNELS),--channels $(CHANNELS)) --fit $(FIT) --overwrite
+	$(call record,data,$(SOURCE) $(SIZE) $(CHANNELS) $(FIT))
 	touch $@
 
-$(AUTOENCODER): $(DATA) $(CONFIGS)/autoencoder_$(PRESET).json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS))
+$(AUTOENCODER): $(DATA) $(PRESET_DIR)/autoencoder.json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS))
 	rm -f $@
-	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --config-path $(CONFIGS)/autoencoder_$(PRESET).json \
-		--out-dir $(RUNS)/autoencoder --batch-size $(BATCH) --max-steps $(AE_STEPS) $(TRAIN_FLAGS) $(RESTART)
-	$(call record,autoencoder,$(BATCH) $(AE_STEPS))
+	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json \
+		--config-path $(PRESET_DIR)/autoencoder.json --out-dir $(RUNS)/autoencoder --batch-size $(BATCH) \
+		--max-steps $(AE_STEPS) --max-epoch $(AE_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
+	$(call record,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
 	touch $@
 
-$(FMAPS): $(AUTOENCODER)
+$(FMAPS): $(AUTOENCODER) $$(call changed,fmaps,$$(AUG_COPIES))
 	$(call TIMER,fmaps) $(PYTHON) generate_fmap_dataset.py --dataset-path $(RUNS)/data/dataset.json --model-path $(AE_ARTIFACT) \
-		--out-dir $(RUNS)/fmaps --device $(DEVICE)
+		--out-dir $(RUNS)/fmaps --device $(DEVICE) --augment-copies $(AUG_COPIES)
+	$(call record,fmaps,$(AUG_COPIES))
 	touch $@
 
-$(RUNS)/codebooks/%/DONE: $(FMAPS) $(CONFIGS)/codebook_$(PRESET)_%.json $$(call changed,codebook_$$*,$$(CB_BATCH) $$(CB_STEPS))
+$(RUNS)/codebooks/%/DONE: $(FMAPS) $(PRESET_DIR)/codebook_%.json $$(call changed,codebook_$$*,$$(CB_BATCH) $$(CB_STEPS) $$(CB_EPOCHS))
 	rm -f $@
 	$(call TIMER,codebook $*) $(PYTHON) train_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
-		--config-path $(CONFIGS)/codebook_$(PRESET)_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size $(CB_BATCH) \
-		--max-steps $(CB_STEPS) $(TRAIN_FLAGS) $(RESTART)
-	$(call record,codebook_$*,$(CB_BATCH) $(CB_STEPS))
+		--config-path $(PRESET_DIR)/codebook_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size $(CB_BATCH) \
+		--max-steps $(CB_STEPS) --max-epoch $(CB_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
+	$(call record,codebook_$*,$(CB_BATCH) $(CB_STEPS) $(CB_EPOCHS))
 	touch $@
 
 $(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE $$(call changed,pruned_$$*,$$(PRUNE_THRESHOLD))
@@ -123,28 +132,21 @@ $(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE $$(call changed,pruned_$$*,$$(PR
 	$(call record,pruned_$*,$(PRUNE_THRESHOLD))
 	touch $@
 
-$(BASE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_base.json $$(call changed,base,$$(BATCH) $$(BASE_STEPS))
+# base: the condition token and the first level; each cascade model: the next level from the one before
+$(RUNS)/transformers/%/DONE: $(PRUNED) $(PRESET_DIR)/transformer_%.json $$(call changed,$$*,$$(call model_steps,$$*))
 	rm -f $@
-	$(call TIMER,base transformer) $(PYTHON) train_transformer.py --train-base-model --dataset-path $(RUNS)/fmaps/dataset.json \
-		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) --decoder-path $(AE_ARTIFACT) \
-		--config-path $(CONFIGS)/transformer_$(PRESET)_base.json --out-dir $(RUNS)/transformers/base \
-		--batch-size $(BATCH) --max-steps $(BASE_STEPS) $(TRAIN_FLAGS) $(RESTART)
-	$(call record,base,$(BATCH) $(BASE_STEPS))
-	touch $@
-
-$(CASCADE): $(PRUNED) $(CONFIGS)/transformer_$(PRESET)_cascade.json $$(call changed,cascade,$$(BATCH) $$(CASCADE_STEPS))
-	rm -f $@
-	$(call TIMER,cascade transformer) $(PYTHON) train_transformer.py --dataset-path $(RUNS)/fmaps/dataset.json \
-		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
-		--config-path $(CONFIGS)/transformer_$(PRESET)_cascade.json --out-dir $(RUNS)/transformers/cascade \
-		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS) $(TRAIN_FLAGS) $(RESTART)
-	$(call record,cascade,$(BATCH) $(CASCADE_STEPS))
+	$(call TIMER,$* transformer) $(PYTHON) train_transformer.py $(if $(filter base,$*),--train-base-model) \
+		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
+		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
+		--config-path $(PRESET_DIR)/transformer_$*.json --out-dir $(RUNS)/transformers/$* --batch-size $(BATCH) \
+		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) $(TRAIN_FLAGS) $(RESTART)
+	$(call record,$*,$(call model_steps,$*))
 	touch $@
 
 # the preset's generation config, copied beside the runs so that its relative paths point into them
-$(GENERATED): $(BASE) $(CASCADE) $(CONFIGS)/generate_$(PRESET).json $$(call changed,generated,$$(NUM_IMAGES))
+$(GENERATED): $(TRANSFORMERS) $(PRESET_DIR)/generate.json $$(call changed,generated,$$(NUM_IMAGES))
 	rm -f $@
-	cp $(CONFIGS)/generate_$(PRESET).json $(RUNS)/generate.json
+	cp $(PRESET_DIR)/generate.json $(RUNS)/generate.json
 	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(AE_ARTIFACT) \
 		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
 	$(call record,generated,$(NUM_IMAGES))
@@ -157,24 +159,24 @@ $(REPORT): $(GENERATED) $$(call changed,report,$$(REPORT_FLAGS))
 	$(call record,report,$(REPORT_FLAGS))
 	touch $@
 
-$(RUNS)/compressed/autoencoder/DONE: $(AUTOENCODER) $(CONFIGS)/compress_$(PRESET)_autoencoder.json
+$(RUNS)/compressed/autoencoder/DONE: $(AUTOENCODER) $(PRESET_DIR)/compress_autoencoder.json
 	rm -f $@
 	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(AE_ARTIFACT) \
-		--dataset-path $(RUNS)/data/dataset.json --config-path $(CONFIGS)/compress_$(PRESET)_autoencoder.json \
+		--dataset-path $(RUNS)/data/dataset.json --config-path $(PRESET_DIR)/compress_autoencoder.json \
 		--out-dir $(RUNS)/compressed/autoencoder --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
-$(RUNS)/compressed/%/DONE: $(RUNS)/transformers/%/DONE $(CONFIGS)/compress_$(PRESET)_transformer.json
+$(RUNS)/compressed/%/DONE: $(RUNS)/transformers/%/DONE $(PRESET_DIR)/compress_transformer.json
 	rm -f $@
 	$(call TIMER,compress $*) $(PYTHON) compress.py --model-path $(RUNS)/transformers/$*/model.safetensors \
-		--dataset-path $(RUNS)/fmaps/dataset.json --config-path $(CONFIGS)/compress_$(PRESET)_transformer.json \
+		--dataset-path $(RUNS)/fmaps/dataset.json --config-path $(PRESET_DIR)/compress_transformer.json \
 		--out-dir $(RUNS)/compressed/$* --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
 # the same generation config, pointed at the compressed models
-$(GENERATED_COMPRESSED): $(COMPRESSED) $(CONFIGS)/generate_$(PRESET).json $$(call changed,generated_compressed,$$(NUM_IMAGES))
+$(GENERATED_COMPRESSED): $(COMPRESSED) $(PRESET_DIR)/generate.json $$(call changed,generated_compressed,$$(NUM_IMAGES))
 	rm -f $@
-	sed 's#"transformers/#"compressed/#' $(CONFIGS)/generate_$(PRESET).json > $(RUNS)/generate_compressed.json
+	sed 's#"transformers/#"compressed/#' $(PRESET_DIR)/generate.json > $(RUNS)/generate_compressed.json
 	$(call TIMER,generate compressed) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_compressed.json \
 		--decoder-path $(RUNS)/compressed/autoencoder/autoencoder.safetensors \
 		--out-dir $(RUNS)/generated_compressed --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
@@ -202,7 +204,7 @@ fewshot: $(FEWSHOT)/report/DONE
 $(FEWSHOT)/data/DONE: $(DATA) $$(call changed,fewshot,$$(FEWSHOT_LABEL) $$(FEWSHOT_COUNT) $$(FEWSHOT_STEPS) $$(FEWSHOT_IMAGES))
 	rm -f $@
 	$(PYTHON) build_dataset.py --source $(RUNS)/data/dataset.json --label "$(FEWSHOT_LABEL)" --from-split heldout \
-		--train-count $(FEWSHOT_COUNT) --size $(SIZE) --channels $(CHANNELS) --out-dir $(FEWSHOT)/data --overwrite
+		--train-count $(FEWSHOT_COUNT) --size $(SIZE) --out-dir $(FEWSHOT)/data --overwrite
 	$(call record,fewshot,$(FEWSHOT_LABEL) $(FEWSHOT_COUNT) $(FEWSHOT_STEPS) $(FEWSHOT_IMAGES))
 	touch $@
 
@@ -211,27 +213,21 @@ $(FEWSHOT)/fmaps/DONE: $(FEWSHOT)/data/DONE $(AUTOENCODER)
 		--out-dir $(FEWSHOT)/fmaps --device $(DEVICE)
 	touch $@
 
-$(FEWSHOT)/transformers/base/DONE: $(FEWSHOT)/fmaps/DONE $(BASE)
+$(FEWSHOT)/transformers/%/DONE: $(FEWSHOT)/fmaps/DONE $(RUNS)/transformers/%/DONE
 	rm -f $@
-	$(call TIMER,fewshot base) $(PYTHON) train_transformer.py --train-base-model --dataset-path $(FEWSHOT)/fmaps/dataset.json \
-		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) --decoder-path $(AE_ARTIFACT) \
-		--init-from $(RUNS)/transformers/base/model.safetensors --config-path $(CONFIGS)/transformer_$(PRESET)_base.json \
-		--out-dir $(FEWSHOT)/transformers/base --batch-size 16 --max-steps $(FEWSHOT_STEPS) $(TRAIN_FLAGS) $(RESTART)
-	touch $@
-
-$(FEWSHOT)/transformers/cascade/DONE: $(FEWSHOT)/fmaps/DONE $(CASCADE)
-	rm -f $@
-	$(call TIMER,fewshot cascade) $(PYTHON) train_transformer.py --dataset-path $(FEWSHOT)/fmaps/dataset.json \
-		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) --decoder-path $(AE_ARTIFACT) \
-		--init-from $(RUNS)/transformers/cascade/model.safetensors --config-path $(CONFIGS)/transformer_$(PRESET)_cascade.json \
-		--out-dir $(FEWSHOT)/transformers/cascade --batch-size 16 --max-steps $(FEWSHOT_STEPS) $(TRAIN_FLAGS) $(RESTART)
+	$(call TIMER,fewshot $*) $(PYTHON) train_transformer.py $(if $(filter base,$*),--train-base-model) \
+		--dataset-path $(FEWSHOT)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
+		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
+		--init-from $(RUNS)/transformers/$*/model.safetensors --config-path $(PRESET_DIR)/transformer_$*.json \
+		--out-dir $(FEWSHOT)/transformers/$* --batch-size 16 --max-steps $(FEWSHOT_STEPS) --max-epoch 1000 \
+		$(TRAIN_FLAGS) $(RESTART)
 	touch $@
 
 # the preset's generation config with the fine-tuned models, the main run's codebooks and the class
-$(FEWSHOT)/generated/DONE: $(FEWSHOT)/transformers/base/DONE $(FEWSHOT)/transformers/cascade/DONE
+$(FEWSHOT)/generated/DONE: $(MODELS:%=$(FEWSHOT)/transformers/%/DONE)
 	rm -f $@
 	sed -e 's#"pruned/#"../pruned/#' -e 's#"label": null#"label": "$(FEWSHOT_LABEL)"#' \
-		$(CONFIGS)/generate_$(PRESET).json > $(FEWSHOT)/generate.json
+		$(PRESET_DIR)/generate.json > $(FEWSHOT)/generate.json
 	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(FEWSHOT)/generate.json \
 		--decoder-path $(AE_ARTIFACT) --out-dir $(FEWSHOT)/generated --num-images $(FEWSHOT_IMAGES) --seed 0 \
 		--device $(DEVICE) $(RESTART)

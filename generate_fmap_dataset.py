@@ -5,6 +5,7 @@ from typing import Annotated
 import typer
 
 from core.cli import BatchSize, DatasetPath, Device, OutDir, Seed, console, entry, make_app, stage, track
+from core.errors import PipelineError
 from core.stages.fmaps import FmapArgs, run
 
 app = make_app(__doc__)
@@ -19,10 +20,13 @@ def main(
     device: Device = "auto",
     batch_size: BatchSize = 256,
     num_files_folder: Annotated[int, typer.Option(min=1, help="feature maps per shard file")] = 10000,
-    augment_copies: Annotated[int, typer.Option(min=0, help="augmented copies of each training image (with the "
-                                                            "autoencoder config's augmentation), as extra training maps")] = 0,
+    augment_copies: Annotated[str, typer.Option(help="augmented copies of each training image (with the autoencoder "
+                                                     "config's augmentation) as extra training maps: a number, or "
+                                                     "auto (about 8,000 training maps, at most 8 copies)")] = "0",
     seed: Seed = 0,
 ) -> None:
+    if augment_copies != "auto" and not augment_copies.isdigit():
+        raise PipelineError(f"--augment-copies must be a number or auto, got '{augment_copies}'")
     summary = run(FmapArgs(dataset_path=dataset_path, model_path=model_path, out_dir=out_dir, device=device,
                            batch_size=batch_size, shard_size=num_files_folder, augment_copies=augment_copies, seed=seed,
                            progress=lambda items: track(items, "shards")))

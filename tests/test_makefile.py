@@ -11,27 +11,30 @@ TINY_TRANSFORMER = {"in_dim": 32, "hidden_dim": 64, "num_dec_layers": 1, "num_en
                     "self_attn_heads": 2, "cross_attn_heads": 2, "model_lr": 0.003, "warmup_steps": 2}
 
 
-def write_preset(folder: Path) -> None:
-    """A preset named 'test' for 16x16 images: (2, 8, 8) feature maps, three codebook levels."""
-    folder.mkdir()
-    (folder / "autoencoder_test.json").write_text(json.dumps(TINY_AE))
-    for name, patch, units in (("cond", 8, 8), ("l1", 4, 16), ("l2", 2, 32)):
-        (folder / f"codebook_test_{name}.json").write_text(json.dumps(
-            {"image_H": 8, "image_W": 8, "image_C": 2, "patch_H": patch, "patch_W": patch, "num_embeddings": units}))
+def write_preset(configs: Path) -> None:
+    """A preset named 'test' for 16x16 images (configs/test16): (2, 8, 8) feature maps, three codebook levels."""
+    folder = configs / "test16"
+    folder.mkdir(parents=True)
+    (folder / "autoencoder.json").write_text(json.dumps(TINY_AE))
+    for name, patch, units in (("cond", "map", 8), ("l1", 4, 16), ("l2", 2, 32)):
+        (folder / f"codebook_{name}.json").write_text(json.dumps(
+            {"patch_H": patch, "patch_W": patch, "num_embeddings": units}))
     for kind in ("base", "cascade"):
-        (folder / f"transformer_test_{kind}.json").write_text(json.dumps(TINY_TRANSFORMER))
-    shutil.copy(ROOT / "configs" / "generate_tiny.json", folder / "generate_test.json")
+        (folder / f"transformer_{kind}.json").write_text(json.dumps(TINY_TRANSFORMER))
+    shutil.copy(ROOT / "configs" / "tiny32" / "generate.json", folder / "generate.json")
     quick = {"clusters": 4, "cluster_steps": 3, "quant_steps": 2}
-    (folder / "compress_test_autoencoder.json").write_text(json.dumps(quick))
-    (folder / "compress_test_transformer.json").write_text(json.dumps(quick))
+    (folder / "compress_autoencoder.json").write_text(json.dumps(quick))
+    (folder / "compress_transformer.json").write_text(json.dumps(quick))
+    (folder / "steps.mk").write_text("AE_STEPS ?= 20\nAE_EPOCHS ?= 100\nCB_STEPS ?= 10\nCB_EPOCHS ?= 100\n"
+                                     "CB_BATCH ?= 8\nBASE_STEPS ?= 10\nBASE_EPOCHS ?= 100\nCASCADE_STEPS ?= 10\n"
+                                     "CASCADE_EPOCHS ?= 100\nBATCH ?= 8\nCHECKPOINT_STEP ?= 1000\n")
 
 
 def make(runs: Path, configs: Path, source: Path, *extra: str) -> subprocess.CompletedProcess:
     """make demo on the small preset; `extra` flags and settings come last (a later setting wins)."""
     venv = Path(sys.executable).parent.parent
     command = ["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
-               "PRESET=test", f"SOURCE={source}", "SIZE=16", "DEVICE=cpu", "AE_STEPS=20", "CB_STEPS=10",
-               "BASE_STEPS=10", "CASCADE_STEPS=10", "BATCH=8", "CB_BATCH=8", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1",
+               "PRESET=test", f"SOURCE={source}", "SIZE=16", "DEVICE=cpu", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1",
                "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2", *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=script_env(), cwd=ROOT)
 

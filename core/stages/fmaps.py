@@ -2,6 +2,7 @@
 with a tinydb dataset.json that keeps each item's labels, split and source image."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ class FmapArgs:
     device: str = "auto"
     batch_size: int = 256
     shard_size: int = 10000
-    augment_copies: int = 0  # augmented copies of each training image, encoded as extra training items
+    augment_copies: int | str = 0  # augmented copies of each training image as extra training maps, or "auto"
     seed: int = 0
     progress: Callable[[Iterable], Iterator] = iter
 
@@ -43,9 +44,10 @@ def run(args: FmapArgs) -> dict:
         raise PipelineError(f"{args.model_path} expects {model.cfg.image_channel}-channel images, "
                             f"{dataset_path} holds {images.items.shape[1]}-channel images")
     sources = {"autoencoder": file_record(args.model_path), "images": file_record(dataset_path)}
-    if args.augment_copies:
-        sources["augment"] = {"copies": args.augment_copies, "seed": args.seed, **model.cfg.augmentation}
-    items = items_to_encode(images, args.augment_copies)
+    copies = copies_for(args.augment_copies, int((~images.is_heldout).sum()), model.cfg.augments)
+    if copies:
+        sources["augment"] = {"copies": copies, "seed": args.seed, **model.cfg.augmentation}
+    items = items_to_encode(images, copies)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(items), args.shard_size))
@@ -68,6 +70,16 @@ def run(args: FmapArgs) -> dict:
     write_dataset_json(out_dir / "dataset.json", records, {"kind": "feature_maps", "fmap_shape": shape,
                                                            "num_shards": len(starts), **sources})
     return {"items": len(records), "shards": len(starts), "reused_shards": reused, "fmap_shape": shape}
+
+
+def copies_for(asked: int | str, training_images: int, augments: bool, target: int = 8000, most: int = 8) -> int:
+    """The copies to make: a number as asked, or "auto": enough for about `target` training maps, at most
+    `most`, and none when the autoencoder's config augments nothing (its copies would be the originals)."""
+    if asked != "auto":
+        return int(asked)
+    if not augments or training_images == 0:
+        return 0
+    return max(0, min(most, math.ceil(target / training_images) - 1))
 
 
 def items_to_encode(images: Dataset, copies: int) -> list[tuple[int, int]]:

@@ -1,0 +1,13 @@
+# tiny preset, 64 x 64 images: a 16 x 16 feature map and one more cascade level (256 tokens, trained on
+# sliding windows of 64). A stage stops at its step count or its epoch count, whichever comes first.
+AE_STEPS ?= 4000
+AE_EPOCHS ?= 80
+CB_STEPS ?= 1000
+CB_EPOCHS ?= 30
+CB_BATCH ?= 128
+BASE_STEPS ?= 3000
+BASE_EPOCHS ?= 20
+CASCADE_STEPS ?= 2000
+CASCADE_EPOCHS ?= 15
+BATCH ?= 32
+CHECKPOINT_STEP ?= 250

@@ -51,6 +51,16 @@ NUM_IMAGES ?= 1000
 REPORT_FLAGS ?=
 AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
 codebook = $(RUNS)/pruned/$(1)/codebook.safetensors
+# a preset with a decoder.json fine-tunes the decoder to decode the finest codebook's quantized maps, and
+# generation decodes with it
+FINEST := $(lastword $(LEVELS))
+ifneq ($(wildcard $(PRESET_DIR)/decoder.json),)
+DECODER := $(RUNS)/decoder/DONE
+DECODER_ARTIFACT := $(RUNS)/decoder/autoencoder.safetensors
+else
+DECODER := $(AUTOENCODER)
+DECODER_ARTIFACT := $(AE_ARTIFACT)
+endif
 TRAIN_FLAGS = --device $(DEVICE) --checkpoint-step $(CHECKPOINT_STEP)
 # a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
 # starts over
@@ -132,6 +142,14 @@ $(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE $$(call changed,pruned_$$*,$$(PR
 	$(call record,pruned_$*,$(PRUNE_THRESHOLD))
 	touch $@
 
+$(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(PRESET_DIR)/decoder.json $$(call changed,decoder,$$(BATCH) $$(DECODER_STEPS) $$(DECODER_EPOCHS))
+	rm -f $@
+	$(call TIMER,decoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --init-from $(AE_ARTIFACT) \
+		--codebook-path $(call codebook,$(FINEST)) --config-path $(PRESET_DIR)/decoder.json --out-dir $(RUNS)/decoder \
+		--batch-size $(BATCH) --max-steps $(DECODER_STEPS) --max-epoch $(DECODER_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
+	$(call record,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
+	touch $@
+
 # base: the condition token and the first level; each cascade model: the next level from the one before
 $(RUNS)/transformers/%/DONE: $(PRUNED) $(PRESET_DIR)/transformer_%.json $$(call changed,$$*,$$(call model_steps,$$*))
 	rm -f $@
@@ -144,10 +162,10 @@ $(RUNS)/transformers/%/DONE: $(PRUNED) $(PRESET_DIR)/transformer_%.json $$(call 
 	touch $@
 
 # the preset's generation config, copied beside the runs so that its relative paths point into them
-$(GENERATED): $(TRANSFORMERS) $(PRESET_DIR)/generate.json $$(call changed,generated,$$(NUM_IMAGES))
+$(GENERATED): $(TRANSFORMERS) $(DECODER) $(PRESET_DIR)/generate.json $$(call changed,generated,$$(NUM_IMAGES))
 	rm -f $@
 	cp $(PRESET_DIR)/generate.json $(RUNS)/generate.json
-	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(AE_ARTIFACT) \
+	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(DECODER_ARTIFACT) \
 		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
 	$(call record,generated,$(NUM_IMAGES))
 	touch $@
@@ -159,9 +177,9 @@ $(REPORT): $(GENERATED) $$(call changed,report,$$(REPORT_FLAGS))
 	$(call record,report,$(REPORT_FLAGS))
 	touch $@
 
-$(RUNS)/compressed/autoencoder/DONE: $(AUTOENCODER) $(PRESET_DIR)/compress_autoencoder.json
+$(RUNS)/compressed/autoencoder/DONE: $(DECODER) $(PRESET_DIR)/compress_autoencoder.json
 	rm -f $@
-	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(AE_ARTIFACT) \
+	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(DECODER_ARTIFACT) \
 		--dataset-path $(RUNS)/data/dataset.json --config-path $(PRESET_DIR)/compress_autoencoder.json \
 		--out-dir $(RUNS)/compressed/autoencoder --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
 	touch $@
@@ -229,7 +247,7 @@ $(FEWSHOT)/generated/DONE: $(MODELS:%=$(FEWSHOT)/transformers/%/DONE)
 	sed -e 's#"pruned/#"../pruned/#' -e 's#"label": null#"label": "$(FEWSHOT_LABEL)"#' \
 		$(PRESET_DIR)/generate.json > $(FEWSHOT)/generate.json
 	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(FEWSHOT)/generate.json \
-		--decoder-path $(AE_ARTIFACT) --out-dir $(FEWSHOT)/generated --num-images $(FEWSHOT_IMAGES) --seed 0 \
+		--decoder-path $(DECODER_ARTIFACT) --out-dir $(FEWSHOT)/generated --num-images $(FEWSHOT_IMAGES) --seed 0 \
 		--device $(DEVICE) $(RESTART)
 	touch $@
 

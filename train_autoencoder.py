@@ -1,4 +1,9 @@
 """Train the convolutional autoencoder that maps images to feature maps and back."""
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
 from core.cli import ConfigPath, DatasetPath, InitFrom, OutDir, console, entry, make_app, stage, training_command
 from core.stages.autoencoder import AutoencoderArgs, run
 from core.training import TrainOptions
@@ -9,10 +14,18 @@ app = make_app(__doc__)
 @app.command()
 @stage
 @training_command()
-def main(dataset_path: DatasetPath, out_dir: OutDir, config_path: ConfigPath = None, init_from: InitFrom = None, *,
-         options: TrainOptions) -> None:
+def main(
+    dataset_path: DatasetPath,
+    out_dir: OutDir,
+    config_path: ConfigPath = None,
+    init_from: InitFrom = None,
+    codebook_path: Annotated[Optional[Path], typer.Option(help="fine-tune the decoder of --init-from (encoder "
+                                                               "frozen) to decode this codebook's quantized maps")] = None,
+    *,
+    options: TrainOptions,
+) -> None:
     path = run(AutoencoderArgs(dataset_path=dataset_path, config_path=config_path, init_from=init_from,
-                               options=options))
+                               codebook_path=codebook_path, options=options))
     console.print(f"wrote {path}")
 
 

@@ -16,8 +16,8 @@ from core.models.transformer import TokenShape, TokenTransformer, TransformerCon
 AUTOENCODER, CODEBOOK, TRANSFORMER = "autoencoder", "codebook", "transformer"
 
 
-def save_autoencoder(path: str | Path, model: Autoencoder, provenance: dict) -> None:
-    save_artifact(path, state_tensors(model), AUTOENCODER, to_dict(model.cfg), provenance)
+def save_autoencoder(path: str | Path, model: Autoencoder, provenance: dict, extra: dict | None = None) -> None:
+    save_artifact(path, state_tensors(model), AUTOENCODER, to_dict(model.cfg), provenance, extra)
 
 
 def load_autoencoder(path: str | Path) -> tuple[Autoencoder, Artifact]:

@@ -83,3 +83,33 @@ def test_the_adversarial_phase_trains_on_a_tiny_set(tmp_path, tiny_dataset):
     model, artifact = load_autoencoder(path)
     assert not any(name.startswith("discriminator") for name in artifact.tensors)  # only the autoencoder ships
     assert artifact.provenance["step"] >= 20  # the kept checkpoint is one of the adversarial phase
+
+
+def test_a_decoder_fine_tuned_on_quantized_maps_decodes_them_better(tmp_path, pipeline):
+    from core.data import load_image_dataset, to_float
+    from core.model_artifacts import load_codebook
+    config = tmp_path / "ae.json"
+    config.write_text(json.dumps({**TINY_AE, "model_lr": 0.003, "warmup_steps": 0}))
+    run_options = options(tmp_path / "tuned", batch_size=8, max_epoch=100, max_steps=80, checkpoint_step=40)
+    path = autoencoder.run(autoencoder.AutoencoderArgs(dataset_path=pipeline["dataset"], config_path=config,
+                                                       init_from=pipeline["autoencoder"],
+                                                       codebook_path=pipeline["l2"], options=run_options))
+    original, _ = load_autoencoder(pipeline["autoencoder"])
+    tuned, artifact = load_autoencoder(path)
+    assert artifact.extra["quantized_by"]["path"] == str(pipeline["l2"])
+    for a, b in zip(original.encoder.state_dict().values(), tuned.encoder.state_dict().values()):
+        assert torch.equal(a, b)  # the encoder, which the feature maps and codebooks came from, is kept
+    codebook, _ = load_codebook(pipeline["l2"])
+    data = load_image_dataset(pipeline["dataset"])
+    images = to_float(data.split(heldout=True).items)
+    with torch.no_grad():
+        quantized = codebook.lookup(codebook.tokenize(original.encoder(images)))
+        assert psnr(tuned.decoder(quantized), images) > psnr(original.decoder(quantized), images) + 0.5
+
+
+def test_decoder_fine_tuning_needs_the_autoencoder(tmp_path, pipeline):
+    from conftest import run_script
+    result = run_script("train_autoencoder.py", "--dataset-path", pipeline["dataset"], "--codebook-path",
+                        pipeline["l2"], "--out-dir", tmp_path / "x")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --codebook-path fine-tunes a trained decoder: give the autoencoder with --init-from"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -120,9 +121,13 @@ class Autoencoder(nn.Module):
         self.cfg = cfg
         self.encoder = ImageEncoder(cfg)
         self.decoder = ImageDecoder(cfg)
+        # a function of feature maps applied between encoder and decoder (a codebook's quantization, when the
+        # decoder learns to decode what generation gives it); not part of the model's state
+        self.quantize: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        z = self.encoder(x)
+        return self.decoder(z if self.quantize is None else self.quantize(z))
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         side = image_size // 2 ** self.cfg.num_layers

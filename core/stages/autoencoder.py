@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from core.artifacts import file_record, load_artifact, load_state
-from core.config import config_from_dict, load_config, to_dict
+from core.artifacts import Artifact, file_record, load_artifact, load_state
+from core.config import config_from_dict, load_json, to_dict
 from core.data import Dataset, load_image_dataset, to_float
 from core.errors import PipelineError
-from core.model_artifacts import AUTOENCODER, save_autoencoder
+from core.model_artifacts import AUTOENCODER, check_fits, load_codebook, save_autoencoder
 from core.models.augment import augment, augmentation_generator
 from core.models.autoencoder import Autoencoder, AutoencoderConfig, psnr, reconstruction_loss
 from core.models.discriminator import AdversarialAutoencoder
@@ -24,6 +24,9 @@ class AutoencoderArgs:
     options: TrainOptions
     config_path: Path | None = None
     init_from: Path | None = None
+    # fine-tune the decoder of `init_from` (its encoder frozen) to decode this codebook's quantized feature
+    # maps: what generation gives it
+    codebook_path: Path | None = None
     eval_images: int = 1000
 
 
@@ -65,10 +68,32 @@ def autoencoder_of(model: torch.nn.Module) -> Autoencoder:
     return model.autoencoder if isinstance(model, AdversarialAutoencoder) else model
 
 
+def stage_config(config_path: Path | None, start: Artifact | None) -> AutoencoderConfig:
+    """The config file's settings; when fine-tuning, over those of the model it starts from (so that a
+    fine-tuning config needs to name only what it changes, such as the learning rate)."""
+    given = load_json(config_path) if config_path is not None else {}
+    if not isinstance(given, dict):
+        raise PipelineError(f"{config_path}: expected a JSON object of settings")
+    return config_from_dict(AutoencoderConfig, {**(start.config if start else {}), **given},
+                            source=str(config_path or "the autoencoder's config"))
+
+
+def attach_codebook(model: Autoencoder, codebook_path: Path, image_size: int, device: torch.device) -> None:
+    """Put the codebook's quantization between the model's encoder (frozen) and decoder."""
+    codebook, _ = load_codebook(codebook_path)
+    check_fits(codebook.cfg, model.latent_shape(image_size), codebook_path, "the autoencoder")
+    codebook.to(device)
+    model.encoder.requires_grad_(False)
+    model.quantize = lambda fmaps: codebook.lookup(codebook.tokenize(fmaps))
+
+
 def run(args: AutoencoderArgs) -> Path:
     """Train an autoencoder on the dataset's training split; returns the artifact's path."""
     options = args.options
-    cfg = load_config(AutoencoderConfig, args.config_path)
+    if args.codebook_path is not None and args.init_from is None:
+        raise PipelineError("--codebook-path fine-tunes a trained decoder: give the autoencoder with --init-from")
+    start = load_artifact(args.init_from, AUTOENCODER) if args.init_from is not None else None
+    cfg = stage_config(args.config_path, start)
     data = load_images(args.dataset_path, cfg)
     cfg = replace(cfg, image_channel=data.items.shape[1])
     env = setup_run(options.device, options.seed)
@@ -76,12 +101,16 @@ def run(args: AutoencoderArgs) -> Path:
                                                             options.overwrite, env))
     adversarial = cfg.disc_weight > 0
     model = AdversarialAutoencoder(cfg) if adversarial else Autoencoder(cfg)
-    if args.init_from is not None:
-        load_state(autoencoder_of(model), load_artifact(args.init_from, AUTOENCODER).tensors, args.init_from)
+    if start is not None:
+        load_state(autoencoder_of(model), start.tensors, args.init_from)
+    extra = {}
+    if args.codebook_path is not None:
+        attach_codebook(autoencoder_of(model), args.codebook_path, data.items.shape[-1], env.device)
+        extra["quantized_by"] = file_record(args.codebook_path)
     task = objective(cfg, data, env.device, args.eval_images, options.seed, adversarial)
     preview_images = to_float(data.take(data.eval_ids(args.eval_images)).items[:16])
     artifact_path = options.out_dir / "autoencoder.safetensors"
-    inputs = [file_record(p) for p in (args.dataset_path, args.init_from) if p is not None]
+    inputs = [file_record(p) for p in (args.dataset_path, args.init_from, args.codebook_path) if p is not None]
 
     def preview(net: torch.nn.Module, step: int) -> None:
         """Top: held-out images; bottom: their reconstructions."""
@@ -90,7 +119,7 @@ def run(args: AutoencoderArgs) -> Path:
 
     def export(net: torch.nn.Module, step: int) -> None:
         save_autoencoder(artifact_path, autoencoder_of(net), {"stage": "train_autoencoder", "inputs": inputs,
-                                                              "step": step})
+                                                              "step": step}, extra)
 
     train_args = options.for_stage(stage="train_autoencoder", lr=cfg.model_lr, warmup_steps=cfg.warmup_steps,
                                    config=to_dict(cfg))

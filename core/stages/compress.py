@@ -64,17 +64,12 @@ def load_source(model_path: Path, dataset_path: Path, device: torch.device) -> S
     kind = artifact.kind
     if kind == AUTOENCODER:
         data = autoencoder.load_images(dataset_path, model.cfg)
+        if "quantized_by" in artifact.extra:  # a decoder tuned to a codebook is fine-tuned through it too
+            codebook = recorded_file(artifact, "quantized_by", model_path)
+            autoencoder.attach_codebook(model, codebook, data.items.shape[-1], device)
         task = autoencoder.objective(model.cfg, data, device)
         return Source(kind, model, artifact, task, "heldout_psnr", [file_record(model_path), file_record(dataset_path)])
-    books = {}
-    for key in ("lr_codebook", "hr_codebook"):
-        record = artifact.extra.get(key) or {}
-        path = Path(record.get("path", ""))
-        if not path.is_file():
-            raise PipelineError(f"{model_path} was trained with {key} {record.get('path')!r}, which is not a file here")
-        if file_record(path)["sha256"] != record.get("sha256"):
-            raise PipelineError(f"{model_path}: its {key} {path} has changed since the model was trained")
-        books[key] = path
+    books = {key: recorded_file(artifact, key, model_path) for key in ("lr_codebook", "hr_codebook")}
     tokens = transformer.load_token_data(dataset_path, books["lr_codebook"], books["hr_codebook"],
                                          model.shape.kind == "base")
     for field in ("kind", "coarse_vocab", "fine_vocab", "coarse_len", "fine_len", "num_labels"):
@@ -84,6 +79,17 @@ def load_source(model_path: Path, dataset_path: Path, device: torch.device) -> S
     task = transformer.objective(model.cfg, model.shape, tokens, device)
     inputs = [file_record(p) for p in (model_path, dataset_path, books["lr_codebook"], books["hr_codebook"])]
     return Source(kind, model, artifact, task, "heldout_loss", inputs)
+
+
+def recorded_file(artifact: Artifact, key: str, model_path: Path) -> Path:
+    """A file the model was trained with (its extra[key] names it), still here and unchanged."""
+    record = artifact.extra.get(key) or {}
+    path = Path(record.get("path", ""))
+    if not path.is_file():
+        raise PipelineError(f"{model_path} was trained with {key} {record.get('path')!r}, which is not a file here")
+    if file_record(path)["sha256"] != record.get("sha256"):
+        raise PipelineError(f"{model_path}: its {key} {path} has changed since the model was trained")
+    return path
 
 
 def select_tensors(model: nn.Module, cfg: CompressConfig, source: str | Path) -> list[str]:

@@ -2,7 +2,7 @@
 safetensors shards), read whole into memory for training and evaluation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +36,12 @@ class Dataset:
     is_heldout: torch.Tensor  # bool, (N,)
     path: Path
     records: list[dict]  # the dataset.json records, in item order
+    info: dict = field(default_factory=dict)  # the dataset.json's info table
 
     def take(self, indices: torch.Tensor) -> "Dataset":
         records = [self.records[i] for i in indices.tolist()]
         return Dataset(self.items[indices], self.labels[indices], self.label_names, self.is_heldout[indices],
-                       self.path, records)
+                       self.path, records, self.info)
 
     def split(self, heldout: bool) -> "Dataset":
         return self.take((self.is_heldout if heldout else ~self.is_heldout).nonzero().flatten())
@@ -63,7 +64,8 @@ class Dataset:
     def relabelled(self, names: list[str]) -> "Dataset":
         """The same items with their labels expressed in `names`; a label not among them becomes none."""
         mapping = torch.tensor([names.index(n) if n in names else -1 for n in self.label_names] + [-1])
-        return Dataset(self.items, mapping[self.labels], list(names), self.is_heldout, self.path, self.records)
+        return Dataset(self.items, mapping[self.labels], list(names), self.is_heldout, self.path, self.records,
+                       self.info)
 
 
 def label_tensors(records: list[dict]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
@@ -120,7 +122,7 @@ def load_image_dataset(dataset_path: str | Path, channels: int | None = None) ->
     if missing is not None:
         raise PipelineError(f"{dataset_path}: record without 'image_fpath': {missing}")
     images = read_image_files([dataset_path.parent / r["image_fpath"] for r in records], channels)
-    return Dataset(images, *label_tensors(records), dataset_path, records)
+    return Dataset(images, *label_tensors(records), dataset_path, records, info)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,7 @@ def load_fmap_dataset(dataset_path: str | Path) -> tuple[Dataset, dict]:
     if list(fmaps.shape[1:]) != info["fmap_shape"]:
         raise PipelineError(f"{dataset_path}: shards hold maps of shape {tuple(fmaps.shape[1:])}, "
                             f"the dataset says {tuple(info['fmap_shape'])}")
-    return Dataset(fmaps, *label_tensors(records), dataset_path, records), info
+    return Dataset(fmaps, *label_tensors(records), dataset_path, records, info), info
 
 
 def load_source_images(fmap_data: Dataset) -> torch.Tensor:

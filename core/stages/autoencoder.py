@@ -103,7 +103,8 @@ def run(args: AutoencoderArgs) -> Path:
     model = AdversarialAutoencoder(cfg) if adversarial else Autoencoder(cfg)
     if start is not None:
         load_state(autoencoder_of(model), start.tensors, args.init_from)
-    extra = {}
+    # how the images were stored, so that generation can give its images back at their source size
+    extra = {"images": {key: data.info.get(key) for key in ("size", "channels", "fit", "content_size")}}
     if args.codebook_path is not None:
         attach_codebook(autoencoder_of(model), args.codebook_path, data.items.shape[-1], env.device)
         extra["quantized_by"] = file_record(args.codebook_path)

@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from core.codec import decode_tensors
+from core.codec import decode_tensors, int8_weights
 from core.errors import PipelineError
+from core.models.quantized import use_int8_weights
 
 FORMAT_VERSION = 1
 
@@ -133,8 +134,10 @@ def _checked_kind(path: Path, meta: dict, kind: str | tuple[str, ...] | None) ->
     return found_kind
 
 
-def load_artifact(path: str | Path, kind: str | tuple[str, ...] | None = None) -> Artifact:
-    """Load an artifact, checking its kind and format version against what the caller expects."""
+def load_artifact(path: str | Path, kind: str | tuple[str, ...] | None = None, decode: bool = True) -> Artifact:
+    """Load an artifact, checking its kind and format version against what the caller expects. A
+    compressed artifact's weights are decoded to float unless `decode` is False (then its tensors are
+    as stored: see core.codec)."""
     path = Path(path)
     meta = read_metadata(path)
     found_kind = _checked_kind(path, meta, kind)
@@ -153,7 +156,7 @@ def load_artifact(path: str | Path, kind: str | tuple[str, ...] | None = None) -
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:
         raise PipelineError(f"{path}: damaged artifact ({str(e).splitlines()[0]})") from None
-    if "compression" in extra:  # clustered int8 weights (compress.py): decoded to float, so every loader reads them
+    if decode and "compression" in extra:  # clustered int8 weights (compress.py): decoded to float, so every loader reads them
         tensors = decode_tensors(tensors, extra["compression"], path)
     return Artifact(path, found_kind, version, config, provenance, tensors, extra)
 
@@ -172,11 +175,21 @@ def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source
     module.load_state_dict({name: tensors[prefix + name] for name in state})
 
 
-def load_module(path: str | Path, kind: str, build: Callable[[Artifact], torch.nn.Module]
+def load_module(path: str | Path, kind: str, build: Callable[[Artifact], torch.nn.Module], int8: bool = False
                 ) -> tuple[torch.nn.Module, Artifact]:
-    """Load an artifact and the module `build` makes from it, holding its tensors, in eval mode."""
-    artifact = load_artifact(path, kind)
+    """Load an artifact and the module `build` makes from it, holding its tensors, in eval mode. With
+    `int8`, the clustered weights of a compressed artifact stay int8 (core.models.quantized runs them) and
+    the artifact's tensors are the module's state."""
+    artifact = load_artifact(path, kind, decode=not int8)
     module = build(artifact)
+    if int8 and "compression" in artifact.extra:
+        rest, weights = int8_weights(artifact.tensors, artifact.extra["compression"], path)
+        try:
+            use_int8_weights(module, weights)
+        except (AttributeError, TypeError) as e:
+            raise PipelineError(f"{path}: its compressed weights do not fit the model ({e})") from None
+        artifact.tensors = {**rest, **{name: w for name, (w, _) in weights.items()},
+                            **{f"{name}_scale": scale.flatten() for name, (_, scale) in weights.items()}}
     load_state(module, artifact.tensors, path)
     module.eval()
     return module, artifact

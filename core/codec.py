@@ -34,11 +34,6 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.from_numpy(fields @ (1 << np.arange(bits - 1, -1, -1, dtype=np.int64)))
 
 
-def dequantize(indices: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    values = centroids.float()[indices.long()]
-    return values * scale.float().view(-1, *([1] * (values.dim() - 1)))
-
-
 def encode_tensors(rest: dict[str, torch.Tensor], codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                    *, clusters: int, per_channel: bool, entropy_coding: bool,
                    float16_rest: bool) -> tuple[dict[str, torch.Tensor], dict]:
@@ -66,20 +61,62 @@ def encode_tensors(rest: dict[str, torch.Tensor], codes: dict[str, tuple[torch.T
     return out, info
 
 
-def decode_tensors(tensors: dict[str, torch.Tensor], info: dict, source: str | Path) -> dict[str, torch.Tensor]:
-    """Float tensors of a compressed artifact: each clustered weight rebuilt as centroids[indices] * scale."""
+def int8_weights(tensors: dict[str, torch.Tensor], info: dict, source: str | Path
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A compressed artifact's tensors as they run in int8: (the other tensors, in float32; each clustered
+    weight as (int8 tensor centroids[indices], float scale per row or one))."""
     if info.get("format") != FORMAT:
         raise PipelineError(f"{source}: unsupported compression format {info.get('format')!r} (this tool reads {FORMAT})")
-    out = dict(tensors)
+    rest, weights = dict(tensors), {}
     try:
         for name, shape in info["tensors"].items():
-            packed = out.pop(f"{name}.indices")
+            packed = rest.pop(f"{name}.indices")
             if info["coding"] == "deflate":
                 packed = torch.from_numpy(np.frombuffer(zlib.decompress(packed.numpy().tobytes()), dtype=np.uint8).copy())
             indices = unpack_bits(packed, info["bits"], int(np.prod(shape))).view(shape)
-            out[name] = dequantize(indices, out.pop(f"{name}.centroids"), out.pop(f"{name}.scale"))
+            centroids, scale = rest.pop(f"{name}.centroids"), rest.pop(f"{name}.scale").float()
+            if centroids.dtype != torch.int8 or scale.numel() not in (1, shape[0]):
+                raise ValueError(f"{name}: centroids of {centroids.dtype}, {scale.numel()} scales for {shape[0]} rows")
+            weights[name] = (centroids[indices], scale)
         for name in info.get("float16", []):
-            out[name] = out[name].float()
+            rest[name] = rest[name].float()
     except (KeyError, ValueError, RuntimeError, IndexError, zlib.error) as e:
         raise PipelineError(f"{source}: damaged compressed artifact ({type(e).__name__}: {e})") from None
-    return out
+    return rest, weights
+
+
+def decode_tensors(tensors: dict[str, torch.Tensor], info: dict, source: str | Path) -> dict[str, torch.Tensor]:
+    """Float tensors of a compressed artifact: each clustered weight rebuilt as centroids[indices] * scale."""
+    rest, weights = int8_weights(tensors, info, source)
+    return {**rest, **{name: dequantize(weight, scale) for name, (weight, scale) in weights.items()}}
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An int8 weight times its scale per row (dim 0), or its one scale, in float32."""
+    return weight.float() * scale.float().view(-1, *([1] * (weight.dim() - 1)))
+
+
+# ---------------------------------------------------------------- the export bundle's weights
+
+def encode_bundle_weights(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    """The tensors of an export bundle's weights file, and how the runner restores each (runner/runner.py,
+    decode_weights). An int8 tensor is stored as its distinct values (at most 256; as many as the model
+    has clusters) and the index of each element's value, packed to the bits their count needs and
+    deflated (an entropy coder: Deep Compression's Huffman stage, with LZ77 on top). A float32 tensor
+    that float16 holds exactly (those of a compressed artifact) is stored as float16."""
+    stored, specs = {}, {}
+    for name, array in weights.items():
+        specs[name] = {"shape": list(array.shape), "dtype": "int8" if array.dtype == np.int8 else "float32"}
+        if array.dtype == np.int8:
+            values, indices = np.unique(array, return_inverse=True)
+            bits = index_bits(len(values))
+            packed = pack_bits(torch.from_numpy(indices.reshape(-1)), bits).numpy()
+            stored[f"{name}.indices"] = np.frombuffer(zlib.compress(packed.tobytes(), 9), dtype=np.uint8)
+            stored[f"{name}.values"] = values.astype(np.int8)
+            specs[name]["bits"] = bits
+        elif array.dtype == np.float32:
+            half = array.astype(np.float16)
+            stored[name] = half if np.array_equal(half.astype(np.float32), array) else array
+        else:
+            raise ValueError(f"{name}: no bundle encoding for {array.dtype}")
+    return stored, specs

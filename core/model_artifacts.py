@@ -20,9 +20,10 @@ def save_autoencoder(path: str | Path, model: Autoencoder, provenance: dict, ext
     save_artifact(path, state_tensors(model), AUTOENCODER, to_dict(model.cfg), provenance, extra)
 
 
-def load_autoencoder(path: str | Path) -> tuple[Autoencoder, Artifact]:
+def load_autoencoder(path: str | Path, int8: bool = True) -> tuple[Autoencoder, Artifact]:
+    """`int8`: a compressed autoencoder keeps its clustered weights in int8 (see load_transformer)."""
     return load_module(path, AUTOENCODER,
-                       lambda a: Autoencoder(config_from_dict(AutoencoderConfig, a.config, source=str(path))))
+                       lambda a: Autoencoder(config_from_dict(AutoencoderConfig, a.config, source=str(path))), int8)
 
 
 def save_codebook(path: str | Path, codebook: SOMCodebook, provenance: dict, extra: dict | None = None) -> None:
@@ -44,18 +45,21 @@ def save_transformer(path: str | Path, model: TokenTransformer, provenance: dict
     save_artifact(path, tensors, TRANSFORMER, config, provenance, extra)
 
 
-def load_transformer(path: str | Path) -> tuple[TokenTransformer, Artifact]:
+def load_transformer(path: str | Path, int8: bool = True) -> tuple[TokenTransformer, Artifact]:
+    """`int8`: a compressed model runs with its clustered weights in int8 (a quarter of float32's memory);
+    False decodes them to float32, as training from it (--init-from) does. An uncompressed model loads
+    as float32 either way."""
     def build(artifact: Artifact) -> TokenTransformer:
         cfg = config_from_dict(TransformerConfig, artifact.config["transformer"], source=str(path))
         return TokenTransformer(cfg, TokenShape.from_record(artifact.config["shape"]))
-    return load_module(path, TRANSFORMER, build)
+    return load_module(path, TRANSFORMER, build, int8)
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, Artifact]:
+def load_model(path: str | Path, int8: bool = True) -> tuple[torch.nn.Module, Artifact]:
     """An autoencoder or transformer artifact and its model."""
     if read_kind(path, (AUTOENCODER, TRANSFORMER)) == AUTOENCODER:
-        return load_autoencoder(path)
-    return load_transformer(path)
+        return load_autoencoder(path, int8)
+    return load_transformer(path, int8)
 
 
 def check_fits(cfg: CodebookConfig, fmap_shape, codebook_path: str | Path, data_path: str | Path) -> None:

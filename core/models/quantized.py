@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from core.models.clustering import kmeans_1d
@@ -90,3 +91,77 @@ def set_quantize(shared: dict[str, SharedWeight], on: bool) -> None:
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under their ordinary names, leaving out the parametrized ones."""
     return {name: t for name, t in model.state_dict().items() if ".parametrizations." not in name}
+
+
+# ---------------------------------------------------------------- int8 execution of a compressed model
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight stays int8 in memory, with a float scale per output row (or one for the
+    whole tensor): y = x @ (int8 * scale)ᵀ + bias. The weight is widened for each call, since no int8
+    kernel beats float32 on a CPU without VNNI (bench/int8.py); widened first, the outputs are exactly
+    those of the float model that the artifact decodes to, and of the export's DequantizeLinear + Gemm."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float().flatten())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table kept in int8, with a float scale per row (or one): rows scaled as looked up."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("weight", weight.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float().flatten())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        scale = self.weight_scale[ids] if len(self.weight_scale) > 1 else self.weight_scale
+        return self.weight[ids].float() * scale[..., None]
+
+
+class Int8Conv2d(nn.Module):
+    """A convolution whose weight stays int8 in memory (a float scale per output channel, or one); it is
+    widened to float for each call, since PyTorch has no int8 convolution on the CPU outside the
+    deprecated torch.ao path."""
+
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.register_buffer("weight", weight.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float().flatten())
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype).view(-1, 1, 1, 1)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def int8_module(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> nn.Module:
+    """The int8 counterpart of a Linear, Embedding or Conv2d, holding `weight` (int8) and `scale`."""
+    if isinstance(module, nn.Linear):
+        return Int8Linear(weight, scale, module.bias)
+    if isinstance(module, nn.Embedding):
+        return Int8Embedding(weight, scale)
+    if isinstance(module, nn.Conv2d):
+        return Int8Conv2d(module, weight, scale)
+    raise TypeError(f"no int8 form of {type(module).__name__}")
+
+
+def use_int8_weights(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Replace, in place, each module whose `weight` is named in `weights` (name -> (int8 weight, scale))
+    by its int8 counterpart. The modules' other tensors (biases) are kept as they are."""
+    for name, (weight, scale) in weights.items():
+        module_name, _, attr = name.rpartition(".")
+        if attr != "weight":
+            raise TypeError(f"{name}: only a module's weight runs in int8")
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, int8_module(parent.get_submodule(child), weight, scale))

@@ -15,7 +15,9 @@ from safetensors import safe_open
 from conftest import options, run_script, start_script
 from core.artifacts import load_artifact
 from core.codec import pack_bits, unpack_bits
-from core.models.quantized import fake_quantize, quantize_int8, set_quantize, share_weights
+from core.model_artifacts import load_model
+from core.models.quantized import (Int8Conv2d, Int8Embedding, Int8Linear, fake_quantize, int8_module, quantize_int8,
+                                   set_quantize, share_weights)
 from core.stages.compress import CompressArgs, CompressConfig, run
 
 
@@ -76,6 +78,37 @@ def test_int8_centroids_reconstruct_within_their_scale():
     assert torch.equal(c.grad, torch.ones(16))  # straight through
 
 
+def int8_rows(weight):
+    """A float weight as int8 with a scale per output row: its quantization and the error bound of each row."""
+    scale = weight.detach().reshape(len(weight), -1).abs().amax(1) / 127
+    codes = torch.round(weight.detach() / scale.view(-1, *[1] * (weight.dim() - 1))).to(torch.int8)
+    return codes, scale
+
+
+@pytest.mark.parametrize("module", [nn.Linear(48, 24), nn.Linear(48, 24, bias=False), nn.Embedding(30, 16),
+                                    nn.Conv2d(3, 8, 3, padding=1)], ids=["linear", "linear-no-bias", "embedding", "conv"])
+def test_int8_layer_matches_its_float_counterpart_within_its_quantization_error(module):
+    torch.manual_seed(0)
+    codes, scale = int8_rows(module.weight)
+    quantized = int8_module(module, codes, scale)
+    assert isinstance(quantized, (Int8Linear, Int8Embedding, Int8Conv2d)) and quantized.weight.dtype == torch.int8
+    x = {nn.Linear: torch.randn(7, 48), nn.Embedding: torch.randint(0, 30, (4, 5)),
+         nn.Conv2d: torch.randn(2, 3, 6, 6)}[type(module)]
+    with torch.no_grad():
+        expected, got = module(x), quantized(x)
+        # each weight is off by at most half its row's scale: the output by at most that times sum |input|
+        if isinstance(module, nn.Embedding):
+            bound = (scale[x] / 2)[..., None].expand_as(got)
+        elif isinstance(module, nn.Linear):
+            bound = x.abs().sum(1, keepdim=True) * scale / 2
+        else:
+            windows = nn.functional.conv2d(x.abs(), torch.ones(1, 3, 3, 3), padding=1)
+            bound = windows * (scale / 2).view(1, -1, 1, 1)
+    error = (got - expected).abs()
+    assert (error <= bound + 1e-5).all() and error.max() > 0
+    assert quantized.weight.nbytes * 4 == module.weight.nbytes  # a quarter of the float weight
+
+
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])
 def test_bit_packing_round_trip(bits):
     indices = torch.randint(0, 2 ** bits, (1001,))
@@ -108,6 +141,23 @@ def test_compressed_artifact_round_trip(tmp_path, pipeline):
     saved = json.loads((out / "report.json").read_text())
     assert saved["size_bytes"]["after"] == path.stat().st_size < saved["size_bytes"]["before"]
     assert saved["ratio"] == report["ratio"] and set(saved["quality"]) == {"before", "clustered_no_finetune", "after"}
+
+
+def test_compressed_models_run_with_int8_weights_and_give_the_decoded_outputs(tmp_path, models):
+    config = write_config(tmp_path / "c.json", clusters=16, cluster_steps=0, quant_steps=0)
+    report = compress(models["cascade"], config, tmp_path / "cascade", models["fmaps"], batch_size=8)
+    int8_model, _ = load_model(report["artifact"])
+    float_model, _ = load_model(report["artifact"], int8=False)
+    int8_bytes = sum(t.numel() * t.element_size() for t in int8_model.state_dict().values())
+    float_bytes = sum(t.numel() * t.element_size() for t in float_model.state_dict().values())
+    assert isinstance(int8_model.head, Int8Linear) and isinstance(int8_model.tok_emb, Int8Embedding)
+    assert int8_bytes < float_bytes / 3
+    shape = int8_model.shape
+    labels, coarse = torch.tensor([0, 1]), torch.randint(0, shape.coarse_vocab, (2, shape.coarse_len))
+    fine = torch.randint(0, shape.fine_vocab, (2, shape.fine_len))
+    positions = torch.arange(shape.fine_len).expand(2, -1)
+    with torch.no_grad():
+        assert torch.equal(int8_model(labels, coarse, fine, positions), float_model(labels, coarse, fine, positions))
 
 
 def test_generation_runs_from_compressed_models(tmp_path, models):

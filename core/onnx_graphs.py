@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 
 from core.models.autoencoder import ImageDecoder, ResBlock
 from core.models.quantized import Int8Conv2d, Int8Linear
-from core.models.transformer import Attention, Block, TokenTransformer
+from core.models.transformer import Block, TokenTransformer
 
 OPSET = 21
 EXTERNAL = "supplied-by-runner"  # the location the graphs name for their weights; the runner supplies them

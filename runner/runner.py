@@ -81,8 +81,11 @@ def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Fields of `bits` bits, most significant bit first (core.codec.pack_bits), as integers."""
-    fields = np.unpackbits(packed, count=count * bits).reshape(count, bits).astype(np.int64)
-    return fields @ (1 << np.arange(bits - 1, -1, -1, dtype=np.int64))
+    fields = np.unpackbits(packed, count=count * bits).reshape(count, bits)
+    values = np.zeros(count, dtype=np.uint16)
+    for bit in range(bits):  # one column at a time: no (count, bits) integer matrix in memory
+        values = (values << 1) | fields[:, bit]
+    return values
 
 
 def decode_weights(stored: dict[str, np.ndarray], specs: dict) -> dict[str, np.ndarray]:
@@ -112,6 +115,7 @@ def session(bundle: Path, manifest: dict, graph: dict, weights: dict[str, np.nda
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # the arena keeps the largest batch's buffers: a third more memory
     names = graph["weights"]
     options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
     model = read_part(bundle, manifest, graph["file"])
@@ -308,8 +312,9 @@ class DecodeState:
 
 
 def sample(dec: DecodeState, settings: dict, source: RandomSource, rows: np.ndarray, begin: int = 0,
-           end: int | None = None) -> np.ndarray:
-    """Positions [begin, end) drawn one by one; returns the summed log-probability of each row's draws."""
+           end: int | None = None, scored: bool = False) -> np.ndarray:
+    """Positions [begin, end) drawn one by one; returns the summed log-probability of each row's draws
+    (when `scored`: rank search needs it)."""
     end = dec.n if end is None else end
     total = np.zeros(dec.batch, dtype=np.float32)
     for p in range(begin, end):
@@ -319,7 +324,8 @@ def sample(dec: DecodeState, settings: dict, source: RandomSource, rows: np.ndar
         else:
             logits = filter_logits(logits, settings["temperature"], settings["top_k"], settings["top_p"])
             tokens = draw(logits, source.uniform(rows))
-        total += log_softmax(logits)[np.arange(len(tokens)), tokens]
+        if scored:
+            total += log_softmax(logits)[np.arange(len(tokens)), tokens]
         dec.set(p, tokens)
     return total
 
@@ -347,7 +353,7 @@ def sample_and_rank(dec: DecodeState, settings: dict, source: RandomSource) -> n
     rows = np.repeat(np.arange(batch), candidates)
     for begin in range(0, dec.n, settings["beam_width"]):
         dec.select(rows)
-        scores = sample(dec, settings, source, rows, begin, min(dec.n, begin + settings["beam_width"]))
+        scores = sample(dec, settings, source, rows, begin, min(dec.n, begin + settings["beam_width"]), scored=True)
         dec.select(scores.reshape(batch, candidates).argmax(-1) + np.arange(batch) * candidates)
     return dec.result()
 
@@ -448,11 +454,13 @@ class Generator:
             tokens = generate_tokens(level, ids, tokens, settings, source)
         return tokens
 
-    def images(self, tokens: np.ndarray) -> np.ndarray:
-        """Tokens of the last level -> uint8 images (B, C, H, W)."""
+    def images(self, tokens: np.ndarray, chunk: int = 16) -> np.ndarray:
+        """Tokens of the last level -> uint8 images (B, C, H, W), decoded `chunk` at a time (the decoder's
+        activations are the largest tensors of the run)."""
         book = self.manifest["decoder"]
-        fmaps = unpatchify(self.units[tokens], book["fmap_shape"], book["patch"])
-        images = self.decoder.run(["images"], {"fmaps": np.ascontiguousarray(fmaps, dtype=np.float32)})[0]
+        fmaps = unpatchify(self.units[tokens], book["fmap_shape"], book["patch"]).astype(np.float32)
+        images = np.concatenate([self.decoder.run(["images"], {"fmaps": fmaps[i:i + chunk]})[0]
+                                 for i in range(0, len(fmaps), chunk)])
         return np.clip(np.round((np.clip(images, -1, 1) + 1) * 127.5), 0, 255).astype(np.uint8)
 
     def generate_batch(self, indices: range, seed: int) -> tuple[np.ndarray, list[int]]:

@@ -47,10 +47,12 @@ def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
     records = json.loads((runs / "generated" / "dataset.json").read_text())["_default"]
     assert len(records) == 6 and (runs / "generated" / "grid.png").exists()
     stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
-    assert stages[:2] == ["dataset", "autoencoder"] and len(stages) == 18
-    assert stages[-2:] == ["generate compressed", "report compressed"]
+    assert stages[:2] == ["dataset", "autoencoder"] and len(stages) == 21
+    assert stages[-5:] == ["generate compressed", "report compressed", "export", "generate export", "report export"]
     assert (runs / "report" / "report.md").exists() and (runs / "report_compressed" / "report.md").exists()
     assert len(list((runs / "generated_compressed" / "images").glob("*.png"))) == 6
+    assert len(list((runs / "generated_export" / "images").glob("*.png"))) == 6
+    assert (runs / "report_export" / "report.md").exists()
 
     # as if the cascade stage had been interrupted: make runs it and what follows from it, nothing before it
     (runs / "transformers" / "cascade" / "DONE").unlink()
@@ -58,8 +60,9 @@ def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
     result = make(runs, configs, image_folder)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
-    assert stages[18] == "cascade transformer"
-    assert sorted(stages[19:]) == ["compress cascade", "generate", "generate compressed", "report", "report compressed"]
+    assert stages[21] == "cascade transformer"
+    assert sorted(stages[22:]) == ["compress cascade", "export", "generate", "generate compressed", "generate export",
+                                   "report", "report compressed", "report export"]
 
     # nothing is left to do; other settings for one stage start it over, and what follows it
     assert "python" not in make(runs, configs, image_folder, "-n").stdout

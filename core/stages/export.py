@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from safetensors.numpy import save as safetensors_bytes
 
-from core.artifacts import atomic_write_bytes, atomic_write_json, file_record
+from core.artifacts import atomic_write_bytes, file_record
 from core.codec import encode_bundle_weights
 from core.config import to_dict
 from core.errors import PipelineError
@@ -119,7 +119,8 @@ def run(args: ExportArgs) -> Path:
         "weights": specs,
         "provenance": {"levels": [level.record for level in levels], "decoder": file_record(args.decoder_path)},
     }
-    atomic_write_json(manifest_path, manifest)  # last: a bundle stopped midway fails its sha256 checks
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))  # compact: the manifest ships too
+    atomic_write_bytes(manifest_path, text.encode())  # last: a bundle stopped midway fails its sha256 checks
     for name in old_parts - set(parts):
         (args.out_dir / name).unlink(missing_ok=True)
     return manifest_path

@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +19,7 @@ from conftest import ROOT, run_script, script_env
 from core.data import to_uint8
 from core.models.sampling import generate_tokens
 from core.stages.compress import CompressArgs, run as compress
-from core.stages.export import ExportArgs, run as export
+from core.stages.export import ExportArgs, export_level, run as export
 from core.stages.generate import load_levels, parse_config
 from core.model_artifacts import load_autoencoder
 from conftest import options
@@ -102,6 +103,37 @@ def test_runner_gives_the_tokens_of_torch_generation(bundles, kind, changes):
         tokens = generate_tokens(level.model, labels, tokens, settings, generators)
         mine = runner.generate_tokens(mine_level, labels.numpy(), mine, settings_of(level, **changes), source)
         assert np.array_equal(mine, tokens.numpy()), f"level {level.model.shape.kind}"
+
+
+def runner_level(index, level):
+    """The runner's Level of a torch level, built in memory (graphs and weights as export makes them)."""
+    info, weights, graphs = export_level(index, level)
+    sessions = {}
+    for role, graph in info["graphs"].items():
+        session_options = ort.SessionOptions()
+        session_options.add_external_initializers(graph["weights"], [ort.OrtValue.ortvalue_from_numpy(weights[n])
+                                                                     for n in graph["weights"]])
+        sessions[role] = ort.InferenceSession(graphs[graph["file"]].SerializeToString(), session_options,
+                                              providers=["CPUExecutionProvider"])
+    return runner.Level(info, weights, sessions)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "compressed"])
+def test_runner_reads_long_sequences_in_the_windows_of_torch(bundles, kind):
+    """Sliding windows: at each window's start the cache is refilled (base: with its prefix) as in torch."""
+    levels = torch_levels(bundles[kind])
+    for level, window in zip(levels, (2, 6)):
+        level.model.cfg.use_sliding_window, level.model.cfg.sliding_window = True, window
+    labels, tokens = conditions(levels)
+    mine = tokens.numpy()
+    seeds = [7 + i for i in range(len(labels))]
+    source, generators = ReplaySource(seeds), [torch.Generator().manual_seed(s) for s in seeds]
+    for index, level in enumerate(levels):
+        mine_level = runner_level(index, level)
+        assert mine_level.info["window"] < mine_level.info["fine_len"]
+        tokens = generate_tokens(level.model, labels, tokens, level.settings, generators)
+        mine = runner.generate_tokens(mine_level, labels.numpy(), mine, settings_of(level), source)
+        assert np.array_equal(mine, tokens.numpy())
 
 
 @pytest.mark.parametrize("kind", ["fp32", "compressed"])

@@ -5,16 +5,18 @@ runner supplies at load time (from the bundle's entropy-coded weights file), so 
 only the computation. A graph's weights come back beside it, as the runner must hand them over:
 float32 tensors, and for an int8 layer its int8 weight and float32 scale per output row (or one).
 
-- transformer step: embeddings x (B, T, D) of the new positions and the self-attention cache of the
-  earlier ones, past (L, 2, B, H, P, hd), -> logits (B, V) of the last position and the cache with the
-  new positions appended, present (L, 2, B, H, P+T, hd). A cascade step also reads its cross-attention
-  keys and values, cross (L, 2, B, H, S, hd). T = 1 decodes one token; a longer T fills a window.
-- transformer encoder (cascade): embeddings of [label, coarse tokens] (B, S, D) -> cross.
+- transformer step: the embeddings of T new positions and the key/value cache of the earlier ones ->
+  the logits of the last position and the new positions' keys and values, which the runner appends to
+  its cache (so no step copies the cache). T = 1 decodes one token; a longer T fills a window.
+- transformer encoder (cascade): embeddings of [label, coarse tokens] -> each decoder layer's
+  cross-attention keys and values.
 - decoder: feature maps (B, C, h, w) -> images (B, C', H, W) in [-1, 1].
 
-An int8 linear layer runs as DequantizeLinear + Gemm (the weight stays int8 in the session, widened
-per call); an int8 convolution likewise. The maths follow core.models.transformer and
-core.models.autoencoder; tests/test_export.py checks that both give the same tokens."""
+The runner looks the embeddings up itself (numpy), so the graphs start from them. An int8 linear layer
+runs as DequantizeLinear + Gemm: the weight stays int8 in the session and is widened per call, which
+onnxruntime does not fold back to float; an int8 convolution likewise. The maths follow
+core.models.transformer and core.models.autoencoder; tests/test_export.py checks that both give the
+same tokens."""
 from __future__ import annotations
 
 import math
@@ -47,11 +49,12 @@ class GraphBuilder:
         self.weights: dict[str, np.ndarray] = {}
         self.count = 0
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
-        names = [f"{op_type.lower()}_{self.count}_{i}" for i in range(outputs)]
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        """A node of one output; returns the output's name."""
+        name = f"{op_type.lower()}_{self.count}"
         self.count += 1
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain or None, **attrs))
-        return names[0] if outputs == 1 else names
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
+        return name
 
     def const(self, values, dtype=np.int64) -> str:
         name = f"const_{self.count}"

@@ -115,7 +115,8 @@ def session(bundle: Path, manifest: dict, graph: dict, weights: dict[str, np.nda
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False  # the arena keeps the largest batch's buffers: a third more memory
+    options.enable_cpu_mem_arena = False  # the arena and memory patterns keep the largest batch's buffers
+    options.enable_mem_pattern = False
     names = graph["weights"]
     options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
     model = read_part(bundle, manifest, graph["file"])
@@ -407,11 +408,13 @@ class Generator:
         self.bundle = bundle
         self.manifest = manifest = read_manifest(bundle)
         weights = load_weights(bundle, manifest)
-        self.levels = []
-        for info in manifest["levels"]:
-            sessions = {role: session(bundle, manifest, graph, weights, threads) for role, graph in info["graphs"].items()}
-            self.levels.append(Level(info, weights, sessions))
-        self.decoder = session(bundle, manifest, manifest["decoder"]["graph"], weights, threads)
+        graphs = [graph for info in manifest["levels"] for graph in info["graphs"].values()] + [manifest["decoder"]["graph"]]
+        sessions = {graph["file"]: session(bundle, manifest, graph, weights, threads) for graph in graphs}
+        for name in {name for graph in graphs for name in graph["weights"]}:
+            del weights[name]  # each session holds its own copy; numpy keeps the embeddings and the codebook
+        self.levels = [Level(info, weights, {role: sessions[graph["file"]] for role, graph in info["graphs"].items()})
+                       for info in manifest["levels"]]
+        self.decoder = sessions[manifest["decoder"]["graph"]["file"]]
         self.units = weights["codebook/units"]
         self.cond_counts = weights["level0/cond_counts"]
         self.settings = [dict(level["settings"]) for level in manifest["levels"]]

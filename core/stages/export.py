@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def run(args: ExportArgs) -> Path:
     parts.update({name: proto.SerializeToString() for name, proto in graphs.items()})
     for name, data in parts.items():
         atomic_write_bytes(args.out_dir / name, data)
-    shutil.copyfile(RUNNER, args.out_dir / "runner.py")
+    atomic_write_bytes(args.out_dir / "runner.py", RUNNER.read_bytes())
     book = final.cfg
     manifest = {
         "format": FORMAT, "opset": OPSET,

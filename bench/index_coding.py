@@ -1,9 +1,9 @@
-"""What the cluster indices of an export bundle cost under each way of storing them: packed to the bits
-their count needs, deflated (what the bundle ships), Huffman-coded with one code per tensor (Deep
-Compression's choice; the size counts each code's table), and the entropy bound of a per-tensor static
-code. Prints one line per bundle; the bundles' int8 tensors are read back with the runner's decoder.
+"""What the cluster indices of an export bundle (or of a compressed artifact) cost under each way of
+storing them: packed to the bits their count needs, deflated (what the bundle ships), Huffman-coded
+with one code per tensor (Deep Compression's choice; the size counts each code's table), and the
+entropy bound of a per-tensor static code. Prints one line per bundle or artifact.
 
-    python bench/index_coding.py runs/tiny/export runs/tiny/export_c8 runs/tiny/export_c4
+    python bench/index_coding.py runs/tiny/export runs/tiny/compressed/cascade/model.safetensors
 """
 import heapq
 import json
@@ -15,8 +15,11 @@ import numpy as np
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "runner"))
 import runner  # noqa: E402  (numpy and onnxruntime only)
+from core.artifacts import load_artifact  # noqa: E402
+from core.codec import encode_bundle_weights, int8_weights  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -37,17 +40,26 @@ def huffman_lengths(counts: np.ndarray) -> np.ndarray:
     return lengths
 
 
-def index_costs(bundle: Path) -> dict:
-    manifest = runner.read_manifest(bundle)
-    stored = runner.read_safetensors((bundle / "weights.safetensors").read_bytes())
+def int8_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The int8 weights of a bundle folder, or of a compressed artifact."""
+    if path.is_dir():
+        manifest = runner.read_manifest(path)
+        weights = runner.decode_weights(runner.read_safetensors((path / "weights.safetensors").read_bytes()),
+                                        manifest["weights"])
+        return {name: w for name, w in weights.items() if w.dtype == np.int8}
+    artifact = load_artifact(path, decode=False)
+    _, weights = int8_weights(artifact.tensors, artifact.extra["compression"], path)
+    return {name: weight.numpy() for name, (weight, _) in weights.items()}
+
+
+def index_costs(path: Path) -> dict:
+    stored, _ = encode_bundle_weights(int8_tensors(path))
     costs = {"int8 weights": 0, "packed": 0, "deflate": 0, "huffman": 0, "entropy": 0.0}
-    for name, spec in manifest["weights"].items():
-        if spec["dtype"] != "int8":
-            continue
-        count = int(np.prod(spec["shape"]))
-        packed = np.frombuffer(zlib.decompress(stored[f"{name}.indices"].tobytes()), dtype=np.uint8)
-        indices = runner.unpack_bits(packed, spec["bits"], count)
-        counts = np.bincount(indices, minlength=len(stored[f"{name}.values"]))
+    for name, weight in int8_tensors(path).items():
+        count = weight.size
+        values, indices = np.unique(weight, return_inverse=True)
+        packed = zlib.decompress(stored[f"{name}.indices"].tobytes())
+        counts = np.bincount(indices.reshape(-1), minlength=len(values))
         probs = counts[counts > 0] / count
         costs["int8 weights"] += count
         costs["packed"] += len(packed)
@@ -60,9 +72,9 @@ def index_costs(bundle: Path) -> dict:
 
 
 @app.command()
-def main(bundles: list[Path]) -> None:
-    for bundle in bundles:
-        print(bundle, json.dumps(index_costs(bundle)))
+def main(paths: list[Path]) -> None:
+    for path in paths:
+        print(path, json.dumps(index_costs(path)))
 
 
 if __name__ == "__main__":

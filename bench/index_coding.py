@@ -1,6 +1,7 @@
 """What the cluster indices of an export bundle (or of a compressed artifact) cost under each way of
 storing them: packed to the bits their count needs, those packed bits deflated (as compressed artifacts
-store them), one byte per index Huffman-coded by zlib (what the bundle ships), a Huffman code per tensor
+store them), what the bundle ships (per tensor the smaller of that and one byte per index Huffman-coded
+by zlib: core.codec.encode_bundle_weights), a Huffman code per tensor
 written by hand (Deep Compression's stage; the size counts each code's table) and the entropy bound of a
 per-tensor static code. Prints one line per bundle or artifact.
 

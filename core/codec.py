@@ -101,21 +101,27 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def encode_bundle_weights(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     """The tensors of an export bundle's weights file, and how the runner restores each (runner/runner.py,
     decode_weights). An int8 tensor is stored as its distinct values (at most 256; as many as the model
-    has clusters) and the index of each element's value, one byte per index, Huffman-coded by zlib
-    (Deep Compression's Huffman stage: deflate with its Huffman-only strategy, which any inflate reads;
-    within 2% of a Huffman code per tensor, where deflating packed bits loses 5% at 3 bits per index).
+    has clusters) and the index of each element's value, entropy-coded by zlib in the smaller of two
+    layouts (bench/index_coding.py): one byte per index, Huffman-coded (deflate's Huffman-only strategy:
+    Deep Compression's stage, within 2% of a Huffman code per tensor at 8 and 16 clusters), or packed to
+    the bits the indices need and deflated (smaller at 4 clusters, where a code per index wastes bits).
     A float32 tensor that float16 holds exactly (those of a compressed artifact) is stored as float16."""
     stored, specs = {}, {}
     for name, array in weights.items():
         specs[name] = {"shape": list(array.shape), "dtype": "int8" if array.dtype == np.int8 else "float32"}
         if array.dtype == np.int8:
             values, indices = np.unique(array, return_inverse=True)
-            coder = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-            coded = coder.compress(indices.astype(np.uint8).tobytes()) + coder.flush()
-            stored[f"{name}.indices"] = np.frombuffer(coded, dtype=np.uint8)
+            bits = index_bits(len(values))
+            huffman = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+            per_byte = huffman.compress(indices.astype(np.uint8).tobytes()) + huffman.flush()
+            packed = zlib.compress(pack_bits(torch.from_numpy(indices.reshape(-1)), bits).numpy().tobytes(), 9)
+            if len(packed) < len(per_byte):
+                specs[name]["bits"] = bits
+            stored[f"{name}.indices"] = np.frombuffer(min(per_byte, packed, key=len), dtype=np.uint8)
             stored[f"{name}.values"] = values.astype(np.int8)
         elif array.dtype == np.float32:
-            half = array.astype(np.float16)
+            with np.errstate(over="ignore"):  # a value beyond float16's range keeps the tensor float32
+                half = array.astype(np.float16)
             stored[name] = half if np.array_equal(half.astype(np.float32), array) else array
         else:
             raise ValueError(f"{name}: no bundle encoding for {array.dtype}")

@@ -79,14 +79,25 @@ def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
     return tensors
 
 
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Fields of `bits` bits, most significant bit first (core.codec.pack_bits), as integers."""
+    fields = np.unpackbits(packed, count=count * bits).reshape(count, bits)
+    values = np.zeros(count, dtype=np.uint16)
+    for bit in range(bits):  # one column at a time: no (count, bits) integer matrix in memory
+        values = (values << 1) | fields[:, bit]
+    return values
+
+
 def decode_weights(stored: dict[str, np.ndarray], specs: dict) -> dict[str, np.ndarray]:
     """Every weight as the graphs and the embeddings take it: float32, or int8 rebuilt from its values and
-    its Huffman-coded indices, one byte each (core.codec.encode_bundle_weights)."""
+    its entropy-coded indices, one byte each or packed to `bits` (core.codec.encode_bundle_weights)."""
     weights = {}
     for name, spec in specs.items():
         shape = spec["shape"]
         if spec["dtype"] == "int8":
             indices = np.frombuffer(zlib.decompress(stored[f"{name}.indices"].tobytes()), dtype=np.uint8)
+            if "bits" in spec:
+                indices = unpack_bits(indices, spec["bits"], int(np.prod(shape)))
             weights[name] = stored[f"{name}.values"][indices].reshape(shape)
         else:
             weights[name] = np.ascontiguousarray(stored[name], dtype=np.float32).reshape(shape)

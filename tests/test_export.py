@@ -14,8 +14,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
+from safetensors.numpy import save as safetensors_bytes
 
 from conftest import ROOT, run_script, script_env
+from core.codec import encode_bundle_weights
 from core.data import to_uint8
 from core.models.sampling import generate_tokens
 from core.stages.compress import CompressArgs, run as compress
@@ -148,6 +150,21 @@ def test_runner_images_match_torch_within_one_grey_level(bundles, kind):
     images = runner.Generator(bundle["bundle"], threads=1).images(tokens.numpy())
     assert images.shape == expected.shape and images.dtype == np.uint8
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_bundle_weights_round_trip_through_the_runner():
+    rng = np.random.default_rng(0)
+    levels = np.array([-127, -40, -3, 0, 5, 33, 90, 127], dtype=np.int8)
+    weights = {"few": rng.choice(levels[:3], (64, 48), p=[0.7, 0.2, 0.1]).astype(np.int8),  # 2 bits: packed
+               "many": rng.choice(levels, (300, 40)).astype(np.int8),
+               "exact": rng.standard_normal((5, 3)).astype(np.float16).astype(np.float32),
+               "wide": np.array([1e-8, 3.3, 70000.0], dtype=np.float32)}
+    stored, specs = encode_bundle_weights(weights)
+    assert stored["exact"].dtype == np.float16 and stored["wide"].dtype == np.float32
+    assert "bits" in specs["few"] and len(stored["few.indices"]) < weights["few"].size * 2 / 8
+    decoded = runner.decode_weights(runner.read_safetensors(safetensors_bytes(stored)), specs)
+    for name, array in weights.items():
+        assert decoded[name].dtype == array.dtype and np.array_equal(decoded[name], array)
 
 
 def test_compressed_bundle_keeps_int8_weights_and_is_smaller(bundles):

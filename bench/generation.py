@@ -1,12 +1,26 @@
-"""Generation speed with and without the key/value cache, for the tiny preset's cascade transformer at
-several sequence lengths. Each measurement runs in a fresh process so that its peak memory is its own.
+"""Generation at scale, on a run folder made by `make demo` (its generate.json and autoencoder):
 
-    python bench/generation.py                # prints one JSON line per (length, cache) and a table
+- speed: the whole chain (tokens, decoder, images written, dataset.json) at several batch sizes, as the
+  marginal cost of an image over a run's start-up: (T(n2) - T(n1)) / (n2 - n1) for two runs of n1 < n2
+  images. Images/s, and the share of the machine's matmul peak (bench/run.py's, measured here with the
+  same threads) that the transformers' FLOPs (as bench/run.py counts them) and the whole chain's
+  (transformers and decoder) make;
+- scale: runs of many images (10,000 and 100,000): wall time, peak memory, dataset.json's size, and
+  1,000,000 images extrapolated from them.
+
+Each run is a fresh process running generate_images.py's stage, so that its peak memory is its own. Run
+it on an idle machine.
+
+    python bench/generation.py --runs runs/tiny --out runs/tiny/bench_generation.json
+    python bench/generation.py --runs runs/tiny --batches 64 --scale 10000,100000 --threads 1
 """
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,58 +28,128 @@ from typing import Annotated
 import torch
 import typer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.config import load_config  # noqa: E402
-from core.models.sampling import DecodeSettings, generate_tokens  # noqa: E402
-from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.run import flops_per_sequence, matmul_peak  # noqa: E402
+from core.model_artifacts import load_autoencoder  # noqa: E402
+from core.stages.generate import GenerateArgs, load_levels, parse_config, run  # noqa: E402
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def measure(length: int, use_cache: bool, batch: int, device: str) -> dict:
-    torch.manual_seed(0)
-    cfg = load_config(TransformerConfig, ROOT / "configs" / "transformer_tiny_cascade.json")
-    shape = TokenShape("cascade", coarse_vocab=512, fine_vocab=1024, coarse_len=max(1, length // 4), fine_len=length, num_labels=10)
-    model = TokenTransformer(cfg, shape).to(device).eval()
-    labels = torch.randint(0, 10, (batch,), device=device)
-    coarse_tokens = torch.randint(0, 512, (batch, shape.coarse_len), device=device)
-    generators = [torch.Generator().manual_seed(i) for i in range(batch)]
-    settings = DecodeSettings(temperature=1.0)
-    generate_tokens(model, labels[:2], coarse_tokens[:2], settings, generators[:2], use_cache)  # warm-up
+def decoder_flops(decoder: torch.nn.Module, latent_shape: tuple[int, int, int]) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the decoder's convolutions and linear layers for one image."""
+    total = 0.0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            total += 2 * output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, torch.nn.Linear):
+            total += 2 * output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in decoder.modules()]
+    with torch.no_grad():
+        decoder(torch.zeros(1, *latent_shape))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def chain_flops(runs: Path) -> dict:
+    """FLOPs per image: the transformers' (bench/run.py's count) and the decoder's."""
+    config = runs / "generate.json"
+    levels = load_levels(parse_config(config), config)
+    autoencoder, _ = load_autoencoder(runs / "autoencoder" / "autoencoder.safetensors")
+    book = levels[-1].fine_book.cfg
+    transformers = sum(flops_per_sequence(level.model, training=False) for level in levels)
+    return {"transformers": transformers, "decoder": decoder_flops(autoencoder.decoder, book.fmap_shape)}
+
+
+def one_run(runs: Path, images: int, batch: int, device: str, out_dir: Path) -> dict:
+    """One generation run in this process: the stage's wall time, peak memory and output sizes."""
     start = time.perf_counter()
-    generate_tokens(model, labels, coarse_tokens, settings, generators, use_cache)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    run(GenerateArgs(config_path=runs / "generate.json", decoder_path=runs / "autoencoder" / "autoencoder.safetensors",
+                     out_dir=out_dir, num_images=images, seed=0, batch_size=batch, device=device))
     seconds = time.perf_counter() - start
-    return {"length": length, "cache": use_cache, "batch": batch, "seconds": round(seconds, 3),
-            "images_per_s": round(batch / seconds, 2), "tokens_per_s": round(batch * length / seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    dataset_bytes = sum(p.stat().st_size for p in out_dir.glob("dataset*.json"))
+    return {"images": images, "batch": batch, "seconds": round(seconds, 3), "dataset_json_bytes": dataset_bytes,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def in_child(runs: Path, images: int, batch: int, device: str, threads: int) -> dict:
+    """one_run in a fresh process, in a fresh out dir (deleted after)."""
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-gen-", dir=runs))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    try:
+        done = subprocess.run([sys.executable, __file__, "--one", f"{images},{batch},{out_dir}", "--runs", str(runs),
+                               "--device", device], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"run of {images} images failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def speed_row(runs: Path, batch: int, device: str, threads: int, flops: dict, peak: float) -> dict:
+    small, large = (8, 48) if batch == 1 else (2 * batch, 10 * batch)
+    first, second = (in_child(runs, n, batch, device, threads) for n in (small, large))
+    per_image = (second["seconds"] - first["seconds"]) / (large - small)
+    rate = 1 / per_image
+    return {"batch": batch, "ms_per_image": round(per_image * 1e3, 3), "images_per_s": round(rate, 1),
+            "share_transformers": round(flops["transformers"] * rate / peak, 3),
+            "share_chain": round((flops["transformers"] + flops["decoder"]) * rate / peak, 3),
+            "startup_s": round(first["seconds"] - small * per_image, 2), "peak_rss_mb": second["peak_rss_mb"]}
 
 
 @app.command()
-def main(lengths: Annotated[str, typer.Option(help="comma-separated sequence lengths")] = "16,64,256",
-         batch: Annotated[int, typer.Option(help="images per batch (generate_images.py uses 64)")] = 64,
+def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny"),
+         out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny/bench_generation.json"),
          device: str = "cpu",
-         one: Annotated[str, typer.Option(help="internal: LENGTH:CACHE, measured in this process")] = "") -> None:
+         batches: Annotated[str, typer.Option(help="batch sizes of the speed table (empty: none)")] = "1,16,64,256",
+         scale: Annotated[str, typer.Option(help="image counts of the scale runs (empty: none)")] = "10000,100000",
+         scale_batch: Annotated[int, typer.Option(help="batch size of the scale runs")] = 256,
+         threads: Annotated[int, typer.Option(help="OMP_NUM_THREADS of the runs (0: torch's default)")] = 0,
+         one: Annotated[str, typer.Option(help="internal: IMAGES,BATCH,OUT_DIR, run in this process")] = "") -> None:
     if one:
-        length, cache = one.split(":")
-        print(json.dumps(measure(int(length), cache == "1", batch, device)))
+        images, batch, out_dir = one.split(",", 2)
+        print(json.dumps(one_run(runs, int(images), int(batch), device, Path(out_dir))))
         return
-    rows = []
-    for length in map(int, lengths.split(",")):
-        for cache in (True, False):
-            out = subprocess.run([sys.executable, __file__, "--one", f"{length}:{int(cache)}", "--batch", str(batch),
-                                  "--device", device], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout))
-            print(out.stdout.strip(), flush=True)
-    print("\nlength  cache  images/s  tokens/s  peak RSS MB  speed-up")
-    for cached, plain in zip(rows[::2], rows[1::2]):
-        for row in (cached, plain):
-            speedup = f"{cached['images_per_s'] / plain['images_per_s']:.1f}x" if row is cached else ""
-            print(f"{row['length']:6d}  {str(row['cache']):5s}  {row['images_per_s']:8.2f}  {row['tokens_per_s']:8.0f}"
-                  f"  {row['peak_rss_mb']:11.0f}  {speedup}")
+    if threads:
+        torch.set_num_threads(threads)
+    peak = matmul_peak(torch.device(device))
+    flops = chain_flops(runs)
+    figures = {"device": device, "threads": torch.get_num_threads(), "matmul_peak_flops": peak,
+               "flops_per_image": flops, "speed": [], "scale": []}
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({figures['threads']} threads); per image: transformers "
+          f"{flops['transformers'] / 1e6:.1f} MFLOP, decoder {flops['decoder'] / 1e6:.1f} MFLOP", flush=True)
+    print("batch  ms/image  images/s  share (transformers)  share (chain)  start-up s  peak RSS MB", flush=True)
+    for batch in [int(b) for b in batches.split(",") if b]:
+        row = speed_row(runs, batch, device, threads, flops, peak)
+        figures["speed"].append(row)
+        print(f"{row['batch']:5d}  {row['ms_per_image']:8.2f}  {row['images_per_s']:8.1f}  "
+              f"{row['share_transformers']:20.1%}  {row['share_chain']:13.1%}  {row['startup_s']:10.1f}  "
+              f"{row['peak_rss_mb']:11.0f}", flush=True)
+    counts = [int(n) for n in scale.split(",") if n]
+    if counts:
+        print("images  batch  wall s  ms/image  peak RSS MB  dataset.json MB  bytes/record", flush=True)
+    for count in counts:
+        row = in_child(runs, count, scale_batch, device, threads)
+        row["bytes_per_record"] = round(row["dataset_json_bytes"] / count, 1)
+        figures["scale"].append(row)
+        print(f"{count:6d}  {scale_batch:5d}  {row['seconds']:6.1f}  {row['seconds'] / count * 1e3:8.2f}  "
+              f"{row['peak_rss_mb']:11.0f}  {row['dataset_json_bytes'] / 1e6:15.1f}  {row['bytes_per_record']:12.1f}",
+              flush=True)
+    if len(figures["scale"]) >= 2:  # a straight line through the two largest runs
+        a, b = figures["scale"][-2:]
+        slope = (b["seconds"] - a["seconds"]) / (b["images"] - a["images"])
+        figures["extrapolated_1m_s"] = round(b["seconds"] + slope * (1_000_000 - b["images"]), 1)
+        print(f"1,000,000 images, extrapolated: {figures['extrapolated_1m_s'] / 3600:.2f} h "
+              f"({slope * 1e3:.2f} ms per image between {a['images']} and {b['images']})")
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

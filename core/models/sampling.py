@@ -9,6 +9,7 @@ search, the seed's chunked sample-and-rank, and classifier-free guidance."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +79,9 @@ class DecodeState:
     folded in (rows [conditional; unconditional])."""
 
     def __init__(self, model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
-                 guidance_scale: float = 1.0, use_cache: bool = True):
+                 guidance_scale: float = 1.0, use_cache: bool = True, step: Callable = None):
         self.model, self.use_cache, self.scale = model, use_cache, guidance_scale
+        self.step = step or step_logits  # or a compiled step_logits
         self.guided = guidance_scale != 1.0
         if self.guided:
             labels = torch.cat([labels, torch.full_like(labels, model.shape.null_label)])
@@ -114,7 +116,9 @@ class DecodeState:
         if p in self.schedule:  # a new window: read it from its start
             self.start = self.schedule[p]
         if self.use_cache and p not in self.schedule:
-            logits = self._step(p)
+            logits = self.step(self.model, self.tokens[:, p - 1:p], self.positions[:, p:p + 1], self.keys, self.values,
+                               self.cross, self.length)
+            self.length += 1
         else:
             caches = [{} for _ in self.model.decoder] if self.use_cache else None
             logits = self.model(self.labels, self.coarse_tokens, self._inputs(self.start, p + 1),
@@ -140,28 +144,6 @@ class DecodeState:
             values[:, :, :self.length] = cache["self"]["v"]
         self.cross = [(cache["cross"]["k"], cache["cross"]["v"]) for cache in caches if "cross" in cache]
 
-    def _step(self, p: int) -> torch.Tensor:
-        """The model's forward for the one position p, reading earlier positions from the buffers: the same
-        operations as TokenTransformer.forward and Block.forward on a sequence of one."""
-        model = self.model
-        x = model.tok_emb(self.tokens[:, p - 1:p]) + model.pos_emb(self.positions[:, p:p + 1])
-        for i, block in enumerate(model.decoder):
-            x = x + self._self_attention(block.attn, block.ln1(x), i)
-            if block.cross is not None:
-                keys, values = self.cross[i]
-                x = x + _attend(block.cross, block.cross.split_heads(block.cross.q(block.ln_cross(x))), keys, values)
-            x = x + block.mlp(block.ln2(x))
-        self.length += 1
-        return model.head(model.ln_f(x))
-
-    def _self_attention(self, attn: Attention, x: torch.Tensor, block: int) -> torch.Tensor:
-        keys, values = self.keys[block], self.values[block]
-        k, v = attn.keys_values(x)
-        keys[:, :, self.length:self.length + 1] = k
-        values[:, :, self.length:self.length + 1] = v
-        end = self.length + 1
-        return _attend(attn, attn.split_heads(attn.q(x)), keys[:, :, :end], values[:, :, :end])
-
     def set(self, p: int, tokens: torch.Tensor) -> None:
         self.tokens[:, p] = torch.cat([tokens, tokens]) if self.guided else tokens
 
@@ -179,6 +161,27 @@ class DecodeState:
 
     def result(self) -> torch.Tensor:
         return self.tokens[:self.batch]
+
+
+def step_logits(model: TokenTransformer, inputs: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor], cross: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> torch.Tensor:
+    """TokenTransformer.forward (and Block.forward) for one position per row: the decoder inputs and positions
+    (rows, 1); each block's earlier keys and values are read from its buffers (rows, heads, capacity,
+    head_dim), whose first `length` slots are filled, and the position's own are written after them.
+    Logits (rows, 1, V)."""
+    x = model.tok_emb(inputs) + model.pos_emb(positions)
+    for i, block in enumerate(model.decoder):
+        h = block.ln1(x)
+        k, v = block.attn.keys_values(h)
+        keys[i][:, :, length:length + 1] = k
+        values[i][:, :, length:length + 1] = v
+        q = block.attn.split_heads(block.attn.q(h))
+        x = x + _attend(block.attn, q, keys[i][:, :, :length + 1], values[i][:, :, :length + 1])
+        if block.cross is not None:
+            q = block.cross.split_heads(block.cross.q(block.ln_cross(x)))
+            x = x + _attend(block.cross, q, *cross[i])
+        x = x + block.mlp(block.ln2(x))
+    return model.head(model.ln_f(x))
 
 
 def _attend(attn: Attention, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -244,9 +247,11 @@ def sample_and_rank(dec: DecodeState, settings: DecodeSettings, generators: list
 
 @torch.no_grad()
 def generate_tokens(model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
-                    settings: DecodeSettings, generators: list[torch.Generator], use_cache: bool = True) -> torch.Tensor:
-    """The predicted level's tokens (B, fine_len) for labels (B,) and conditioning tokens (B, coarse_len)."""
-    dec = DecodeState(model, labels, coarse_tokens, settings.guidance_scale, use_cache)
+                    settings: DecodeSettings, generators: list[torch.Generator], use_cache: bool = True,
+                    step: Callable | None = None) -> torch.Tensor:
+    """The predicted level's tokens (B, fine_len) for labels (B,) and conditioning tokens (B, coarse_len).
+    `step` replaces step_logits (torch.compile(step_logits))."""
+    dec = DecodeState(model, labels, coarse_tokens, settings.guidance_scale, use_cache, step)
     if settings.mode == "beam":
         return beam_search(dec, settings.beam_width)
     if settings.mode == "rank":

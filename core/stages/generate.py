@@ -50,7 +50,7 @@ class GenerateArgs:
     out_dir: Path
     num_images: int = 64
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 256
     fmt: str = "png"  # or "jpg"
     device: str = "auto"
     overwrite: bool = False

@@ -5,6 +5,8 @@
   images. Images/s, and the share of the machine's matmul peak (bench/run.py's, measured here with the
   same threads) that the transformers' FLOPs (as bench/run.py counts them) and the whole chain's
   (transformers and decoder) make;
+- profile (--profile B): where one batch's time goes, by kind of operation (torch's profiler), beside the
+  PNG encoding and writing that the background thread does;
 - scale: runs of many images (10,000 and 100,000): wall time, peak memory, dataset.json's size, and
   1,000,000 images extrapolated from them.
 
@@ -13,6 +15,7 @@ it on an idle machine.
 
     python bench/generation.py --runs runs/tiny --out runs/tiny/bench_generation.json
     python bench/generation.py --runs runs/tiny --batches 64 --scale 10000,100000 --threads 1
+    python bench/generation.py --runs runs/tiny --profile 64 --threads 1
 """
 import json
 import os
@@ -32,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import flops_per_sequence, matmul_peak  # noqa: E402
 from core.model_artifacts import load_autoencoder  # noqa: E402
-from core.stages.generate import GenerateArgs, load_levels, parse_config, run  # noqa: E402
+from core.data import to_uint8  # noqa: E402
+from core.stages.generate import GenerateArgs, generate_batch, load_levels, parse_config, run  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -104,6 +108,54 @@ def speed_row(runs: Path, batch: int, device: str, threads: int, flops: dict, pe
             "startup_s": round(first["seconds"] - small * per_image, 2), "peak_rss_mb": second["peak_rss_mb"]}
 
 
+# torch operations by what they do in the chain (self CPU time); the rest of the wall time is Python
+KINDS = {"matmul (linear layers)": ("aten::addmm", "aten::mm", "aten::bmm"),
+         "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+                       "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention"),
+         "decoder convolutions": ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution",
+                                  "aten::upsample_nearest2d", "aten::cudnn_convolution"),
+         "cache and tensor copies": ("aten::copy_", "aten::cat", "aten::index", "aten::index_select"),
+         "sampling (softmax, sort, cumsum, search)": ("aten::_softmax", "aten::sort", "aten::cumsum", "aten::searchsorted",
+                                                      "aten::topk", "aten::_log_softmax", "aten::multinomial",
+                                                      "aten::rand", "aten::uniform_", "aten::masked_fill_", "aten::scatter")}
+
+
+def profile_batch(runs: Path, batch: int, device: str) -> dict:
+    """Seconds of one batch by kind of work: torch operations grouped by KINDS, the Python between them,
+    and the PNG encoding of its images (done by the background thread in a run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from core.stages.generate import image_file
+    config = runs / "generate.json"
+    levels = load_levels(parse_config(config), config)
+    decoder, _ = load_autoencoder(runs / "autoencoder" / "autoencoder.safetensors")
+    dev = torch.device(device)
+    for level in levels:
+        level.model.to(dev)
+        level.fine_book.to(dev)
+    decoder.to(dev)
+    generate_batch(levels, decoder, range(batch), 0, dev)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        images, _ = generate_batch(levels, decoder, range(batch, 2 * batch), 0, dev)
+        wall = time.perf_counter() - start
+    seconds = {kind: 0.0 for kind in KINDS}
+    other_ops = 0.0
+    for event in prof.key_averages():
+        kind = next((k for k, names in KINDS.items() if event.key in names), None)
+        if kind is None:
+            other_ops += event.self_cpu_time_total / 1e6
+        else:
+            seconds[kind] += event.self_cpu_time_total / 1e6
+    seconds["other torch operations"] = other_ops
+    seconds["Python and dispatch"] = max(0.0, wall - sum(seconds.values()))
+    start = time.perf_counter()
+    for image in to_uint8(images):
+        image_file(image, "png")
+    seconds["PNG encoding (background thread)"] = time.perf_counter() - start
+    return {"batch": batch, "wall_s": wall, "ms_per_image": {k: round(v / batch * 1e3, 3) for k, v in seconds.items()}}
+
+
 @app.command()
 def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny"),
          out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny/bench_generation.json"),
@@ -112,7 +164,17 @@ def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make dem
          scale: Annotated[str, typer.Option(help="image counts of the scale runs (empty: none)")] = "10000,100000",
          scale_batch: Annotated[int, typer.Option(help="batch size of the scale runs")] = 256,
          threads: Annotated[int, typer.Option(help="OMP_NUM_THREADS of the runs (0: torch's default)")] = 0,
+         profile: Annotated[int, typer.Option(help="only profile one batch of this size")] = 0,
          one: Annotated[str, typer.Option(help="internal: IMAGES,BATCH,OUT_DIR, run in this process")] = "") -> None:
+    if profile:
+        if threads:
+            torch.set_num_threads(threads)
+        result = profile_batch(runs, profile, device)
+        total = sum(result["ms_per_image"].values())
+        print(f"one batch of {profile}: {result['wall_s']:.2f} s; per image:")
+        for kind, ms in sorted(result["ms_per_image"].items(), key=lambda item: -item[1]):
+            print(f"  {kind:42s} {ms:7.3f} ms  {ms / total:6.1%}")
+        return
     if one:
         images, batch, out_dir = one.split(",", 2)
         print(json.dumps(one_run(runs, int(images), int(batch), device, Path(out_dir))))

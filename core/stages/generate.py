@@ -230,7 +230,7 @@ class BatchWriter:
             if self.error is None and batches:  # after an error, keep taking batches so that put() never blocks
                 try:
                     self._commit(batches)
-                except OSError as e:
+                except Exception as e:  # noqa: BLE001 (handed to the main thread, which raises it)
                     self.error = e
 
     def _commit(self, batches: list[Batch]) -> None:

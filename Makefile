@@ -62,7 +62,7 @@ same = $(and $(findstring x$(strip $(1)),x$(strip $(2))),$(findstring x$(strip $
 changed = $(if $(wildcard $(SETTINGS)/$(1)),$(if $(call same,$(2),$(file <$(SETTINGS)/$(1))),,FORCE))
 record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 
-.PHONY: setup test demo codebooks transformers generate report compress fewshot bench clean-demo FORCE
+.PHONY: setup test demo codebooks transformers generate report compress fewshot bench bench-generation clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -245,6 +245,10 @@ $(FEWSHOT)/report/DONE: $(FEWSHOT)/generated/DONE $(REPORT)
 
 bench: $(REPORT_COMPRESSED)
 	$(PYTHON) bench/run.py --runs $(RUNS) --out $(RUNS)/bench.json --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
+
+# generation's images/s and share of the matmul peak per batch size, and runs of 10,000 and 100,000 images
+bench-generation: $(GENERATED)
+	$(PYTHON) bench/generation.py --runs $(RUNS) --out $(RUNS)/bench_generation.json --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 
 clean-demo:
 	rm -rf $(RUNS)

@@ -4,7 +4,9 @@
   marginal cost of an image over a run's start-up: (T(n2) - T(n1)) / (n2 - n1) for two runs of n1 < n2
   images. Images/s, and the share of the machine's matmul peak (bench/run.py's, measured here with the
   same threads) that the transformers' FLOPs (as bench/run.py counts them) and the whole chain's
-  (transformers and decoder) make;
+  (transformers and decoder) make. Beside the wall time, the same from CPU time (all threads, the
+  image writer's included) against the matmul's FLOPs per CPU second: on a machine shared with other
+  work, that one moves much less;
 - profile (--profile B): where one batch's time goes, by kind of operation (torch's profiler), beside the
   PNG encoding and writing that the background thread does;
 - scale: runs of many images (10,000 and 100,000): wall time, peak memory, dataset.json's size, and
@@ -70,14 +72,25 @@ def chain_flops(runs: Path) -> dict:
     return {"transformers": transformers, "decoder": decoder_flops(autoencoder.decoder, book.fmap_shape)}
 
 
+def matmul_peak_per_cpu_second(size: int = 2048, repeats: int = 10) -> float:
+    """bench/run.py's matmul peak, per second of this process's CPU time (all threads)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.process_time()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.process_time() - start)
+
+
 def one_run(runs: Path, images: int, batch: int, device: str, out_dir: Path) -> dict:
-    """One generation run in this process: the stage's wall time, peak memory and output sizes."""
-    start = time.perf_counter()
+    """One generation run in this process: the stage's wall and CPU time, peak memory and output sizes."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     run(GenerateArgs(config_path=runs / "generate.json", decoder_path=runs / "autoencoder" / "autoencoder.safetensors",
                      out_dir=out_dir, num_images=images, seed=0, batch_size=batch, device=device))
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     dataset_bytes = sum(p.stat().st_size for p in out_dir.glob("dataset*.json"))
-    return {"images": images, "batch": batch, "seconds": round(seconds, 3), "dataset_json_bytes": dataset_bytes,
+    return {"images": images, "batch": batch, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
+            "dataset_json_bytes": dataset_bytes,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -97,14 +110,16 @@ def in_child(runs: Path, images: int, batch: int, device: str, threads: int) -> 
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def speed_row(runs: Path, batch: int, device: str, threads: int, flops: dict, peak: float) -> dict:
+def speed_row(runs: Path, batch: int, device: str, threads: int, flops: dict, peak: float, cpu_peak: float) -> dict:
     small, large = (8, 48) if batch == 1 else (2 * batch, 10 * batch)
     first, second = (in_child(runs, n, batch, device, threads) for n in (small, large))
     per_image = (second["seconds"] - first["seconds"]) / (large - small)
-    rate = 1 / per_image
-    return {"batch": batch, "ms_per_image": round(per_image * 1e3, 3), "images_per_s": round(rate, 1),
-            "share_transformers": round(flops["transformers"] * rate / peak, 3),
-            "share_chain": round((flops["transformers"] + flops["decoder"]) * rate / peak, 3),
+    cpu_per_image = (second["cpu_seconds"] - first["cpu_seconds"]) / (large - small)
+    chain = flops["transformers"] + flops["decoder"]
+    return {"batch": batch, "ms_per_image": round(per_image * 1e3, 3), "images_per_s": round(1 / per_image, 1),
+            "share_transformers": round(flops["transformers"] / per_image / peak, 3),
+            "share_chain": round(chain / per_image / peak, 3),
+            "cpu_ms_per_image": round(cpu_per_image * 1e3, 3), "share_chain_cpu": round(chain / cpu_per_image / cpu_peak, 3),
             "startup_s": round(first["seconds"] - small * per_image, 2), "peak_rss_mb": second["peak_rss_mb"]}
 
 
@@ -182,26 +197,30 @@ def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make dem
     if threads:
         torch.set_num_threads(threads)
     peak = matmul_peak(torch.device(device))
+    cpu_peak = matmul_peak_per_cpu_second() if device == "cpu" else float("nan")
     flops = chain_flops(runs)
     figures = {"device": device, "threads": torch.get_num_threads(), "matmul_peak_flops": peak,
-               "flops_per_image": flops, "speed": [], "scale": []}
-    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({figures['threads']} threads); per image: transformers "
-          f"{flops['transformers'] / 1e6:.1f} MFLOP, decoder {flops['decoder'] / 1e6:.1f} MFLOP", flush=True)
-    print("batch  ms/image  images/s  share (transformers)  share (chain)  start-up s  peak RSS MB", flush=True)
+               "matmul_peak_flops_per_cpu_s": cpu_peak, "flops_per_image": flops, "speed": [], "scale": []}
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s, {cpu_peak / 1e9:.1f} per CPU second ({figures['threads']} threads); "
+          f"per image: transformers {flops['transformers'] / 1e6:.1f} MFLOP, decoder {flops['decoder'] / 1e6:.1f} MFLOP",
+          flush=True)
+    print("batch  ms/image  images/s  share (transformers)  share (chain)  CPU ms/image  share (chain, CPU)  "
+          "start-up s  peak RSS MB", flush=True)
     for batch in [int(b) for b in batches.split(",") if b]:
-        row = speed_row(runs, batch, device, threads, flops, peak)
+        row = speed_row(runs, batch, device, threads, flops, peak, cpu_peak)
         figures["speed"].append(row)
         print(f"{row['batch']:5d}  {row['ms_per_image']:8.2f}  {row['images_per_s']:8.1f}  "
-              f"{row['share_transformers']:20.1%}  {row['share_chain']:13.1%}  {row['startup_s']:10.1f}  "
-              f"{row['peak_rss_mb']:11.0f}", flush=True)
+              f"{row['share_transformers']:20.1%}  {row['share_chain']:13.1%}  {row['cpu_ms_per_image']:12.2f}  "
+              f"{row['share_chain_cpu']:18.1%}  {row['startup_s']:10.1f}  {row['peak_rss_mb']:11.0f}", flush=True)
     counts = [int(n) for n in scale.split(",") if n]
     if counts:
-        print("images  batch  wall s  ms/image  peak RSS MB  dataset.json MB  bytes/record", flush=True)
+        print("images  batch  wall s  ms/image  CPU ms/image  peak RSS MB  dataset.json MB  bytes/record", flush=True)
     for count in counts:
         row = in_child(runs, count, scale_batch, device, threads)
         row["bytes_per_record"] = round(row["dataset_json_bytes"] / count, 1)
         figures["scale"].append(row)
         print(f"{count:6d}  {scale_batch:5d}  {row['seconds']:6.1f}  {row['seconds'] / count * 1e3:8.2f}  "
+              f"{row['cpu_seconds'] / count * 1e3:12.2f}  "
               f"{row['peak_rss_mb']:11.0f}  {row['dataset_json_bytes'] / 1e6:15.1f}  {row['bytes_per_record']:12.1f}",
               flush=True)
     if len(figures["scale"]) >= 2:  # a straight line through the two largest runs

@@ -78,7 +78,7 @@ record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 # a transformer's steps, epochs and batch: the base model's or the cascade models'
 model_steps = $(if $(filter base,$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS)) $(BATCH)
 
-.PHONY: setup test demo codebooks transformers generate report compress export fewshot bench clean-demo FORCE
+.PHONY: setup test demo codebooks transformers generate report compress export fewshot bench bench-generation clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -289,6 +289,10 @@ $(FEWSHOT)/report/DONE: $(FEWSHOT)/generated/DONE $(REPORT)
 bench: $(REPORT_COMPRESSED) $(EXPORT)
 	$(PYTHON) bench/run.py --runs $(RUNS) --out $(RUNS)/bench.json --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 	$(PYTHON) bench/export.py --runs $(RUNS) --bundle $(RUNS)/export --out $(RUNS)/bench_export.json
+
+# generation's images/s and share of the matmul peak per batch size, and runs of 10,000 and 100,000 images
+bench-generation: $(GENERATED)
+	$(PYTHON) bench/generation.py --runs $(RUNS) --out $(RUNS)/bench_generation.json --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 
 clean-demo:
 	rm -rf $(RUNS)

@@ -20,7 +20,7 @@ def main(
     out_dir: OutDir,
     num_images: Annotated[int, typer.Option(min=1, help="images to generate")] = 64,
     seed: Seed = 0,
-    batch_size: BatchSize = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="images generated at once (a run that continues keeps its first)")] = 256,
     format: Annotated[str, typer.Option("--format", help="png or jpg")] = "png",
     device: Device = "auto",
     no_cache: Annotated[bool, typer.Option(help="recompute every position (slow; for checks)")] = False,

@@ -1,9 +1,14 @@
 """Datasets: the seed's tinydb dataset.json of images (and of feature maps, whose tensors lie in
-safetensors shards), read whole into memory for training and evaluation."""
+safetensors shards), read whole into memory for training and evaluation. A dataset too large for one
+file (generated ones) keeps its first records in dataset.json and the rest in part files beside it, named
+in its info table ("record_files"), each of them a tinydb file too."""
 from __future__ import annotations
 
+import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -14,6 +19,7 @@ from core.artifacts import atomic_path, load_artifact
 from core.errors import PipelineError
 
 FMAP_SHARD_KIND = "fmap_shard"
+RECORDS_PER_FILE = 250_000  # about 30 MB of small records
 
 
 def write_dataset_json(path: Path, records: list[dict], info: dict) -> None:
@@ -23,6 +29,39 @@ def write_dataset_json(path: Path, records: list[dict], info: dict) -> None:
         db.insert_multiple(records)
         db.table("info").insert(info)
         db.close()
+
+
+def write_records(path: Path, records: Iterable[dict], info: dict, tables: dict[str, list[dict]] | None = None,
+                  per_file: int = RECORDS_PER_FILE) -> None:
+    """The same layout as write_dataset_json, streamed from an iterable of records in constant memory:
+    records beyond the first `per_file` go to part files (dataset-0001.json, ...) that the info table names.
+    `tables` are further tinydb tables (name -> documents). dataset.json is renamed into place last."""
+    records = iter(records)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        next_id = _write_table(f, itertools.islice(records, per_file), first_id=1)
+        parts = []
+        for first in records:  # more than one file holds: the rest in parts
+            part = path.with_name(f"{path.stem}-{len(parts) + 1:04d}{path.suffix}")
+            with atomic_path(part) as part_tmp, open(part_tmp, "w") as part_file:
+                next_id = _write_table(part_file, itertools.chain([first], itertools.islice(records, per_file - 1)),
+                                       first_id=next_id)
+                part_file.write("}\n")
+            parts.append(part.name)
+        for name, documents in {"info": [{**info, "record_files": parts} if parts else info], **(tables or {})}.items():
+            rows = ", ".join(f'"{i}": {json.dumps(doc)}' for i, doc in enumerate(documents, 1))
+            f.write(f', {json.dumps(name)}: {{{rows}}}')
+        f.write("}\n")
+
+
+def _write_table(f, records: Iterable[dict], first_id: int) -> int:
+    """Open a tinydb file's JSON with its default table of `records`; returns the next id."""
+    f.write('{"_default": {')
+    doc_id = first_id
+    for record in records:
+        f.write(f'{", " if doc_id > first_id else ""}"{doc_id}": {json.dumps(record)}')
+        doc_id += 1
+    f.write("}")
+    return doc_id
 
 
 # ---------------------------------------------------------------- loading for training
@@ -78,16 +117,23 @@ def label_tensors(records: list[dict]) -> tuple[torch.Tensor, list[str], torch.T
 
 
 def read_records(dataset_path: str | Path) -> tuple[list[dict], dict]:
-    """The records of a dataset.json (in id order) and its info table."""
+    """The records of a dataset.json (in id order), with those of its part files, and its info table."""
     dataset_path = Path(dataset_path)
-    if not dataset_path.is_file():
-        raise PipelineError(f"{dataset_path}: no such dataset file")
+    records, info = _read_tinydb(dataset_path)
+    for name in info.get("record_files", []):
+        records += _read_tinydb(dataset_path.parent / name)[0]
+    return records, info
+
+
+def _read_tinydb(path: Path) -> tuple[list[dict], dict]:
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such dataset file")
     try:
-        with TinyDB(dataset_path, access_mode="r") as db:
+        with TinyDB(path, access_mode="r") as db:
             records = [dict(r) for r in sorted(db.all(), key=lambda r: r.doc_id)]
             info = db.table("info").all()
     except ValueError as e:  # json errors
-        raise PipelineError(f"{dataset_path}: not a dataset.json ({e})") from None
+        raise PipelineError(f"{path}: not a dataset.json ({e})") from None
     return records, (dict(info[0]) if info else {})
 
 

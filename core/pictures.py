@@ -2,6 +2,7 @@
 scatter plots. Every picture is written here, atomically."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -20,7 +21,14 @@ def save_picture(image: Image.Image, path: Path, fmt: str = "png") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG" if fmt == "png" else "JPEG", quality=95)
+        tmp.write_bytes(picture_bytes(image, fmt))
+
+
+def picture_bytes(image: Image.Image, fmt: str = "png") -> bytes:
+    """The bytes of a PIL image's PNG (or JPEG, quality 95) file."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if fmt == "png" else "JPEG", quality=95)
+    return buffer.getvalue()
 
 
 def to_picture(image: torch.Tensor) -> Image.Image:

@@ -174,9 +174,9 @@ def test_generation_runs_from_compressed_models(tmp_path, models):
     result = run_script("generate_images.py", "--config-path", generate_config, "--decoder-path",
                         compressed["autoencoder"], "--out-dir", out, "--device", "cpu", "--num-images", 4)
     assert result.returncode == 0, result.stderr
-    assert len(list((out / "images").glob("*.png"))) == 4
-    record = json.loads((out / "dataset.json").read_text())["_default"]["1"]
-    assert record["provenance"]["levels"][0]["model"]["path"] == compressed["base"]
+    assert len(list((out / "images").glob("*/*.png"))) == 4
+    raw = json.loads((out / "dataset.json").read_text())
+    assert raw["runs"][str(raw["_default"]["1"]["run"])]["levels"][0]["model"]["path"] == compressed["base"]
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -1,11 +1,15 @@
 import json
+import signal
+import time
 
 import pytest
 import torch
 
-from conftest import run_script
-from core.data import load_image_dataset
-from core.models.sampling import DecodeSettings, DecodeState, beam_search, generate_tokens
+from conftest import build_dataset, run_script, start_script
+from core.data import load_image_dataset, read_records, write_records
+from core.models.sampling import DecodeSettings, DecodeState, beam_search, generate_tokens, uniform_draws
+from core.stages import fmaps
+from core.stages.generate import open_log, read_progress
 from core.models.transformer import sequence_logits
 from test_transformer import make, random_inputs
 
@@ -71,9 +75,34 @@ def test_top_k_one_is_greedy_and_rank_search_runs():
     assert ranked.shape == greedy.shape and ranked.max() < model.shape.fine_vocab
 
 
-def generate_cli(models, out, *extra):
-    return run_script("generate_images.py", "--config-path", models["generate_config"], "--decoder-path",
+def test_uniform_draws_are_the_draws_of_each_step():
+    """Drawn at once, the numbers are those that one draw per row and step would give (same tokens)."""
+    shared = torch.Generator().manual_seed(3)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)] + [shared, shared]
+    drawn = uniform_draws(generators, steps=5)
+    replay = [torch.Generator().manual_seed(i) for i in range(2)] + [torch.Generator().manual_seed(3)] * 2
+    stepwise = torch.stack([torch.cat([torch.rand(1, generator=g) for g in replay]) for _ in range(5)])
+    assert torch.equal(drawn, stepwise)
+
+
+@pytest.mark.parametrize("search", [DecodeSettings(beam_width=3, search="beam"), DecodeSettings(beam_width=4, num_beam=3)])
+def test_beam_and_rank_search_same_with_and_without_cache(search):
+    model = make("cascade", fine_len=13, window=5)
+    labels, lr, _ = random_inputs(model, batch=3)
+    tokens = [generate_tokens(model, labels, lr, search, [torch.Generator().manual_seed(i) for i in range(3)], cache)
+              for cache in (True, False)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def generate_cli(models, out, *extra, config=None):
+    return run_script("generate_images.py", "--config-path", config or models["generate_config"], "--decoder-path",
                       models["autoencoder"], "--out-dir", out, "--device", "cpu", *map(str, extra))
+
+
+def generated_files(out):
+    """Every image's bytes and the dataset.json, by path relative to the out dir."""
+    paths = sorted(out.glob("images/*/*.png")) + [out / "dataset.json"]
+    return {str(p.relative_to(out)): p.read_bytes() for p in paths}
 
 
 def test_generation_records_and_batch_size_independence(tmp_path, models):
@@ -82,17 +111,29 @@ def test_generation_records_and_batch_size_independence(tmp_path, models):
     assert result.returncode == 0, result.stderr
     assert generate_cli(models, b, "--num-images", 10, "--batch-size", 3, "--seed", 7).returncode == 0
     for i in range(10):
-        assert (a / "images" / f"{i:06d}.png").read_bytes() == (b / "images" / f"{i:06d}.png").read_bytes()
-    raw = json.loads((a / "dataset.json").read_text())["_default"]
-    assert len(raw) == 10
-    record = raw["1"]
-    assert record["image_fpath"] == "images/000000.png" and record["provenance"]["seed"] == 7
-    levels = record["provenance"]["levels"]
-    assert [len(level["model"]["sha256"]) for level in levels] == [64, 64]
-    assert levels[1]["top_k"] == 8 and len(record["provenance"]["decoder"]["sha256"]) == 64
+        assert (a / "images" / "000" / f"{i:06d}.png").read_bytes() == (b / "images" / "000" / f"{i:06d}.png").read_bytes()
+    raw = json.loads((a / "dataset.json").read_text())
+    assert len(raw["_default"]) == 10
+    record = raw["_default"]["10"]
+    assert set(record) == {"image_fpath", "labels", "split", "index", "run"}
+    assert record["image_fpath"] == "images/000/000009.png" and record["index"] == 9 and record["run"] == 1
+    run = raw["runs"][str(record["run"])]  # the provenance, once
+    assert run["seed"] == 7 and run["num_images"] == 10 and run["batch_size"] == 10
+    assert [len(level["model"]["sha256"]) for level in run["levels"]] == [64, 64]
+    assert run["levels"][1]["top_k"] == 8 and len(run["decoder"]["sha256"]) == 64
     data = load_image_dataset(a / "dataset.json")  # the output is a dataset the stages accept
     assert data.items.shape == (10, 1, 16, 16) and set(data.label_names) <= {"bar", "circle", "square"}
     assert (a / "grid.png").exists()
+
+
+def test_records_do_not_grow_with_levels(tmp_path, models):
+    one_level = tmp_path / "one.json"
+    one_level.write_text(json.dumps({"0": json.loads(models["generate_config"].read_text())["0"]}))
+    for name, config in (("one", one_level), ("two", models["generate_config"])):
+        assert generate_cli(models, tmp_path / name, "--num-images", 5, config=config).returncode == 0
+    one, two = (json.loads((tmp_path / name / "dataset.json").read_text()) for name in ("one", "two"))
+    assert one["_default"] == two["_default"]  # the same labels are drawn first, and records name no level
+    assert len(one["runs"]["1"]["levels"]) == 1 and len(two["runs"]["1"]["levels"]) == 2
 
 
 def test_same_seed_same_images_other_seed_differs(tmp_path, models):
@@ -103,17 +144,79 @@ def test_same_seed_same_images_other_seed_differs(tmp_path, models):
     assert not torch.equal(a, b)
 
 
+def test_sigkill_then_restart_equals_uninterrupted(tmp_path, models):
+    flags = ["--num-images", 600, "--batch-size", 4, "--seed", 5]
+    reference = tmp_path / "reference"
+    assert generate_cli(models, reference, *flags).returncode == 0
+    killed = tmp_path / "killed"
+    proc = start_script("generate_images.py", "--config-path", models["generate_config"], "--decoder-path",
+                        models["autoencoder"], "--out-dir", killed, "--device", "cpu", *map(str, flags))
+    log = killed / "progress" / "0.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert 3 <= len(read_progress(killed / "progress")) < 150 and not (killed / "dataset.json").exists()
+    result = generate_cli(models, killed, *flags)
+    assert result.returncode == 0, result.stderr
+    assert generated_files(killed) == generated_files(reference)
+
+
 def test_generation_continues_after_interruption(tmp_path, models):
     out = tmp_path / "g"
     assert generate_cli(models, out, "--num-images", 6, "--batch-size", 2).returncode == 0
-    before = (out / "images" / "000004.png").read_bytes()
-    (out / "images" / "000004.png").unlink()
+    before = generated_files(out)
+    log = out / "progress" / "0.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text(lines[0] + "\n" + lines[2] + "\n" + lines[1][:10])  # batch 1 lost, the last line cut short
+    (out / "images" / "000" / "000002.png").write_bytes(b"half a png")
     (out / "dataset.json").unlink()
-    result = generate_cli(models, out, "--num-images", 6, "--batch-size", 2)
+    result = generate_cli(models, out, "--num-images", 6, "--batch-size", 3)
     assert result.returncode == 0, result.stderr
-    assert (out / "images" / "000004.png").read_bytes() == before
+    assert "continues with them" in result.stderr  # batches are fixed by the run's first batch size
+    assert generated_files(out) == before
     changed = generate_cli(models, out, "--num-images", 6, "--seed", 3)
     assert changed.returncode == 2 and "holds a run with another config" in changed.stderr
+    assert generate_cli(models, out, "--num-images", 3, "--seed", 3, "--overwrite").returncode == 0
+    assert len(generated_files(out)) == 4 and len(read_progress(out / "progress")) == 1
+
+
+def test_progress_log_ends_on_a_whole_line(tmp_path):
+    log = tmp_path / "progress" / "0.jsonl"
+    log.parent.mkdir()
+    log.write_text('{"batch": 0, "labels": [1, -1]}\n{"batch": 1, "lab')
+    assert read_progress(log.parent) == {0: [1, -1]}
+    assert open_log(log.parent, 0) == log and log.read_text() == '{"batch": 0, "labels": [1, -1]}\n'
+
+
+def test_every_stage_reads_the_generated_dataset(tmp_path, models):
+    out = tmp_path / "gen"
+    assert generate_cli(models, out, "--num-images", 7, "--batch-size", 3).returncode == 0
+    data = load_image_dataset(out / "dataset.json")
+    records, info = read_records(out / "dataset.json")
+    assert info["kind"] == "generated" and [r["index"] for r in records] == list(range(7))
+    # past a file's worth of records, part files beside dataset.json hold the rest
+    parted = out / "parted.json"
+    write_records(parted, iter(records), info, per_file=3)
+    assert json.loads(parted.read_text())["info"]["1"]["record_files"] == ["parted-0001.json", "parted-0002.json"]
+    assert torch.equal(load_image_dataset(parted).items, data.items)
+    subset = tmp_path / "subset"  # build_dataset.py takes a dataset.json as its source
+    build_dataset(parted, subset, size=16, holdout=0.0)
+    assert len(read_records(subset / "dataset.json")[0]) == 7
+    encoded = fmaps.run(fmaps.FmapArgs(dataset_path=parted, model_path=models["autoencoder"], out_dir=tmp_path / "fm",
+                                       device="cpu"))
+    assert encoded["items"] == 7
+
+
+def test_unwritable_images_folder_is_one_line(tmp_path, models):
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "images").write_text("a file where the images folder goes")
+    result = generate_cli(models, out, "--num-images", 2)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot write the images in {out}: ")
 
 
 def test_mismatched_levels_are_refused(tmp_path, models):

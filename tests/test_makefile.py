@@ -50,8 +50,8 @@ def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
     assert stages[:2] == ["dataset", "autoencoder"] and len(stages) == 21
     assert stages[-5:] == ["generate compressed", "report compressed", "export", "generate export", "report export"]
     assert (runs / "report" / "report.md").exists() and (runs / "report_compressed" / "report.md").exists()
-    assert len(list((runs / "generated_compressed" / "images").glob("*.png"))) == 6
-    assert len(list((runs / "generated_export" / "images").glob("*.png"))) == 6
+    assert len(list((runs / "generated_compressed" / "images").glob("*/*.png"))) == 6
+    assert len(list((runs / "generated_export" / "images").glob("*/*.png"))) == 6
     assert (runs / "report_export" / "report.md").exists()
 
     # as if the cascade stage had been interrupted: make runs it and what follows from it, nothing before it

@@ -102,5 +102,5 @@ def test_the_seeds_example_commands_run_as_written(tmp_path):
                   for i, ((model, coarse, fine), (width, beams, temperature)) in enumerate(zip(models, LEVELS))}
     ok(run_script("generate_images.py", "--device", "cpu", "--decoder-path", autoencoder, "--num-images", "5",
                   "--seed", "69", "--config-path", write("generate.json", generation), "--out-dir", tmp_path / "generated"))
-    images = sorted((tmp_path / "generated" / "images").glob("*.png"))
+    images = sorted((tmp_path / "generated" / "images").glob("*/*.png"))
     assert len(images) == 5 and Image.open(images[0]).size == (128, 128) and Image.open(images[0]).mode == "RGB"

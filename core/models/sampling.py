@@ -1,17 +1,21 @@
 """Drawing token sequences from a TokenTransformer.
 
 A DecodeState walks the positions of a sequence in the window schedule of transformer.window_starts (the
-one evaluation uses), keeping a key/value cache per window, so cached and uncached decoding read
+one evaluation uses). At the first position of a window it reads the window's start with the model's own
+forward; after that, one position per step, each block's keys and values kept in buffers preallocated to
+the window's length (a step writes its key and value in place), so cached and uncached decoding read
 every position in the same context. On top of it: sampling (temperature, top-k, top-p), true beam
 search, the seed's chunked sample-and-rank, and classifier-free guidance."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from core.config import option
-from core.models.transformer import TokenTransformer, window_starts
+from core.models.transformer import Attention, TokenTransformer, window_starts
 
 
 @dataclass
@@ -34,7 +38,9 @@ class DecodeSettings:
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Logits (B, V) scaled by temperature, with tokens outside top-k / top-p set to -inf."""
-    logits = logits.float() / max(temperature, 1e-8)
+    logits = logits.float()
+    if temperature != 1.0:  # dividing by 1 changes nothing: skip the pass over the logits
+        logits = logits / max(temperature, 1e-8)
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -46,31 +52,52 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def draw(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row from softmax(logits), by inverting the row's CDF at a uniform number drawn from
-    generators[r]: per-image randomness keeps results independent of the batch size."""
+def uniform_draws(generators: list[torch.Generator], steps: int) -> torch.Tensor:
+    """(steps, rows) uniform numbers: at each step, row r takes the next number of generators[r], rows
+    sharing a generator in row order. Drawn at once per generator, they are the numbers that one draw
+    per row and step would give (a CPU generator's rand(n) is n successive rand(1))."""
+    rows_of: dict[int, list[int]] = {}
+    for row, g in enumerate(generators):
+        rows_of.setdefault(id(g), []).append(row)
+    columns: dict[int, torch.Tensor] = {}
+    for rows in rows_of.values():
+        numbers = torch.rand(steps * len(rows), generator=generators[rows[0]]).view(steps, len(rows))
+        columns.update((row, numbers[:, j]) for j, row in enumerate(rows))
+    return torch.stack([columns[row] for row in range(len(generators))], 1)
+
+
+def draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(logits), by inverting the row's CDF at uniform[r] (per-image
+    randomness keeps results independent of the batch size)."""
     cdf = logits.softmax(-1).float().cumsum(-1)
-    uniform = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
-    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
+    tokens = torch.searchsorted(cdf, (uniform.to(cdf.device) * cdf[:, -1])[:, None], right=True).squeeze(1)
     return tokens.clamp(max=cdf.shape[-1] - 1)  # a token of zero probability is never drawn
 
 
 class DecodeState:
-    """The state of decoding a batch: tokens so far and per-window caches, with guidance folded in."""
+    """The state of decoding a batch: tokens so far and each block's keys and values, with guidance
+    folded in (rows [conditional; unconditional])."""
 
     def __init__(self, model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
-                 guidance_scale: float = 1.0, use_cache: bool = True):
+                 guidance_scale: float = 1.0, use_cache: bool = True, step: Callable = None):
         self.model, self.use_cache, self.scale = model, use_cache, guidance_scale
+        self.step = step or step_logits  # or a compiled step_logits
         self.guided = guidance_scale != 1.0
-        if self.guided:  # rows [conditional; unconditional]
+        if self.guided:
             labels = torch.cat([labels, torch.full_like(labels, model.shape.null_label)])
             coarse_tokens = torch.cat([coarse_tokens, coarse_tokens])
         self.labels, self.coarse_tokens = labels, coarse_tokens
         self.memory = model.encode(labels, coarse_tokens)
         n = model.shape.fine_len
         self.tokens = torch.zeros(len(labels), n, dtype=torch.long, device=labels.device)
+        self.positions = torch.arange(n, device=labels.device).expand(len(labels), n)
         self.schedule = {first: start for start, first in window_starts(n, model.window())}
-        self.start, self.caches = 0, None
+        self.capacity = model.prefix_len + model.window()  # decoder positions one window holds
+        self.start = 0
+        self.keys: list[torch.Tensor] = []  # per block: (rows, heads, capacity, head_dim), the first `length` filled
+        self.values: list[torch.Tensor] = []
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per block: the memory's keys and values
+        self.length = 0
 
     @property
     def batch(self) -> int:
@@ -86,55 +113,100 @@ class DecodeState:
     @torch.no_grad()
     def logits_at(self, p: int) -> torch.Tensor:
         """Logits (batch, V) for position p, given tokens[:, :p]."""
-        model, n = self.model, self.model.shape.fine_len
-        positions = torch.arange(n, device=self.tokens.device).expand(len(self.tokens), n)
-        if p in self.schedule:  # a new window: (re)fill the cache from its start
+        if p in self.schedule:  # a new window: read it from its start
             self.start = self.schedule[p]
-            self.caches = [{} for _ in model.decoder] if self.use_cache else None
         if self.use_cache and p not in self.schedule:
-            logits = model(self.labels, self.coarse_tokens, self._inputs(p, p + 1), positions[:, p:p + 1],
-                           self.memory, self.caches, with_prefix=False)
+            logits = self.step(self.model, self.tokens[:, p - 1:p], self.positions[:, p:p + 1], self.keys, self.values,
+                               self.cross, self.length)
+            self.length += 1
         else:
-            logits = model(self.labels, self.coarse_tokens, self._inputs(self.start, p + 1),
-                           positions[:, self.start:p + 1], self.memory, self.caches)
+            caches = [{} for _ in self.model.decoder] if self.use_cache else None
+            logits = self.model(self.labels, self.coarse_tokens, self._inputs(self.start, p + 1),
+                                self.positions[:, self.start:p + 1], self.memory, caches)
+            if caches is not None:
+                self._keep(caches)
         logits = logits[:, -1].float()
         if self.guided:
             conditional, unconditional = logits.chunk(2)
             logits = unconditional + self.scale * (conditional - unconditional)
         return logits
 
+    def _keep(self, caches: list[dict]) -> None:
+        """Move the keys and values that the model's forward left in `caches` into the buffers."""
+        first = caches[0]["self"]["k"]
+        self.length = first.shape[2]
+        if not self.keys or self.keys[0].shape[0] != first.shape[0]:
+            shape = (first.shape[0], first.shape[1], self.capacity, first.shape[3])
+            self.keys = [first.new_empty(shape) for _ in caches]
+            self.values = [first.new_empty(shape) for _ in caches]
+        for cache, keys, values in zip(caches, self.keys, self.values):
+            keys[:, :, :self.length] = cache["self"]["k"]
+            values[:, :, :self.length] = cache["self"]["v"]
+        self.cross = [(cache["cross"]["k"], cache["cross"]["v"]) for cache in caches if "cross" in cache]
+
     def set(self, p: int, tokens: torch.Tensor) -> None:
         self.tokens[:, p] = torch.cat([tokens, tokens]) if self.guided else tokens
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep (and repeat) batch rows: beams and candidates share their ancestors' caches."""
+        """Keep (and repeat) batch rows: beams and candidates share their ancestors' keys and values."""
         if self.guided:
             rows = torch.cat([rows, rows + self.batch])
         self.labels, self.coarse_tokens, self.tokens = self.labels[rows], self.coarse_tokens[rows], self.tokens[rows]
+        self.positions = self.positions[:1].expand(len(rows), -1)
         if self.memory is not None:
             self.memory = self.memory[rows]
-        for cache in self.caches or []:
-            for part in cache.values():
-                for key in part:
-                    part[key] = part[key][rows]
+        self.keys = [keys[rows] for keys in self.keys]
+        self.values = [values[rows] for values in self.values]
+        self.cross = [(keys[rows], values[rows]) for keys, values in self.cross]
 
     def result(self) -> torch.Tensor:
         return self.tokens[:self.batch]
 
 
+def step_logits(model: TokenTransformer, inputs: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor], cross: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> torch.Tensor:
+    """TokenTransformer.forward (and Block.forward) for one position per row: the decoder inputs and positions
+    (rows, 1); each block's earlier keys and values are read from its buffers (rows, heads, capacity,
+    head_dim), whose first `length` slots are filled, and the position's own are written after them.
+    Logits (rows, 1, V)."""
+    x = model.tok_emb(inputs) + model.pos_emb(positions)
+    for i, block in enumerate(model.decoder):
+        h = block.ln1(x)
+        k, v = block.attn.keys_values(h)
+        keys[i][:, :, length:length + 1] = k
+        values[i][:, :, length:length + 1] = v
+        q = block.attn.split_heads(block.attn.q(h))
+        x = x + _attend(block.attn, q, keys[i][:, :, :length + 1], values[i][:, :, :length + 1])
+        if block.cross is not None:
+            q = block.cross.split_heads(block.cross.q(block.ln_cross(x)))
+            x = x + _attend(block.cross, q, *cross[i])
+        x = x + block.mlp(block.ln2(x))
+    return model.head(model.ln_f(x))
+
+
+def _attend(attn: Attention, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention.forward's output for one query position, given the keys and values it reads."""
+    y = F.scaled_dot_product_attention(q, keys, values)
+    b, h, t, hd = y.shape
+    return attn.proj(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
 def sample(dec: DecodeState, settings: DecodeSettings, generators: list[torch.Generator], begin: int = 0,
-           end: int | None = None) -> torch.Tensor:
-    """Positions [begin, end) drawn one by one; returns the summed log-probability of each row's draws."""
+           end: int | None = None, scored: bool = False) -> torch.Tensor | None:
+    """Positions [begin, end) drawn one by one; with `scored`, returns the summed log-probability of each
+    row's draws."""
     end = dec.model.shape.fine_len if end is None else end
-    total = torch.zeros(dec.batch, device=dec.tokens.device)
-    for p in range(begin, end):
+    total = torch.zeros(dec.batch, device=dec.tokens.device) if scored else None
+    uniforms = uniform_draws(generators, end - begin) if settings.temperature > 0 else None
+    for step, p in enumerate(range(begin, end)):
         logits = dec.logits_at(p)
-        if settings.temperature <= 0:  # greedy
+        if uniforms is None:  # greedy
             tokens = logits.argmax(-1)
         else:
             logits = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
-            tokens = draw(logits, generators)
-        total += logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+            tokens = draw(logits, uniforms[step])
+        if scored:
+            total += logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
         dec.set(p, tokens)
     return total
 
@@ -167,16 +239,19 @@ def sample_and_rank(dec: DecodeState, settings: DecodeSettings, generators: list
     expanded = [g for g in generators for _ in range(candidates)]
     for begin in range(0, n, settings.beam_width):
         dec.select(torch.arange(batch, device=device).repeat_interleave(candidates))
-        scores = sample(dec, settings, expanded, begin, min(n, begin + settings.beam_width))
+        scores = sample(dec, settings, expanded, begin, min(n, begin + settings.beam_width), scored=True)
         best = scores.view(batch, candidates).argmax(-1) + torch.arange(batch, device=device) * candidates
         dec.select(best)
     return dec.result()
 
 
+@torch.no_grad()
 def generate_tokens(model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
-                    settings: DecodeSettings, generators: list[torch.Generator], use_cache: bool = True) -> torch.Tensor:
-    """The predicted level's tokens (B, fine_len) for labels (B,) and conditioning tokens (B, coarse_len)."""
-    dec = DecodeState(model, labels, coarse_tokens, settings.guidance_scale, use_cache)
+                    settings: DecodeSettings, generators: list[torch.Generator], use_cache: bool = True,
+                    step: Callable | None = None) -> torch.Tensor:
+    """The predicted level's tokens (B, fine_len) for labels (B,) and conditioning tokens (B, coarse_len).
+    `step` replaces step_logits (torch.compile(step_logits))."""
+    dec = DecodeState(model, labels, coarse_tokens, settings.guidance_scale, use_cache, step)
     if settings.mode == "beam":
         return beam_search(dec, settings.beam_width)
     if settings.mode == "rank":

@@ -1,25 +1,46 @@
 """The generation stage: the cascade run level by level, from the base model's condition token to the
-final level's tokens, decoded to images, each recorded with its provenance in a tinydb dataset.json."""
+final level's tokens, decoded to images.
+
+The out dir, for any number of images:
+    images/000/000000.png ...  the images, 1,000 per folder
+    progress/<rank>.jsonl      append-only, one line per finished batch (its labels), written once its
+                               images are on disk
+    dataset.json               tinydb: a small record per image (path, labels, index, run), the run's
+                               provenance once (table "runs"); part files beside it past 250,000 images
+    grid.png, run.json
+
+Images are made in fixed batches of consecutive indices, and each image depends only on the seed and its
+index: a batch is the same whoever makes it and whenever. A run killed at any moment continues with the
+batches that no progress line names, and torchrun's processes share the batches out."""
 from __future__ import annotations
 
 import json
+import os
+import queue
+import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
-from core.artifacts import atomic_path, file_record
+from core.artifacts import atomic_write_json, file_record
 from core.config import config_from_dict, load_json, option, to_dict
-from core.data import read_image_files, write_dataset_json
+from core.console import notice
+from core.data import read_image_files, to_uint8, write_records
 from core.errors import PipelineError
 from core.model_artifacts import load_autoencoder, load_codebook, load_transformer
 from core.models.autoencoder import Autoencoder
 from core.models.codebook import SOMCodebook
 from core.models.sampling import DecodeSettings, generate_tokens
 from core.models.transformer import TokenTransformer
-from core.pictures import save_image_grid, save_picture, to_picture
-from core.training import claim_out_dir, pick_device
+from core.pictures import picture_bytes, save_image_grid, to_picture
+from core.training import RUN_FILE, RunEnv, claim_out_dir, finish_run, setup_run
+
+IMAGES_PER_FOLDER = 1000
+LAYOUT = 2  # 1: one flat images/ folder, labels.json and the provenance in every record
 
 
 @dataclass
@@ -29,7 +50,7 @@ class GenerateArgs:
     out_dir: Path
     num_images: int = 64
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 256
     fmt: str = "png"  # or "jpg"
     device: str = "auto"
     overwrite: bool = False
@@ -122,7 +143,7 @@ def image_generators(seed: int, indices: range) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in indices]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(levels: list[Level], decoder: Autoencoder, indices: range, seed: int,
                    device: torch.device, use_cache: bool = True) -> tuple[torch.Tensor, list[int]]:
     """Images (B, C, H, W) in [-1, 1] and their label ids (-1: none) for the given image indices."""
@@ -150,50 +171,197 @@ def generate_batch(levels: list[Level], decoder: Autoencoder, indices: range, se
     return images.cpu(), labels
 
 
+# ---------------------------------------------------------------- images on disk
+
+def image_path(index: int, fmt: str) -> str:
+    """Where image `index` lies, relative to the out dir: 1,000 images per folder."""
+    return f"images/{index // IMAGES_PER_FOLDER:03d}/{index:06d}.{'png' if fmt == 'png' else 'jpg'}"
+
+
+def image_file(image: torch.Tensor, fmt: str) -> bytes:
+    """The file of one generated image (uint8, C x H x W): every image becomes its file here."""
+    return picture_bytes(to_picture(image), fmt)
+
+
+@dataclass
+class Batch:
+    number: int
+    indices: range
+    images: torch.Tensor  # uint8 (B, C, H, W), on the CPU
+    labels: list[int]  # label ids, -1: none
+
+
+class BatchWriter:
+    """Writes finished batches in a background thread, so that encoding and writing the images overlap
+    with making the next batch. A batch counts as done once its line is in the progress log, and the
+    line is written only after its images are on disk: the batches waiting together share one sync
+    instead of one fsync per file."""
+
+    def __init__(self, out_dir: Path, log_path: Path, fmt: str, depth: int = 4):
+        self.out_dir, self.log_path, self.fmt = out_dir, log_path, fmt
+        self.pending: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.folders: set[Path] = set()
+        self.thread = threading.Thread(target=self._work, name="image-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, batch: Batch) -> None:
+        self._check()
+        self.pending.put(batch)
+
+    def close(self) -> None:
+        """Write what is queued and stop."""
+        self.pending.put(None)
+        self.thread.join()
+        self._check()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise PipelineError(f"cannot write the images in {self.out_dir}: {self.error}")
+
+    def _work(self) -> None:
+        finished = False
+        while not finished:
+            group = [self.pending.get()]
+            while group[-1] is not None and not self.pending.empty():
+                group.append(self.pending.get())
+            finished = group[-1] is None
+            batches = [b for b in group if b is not None]
+            if self.error is None and batches:  # after an error, keep taking batches so that put() never blocks
+                try:
+                    self._commit(batches)
+                except Exception as e:  # noqa: BLE001 (handed to the main thread, which raises it)
+                    self.error = e
+
+    def _commit(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            for index, image in zip(batch.indices, batch.images):
+                path = self.out_dir / image_path(index, self.fmt)
+                if path.parent not in self.folders:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self.folders.add(path.parent)
+                path.write_bytes(image_file(image, self.fmt))
+        if hasattr(os, "sync"):
+            os.sync()  # the images on disk before the lines that say they are done
+        with open(self.log_path, "a") as log:
+            log.write("".join(json.dumps({"batch": b.number, "labels": b.labels}) + "\n" for b in batches))
+            log.flush()
+            os.fsync(log.fileno())
+
+
+def read_progress(progress_dir: Path) -> dict[int, list[int]]:
+    """The finished batches and their images' label ids, from every process's log. A line cut short by
+    a kill is not a finished batch."""
+    done = {}
+    for path in sorted(progress_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                done[int(entry["batch"])] = [int(label) for label in entry["labels"]]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def open_log(progress_dir: Path, rank: int) -> Path:
+    """This process's log, ending on a whole line (a kill may have cut the last one short)."""
+    progress_dir.mkdir(parents=True, exist_ok=True)
+    path = progress_dir / f"{rank}.jsonl"
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return path
+
+
+# ---------------------------------------------------------------- the run
+
 def run(args: GenerateArgs) -> Path:
-    """Generate the images into out_dir/images, with grid.png and dataset.json. A run stopped midway
-    continues: images already written by the same run are kept."""
+    """Generate the images into out_dir, with grid.png and dataset.json. A run stopped midway continues:
+    batches already written by the same run are kept. Under torchrun, each process makes its share."""
     config_path, decoder_path, out_dir, num_images = args.config_path, args.decoder_path, args.out_dir, args.num_images
-    seed, batch_size, fmt, overwrite = args.seed, args.batch_size, args.fmt, args.overwrite
-    device = pick_device(args.device)
     levels = load_levels(parse_config(config_path), config_path)
     decoder, _ = load_autoencoder(decoder_path)
     final = levels[-1].fine_book.cfg
     if final.image_C != decoder.cfg.latent_channel:
         raise PipelineError(f"{decoder_path} decodes {decoder.cfg.latent_channel}-channel feature maps, but level "
                             f"{len(levels) - 1}'s codebook {levels[-1].settings.hr_codebook_path} makes {final.image_C}")
-    provenance = {"seed": seed, "levels": [level.record for level in levels], "decoder": file_record(decoder_path)}
-    run_config = {"provenance": provenance, "format": fmt, "num_images": num_images}
-    claim_out_dir(out_dir, run_config, resume=False, overwrite=overwrite)
-    labels_file = out_dir / "labels.json"  # labels of the images written so far, for a run that continues
-    if overwrite:
-        labels_file.unlink(missing_ok=True)
+    env = setup_run(args.device, args.seed)
+    provenance = {"seed": args.seed, "levels": [level.record for level in levels], "decoder": file_record(decoder_path)}
+    claim_out_dir(out_dir, {"provenance": provenance, "format": args.fmt, "num_images": num_images, "layout": LAYOUT},
+                  resume=False, overwrite=args.overwrite, env=env)
+    if args.overwrite and env.is_main:
+        clear_outputs(out_dir)
+    barrier(env)
+    batch_size = run_batch_size(out_dir, args.batch_size, env)
+    progress_dir = out_dir / "progress"
+    done = read_progress(progress_dir)
+    barrier(env)  # every process has read the logs before any writes to them
+    batches = [k for k in range((num_images + batch_size - 1) // batch_size) if k not in done][env.rank::env.world_size]
     for level in levels:
-        level.model.to(device)
-        level.fine_book.to(device)
-    decoder.to(device)
-    names = levels[0].model.shape.label_names
-    image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "png" if fmt == "png" else "jpg"
-    known = json.loads(labels_file.read_text()) if labels_file.exists() else {}
-    starts = range(0, num_images, batch_size)
-    for start in args.progress(starts):
-        indices = range(start, min(num_images, start + batch_size))
-        if all(str(i) in known and (image_dir / f"{i:06d}.{suffix}").exists() for i in indices):
-            continue
-        images, labels = generate_batch(levels, decoder, indices, seed, device, args.use_cache)
-        for index, image, label in zip(indices, images, labels):
-            save_picture(to_picture(image), image_dir / f"{index:06d}.{suffix}", fmt)
-            known[str(index)] = label
-        with atomic_path(labels_file) as tmp:
-            tmp.write_text(json.dumps(known))
-    records = [{"image_fpath": f"images/{i:06d}.{suffix}",
-                "labels": [names[known[str(i)]]] if known[str(i)] >= 0 else [], "split": "train",
-                "provenance": {"seed": seed, "index": i, "levels": provenance["levels"], "decoder": provenance["decoder"]}}
-               for i in range(num_images)]
-    grid = read_image_files([image_dir / f"{i:06d}.{suffix}" for i in range(min(num_images, 64))])
-    save_image_grid(grid, out_dir / "grid.png", columns=8)
-    write_dataset_json(out_dir / "dataset.json", records, {"kind": "generated", "channels": int(grid.shape[1]),
-                                                           "size": int(grid.shape[-1])})
+        level.model.to(env.device)
+        level.fine_book.to(env.device)
+    decoder.to(env.device)
+    writer = BatchWriter(out_dir, open_log(progress_dir, env.rank), args.fmt)
+    try:
+        for number in args.progress(batches):
+            indices = range(number * batch_size, min(num_images, (number + 1) * batch_size))
+            images, labels = generate_batch(levels, decoder, indices, args.seed, env.device, args.use_cache)
+            writer.put(Batch(number, indices, to_uint8(images), labels))
+    finally:
+        writer.close()
+    barrier(env)
+    if env.is_main:
+        write_dataset(out_dir, levels[0].model.shape.label_names, read_progress(progress_dir), batch_size,
+                      {**provenance, "format": args.fmt, "num_images": num_images, "batch_size": batch_size}, args.fmt)
+    finish_run(env)
     return out_dir / "dataset.json"
+
+
+def barrier(env: RunEnv) -> None:
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """--overwrite: what an earlier run generated goes (run.json is already the new run's)."""
+    for name in ("images", "progress"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for path in [*out_dir.glob("dataset*.json"), out_dir / "grid.png", out_dir / "labels.json"]:
+        path.unlink(missing_ok=True)
+
+
+def run_batch_size(out_dir: Path, asked: int, env: RunEnv) -> int:
+    """The batch size the run in out_dir started with, which a continuing run keeps: batches are fixed,
+    so that it makes exactly the images of an uninterrupted run."""
+    run_file = out_dir / RUN_FILE
+    saved = json.loads(run_file.read_text())
+    if "batch_size" not in saved:
+        if env.is_main:
+            atomic_write_json(run_file, {**saved, "batch_size": asked})
+        return asked
+    if saved["batch_size"] != asked:
+        notice(f"{out_dir} holds a run made in batches of {saved['batch_size']}: it continues with them")
+    return saved["batch_size"]
+
+
+def write_dataset(out_dir: Path, names: list[str], done: dict[int, list[int]], batch_size: int, run_record: dict,
+                  fmt: str) -> None:
+    """grid.png of the first 64 images, and dataset.json: one small record per image, the run once."""
+    num_images = run_record["num_images"]
+    missing = [k for k in range((num_images + batch_size - 1) // batch_size) if k not in done]
+    if missing:
+        raise PipelineError(f"{out_dir}: batches {missing[:5]} were not written; run the same command again")
+    grid = read_image_files([out_dir / image_path(i, fmt) for i in range(min(num_images, 64))])
+    save_image_grid(grid, out_dir / "grid.png", columns=8)
+
+    def records() -> Iterator[dict]:
+        for number in range((num_images + batch_size - 1) // batch_size):
+            for offset, label in enumerate(done[number]):
+                index = number * batch_size + offset
+                yield {"image_fpath": image_path(index, fmt), "labels": [names[label]] if label >= 0 else [],
+                       "split": "train", "index": index, "run": 1}
+
+    info = {"kind": "generated", "channels": int(grid.shape[1]), "size": int(grid.shape[-1]), "images": num_images}
+    write_records(out_dir / "dataset.json", records(), info, {"runs": [run_record]})

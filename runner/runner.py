@@ -511,10 +511,16 @@ def grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
     return canvas
 
 
-def write_dataset_json(path: Path, records: list[dict], info: dict) -> None:
-    """The records in tinydb's layout, as core.stages.generate writes them (one record per image)."""
+def write_dataset_json(path: Path, records: list[dict], info: dict, run: dict) -> None:
+    """The records in tinydb's layout, as core.stages.generate writes them: one small record per image,
+    the run's provenance once in the table "runs"."""
     table = {str(i + 1): record for i, record in enumerate(records)}
-    write_atomic(path, json.dumps({"_default": table, "info": {"1": info}}).encode())
+    write_atomic(path, json.dumps({"_default": table, "info": {"1": info}, "runs": {"1": run}}).encode())
+
+
+def image_path(index: int) -> str:
+    """Where image `index` lies, relative to the out dir: 1,000 images per folder (as generate_images.py)."""
+    return f"images/{index // 1000:03d}/{index:06d}.png"
 
 
 def provenance(generator: Generator, seed: int) -> dict:
@@ -541,13 +547,15 @@ def run(bundle: Path, out_dir: Path, num_images: int, seed: int, batch_size: int
         indices = range(start, min(num_images, start + batch_size))
         images, labels = generator.generate_batch(indices, seed)
         for index, image, label in zip(indices, images, labels):
-            write_atomic(out_dir / "images" / f"{index:06d}.png", png_bytes(image))
-            records.append({"image_fpath": f"images/{index:06d}.png", "labels": [names[label]] if label >= 0 else [],
-                            "split": "train", "provenance": {**made, "index": index}})
+            write_atomic(out_dir / image_path(index), png_bytes(image))
+            records.append({"image_fpath": image_path(index), "labels": [names[label]] if label >= 0 else [],
+                            "split": "train", "index": index, "run": 1})
         first.extend(images[:max(0, 64 - len(first))])
     write_atomic(out_dir / "grid.png", png_bytes(grid(np.stack(first))))
     c, size = first[0].shape[0], first[0].shape[-1]
-    write_dataset_json(out_dir / "dataset.json", records, {"kind": "generated", "channels": c, "size": size})
+    info = {"kind": "generated", "channels": c, "size": size, "images": num_images}
+    write_dataset_json(out_dir / "dataset.json", records, info,
+                       {**made, "format": "png", "num_images": num_images, "batch_size": batch_size})
     return out_dir / "dataset.json"
 
 

@@ -200,12 +200,13 @@ def test_runner_runs_without_torch_and_writes_a_dataset(bundles, tmp_path, model
     for index, record in enumerate(records):
         with Image.open(out / record["image_fpath"]) as image:
             assert image.size == (16, 16) and image.mode == "L"
-        assert record["provenance"]["index"] == index and record["provenance"]["seed"] == 3
+        assert record["index"] == index and record["run"] == 1 and record["image_fpath"].startswith("images/000/")
         assert all(label in names for label in record["labels"])
-    provenance = records[0]["provenance"]
+    provenance = db["runs"]["1"]
+    assert provenance["seed"] == 3 and provenance["num_images"] == 5
     assert provenance["levels"][0]["model"] == manifest["provenance"]["levels"][0]["model"]
     assert provenance["levels"][1]["top_k"] == 8 and provenance["export"]["runtime"].startswith("onnxruntime")
-    assert db["info"]["1"] == {"kind": "generated", "channels": 1, "size": 16}
+    assert db["info"]["1"] == {"kind": "generated", "channels": 1, "size": 16, "images": 5}
     assert (out / "grid.png").exists()
     # the output folder is a dataset the stages read; the same seed gives the same images in other batches
     again = run_runner(bundle, "--out-dir", tmp_path / "again", "--num-images", 5, "--batch-size", 5, "--seed", 3,
@@ -224,8 +225,9 @@ def test_runner_reads_a_generation_config(bundles, tmp_path):
     path.write_text(json.dumps(config))
     result = run_runner(bundle, "--out-dir", tmp_path / "out", "--num-images", 3, "--config-path", path)
     assert result.returncode == 0, result.stderr
-    records = json.loads((tmp_path / "out" / "dataset.json").read_text())["_default"].values()
-    assert all(r["labels"] == ["square"] and r["provenance"]["levels"][1]["temperature"] == 0.0 for r in records)
+    db = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert all(r["labels"] == ["square"] for r in db["_default"].values())
+    assert db["runs"]["1"]["levels"][1]["temperature"] == 0.0
     config["0"]["label"] = "hexagon"
     path.write_text(json.dumps(config))
     result = run_runner(bundle, "--out-dir", tmp_path / "bad", "--num-images", 1, "--config-path", path)

@@ -47,9 +47,16 @@ COMPRESSED := $(RUNS)/compressed/autoencoder/DONE $(RUNS)/compressed/base/DONE $
 GENERATED_COMPRESSED := $(RUNS)/generated_compressed/DONE
 REPORT_COMPRESSED := $(RUNS)/report_compressed/DONE
 NUM_IMAGES ?= 1000
+# evaluate.py flags of every report (the downstream accuracy section runs by default: --no-downstream skips it,
+# --downstream-steps/-seeds make it cheaper); the report on the compressed models adds its own
 REPORT_FLAGS ?=
+COMPRESSED_REPORT_FLAGS ?= --no-downstream
+# extra build_dataset.py flags (make lowdata sets --train-per-class)
+DATA_FLAGS ?=
 AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
 codebook = $(RUNS)/pruned/$(1)/codebook.safetensors
+# the report's tokenizer ceiling: real images reconstructed through an autoencoder and every pruned codebook
+ceiling = --autoencoder-path $(1) $(foreach level,$(LEVELS),--codebook-path $(call codebook,$(level)))
 TRAIN_FLAGS = --device $(DEVICE) --max-epoch 1000 --checkpoint-step 1000
 # a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
 # starts over
@@ -62,7 +69,7 @@ same = $(and $(findstring x$(strip $(1)),x$(strip $(2))),$(findstring x$(strip $
 changed = $(if $(wildcard $(SETTINGS)/$(1)),$(if $(call same,$(2),$(file <$(SETTINGS)/$(1))),,FORCE))
 record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 
-.PHONY: setup test demo codebooks transformers generate report compress fewshot bench clean-demo FORCE
+.PHONY: setup test demo codebooks transformers generate report compress fewshot lowdata bench clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -89,11 +96,12 @@ report: $(REPORT)
 compress: $(COMPRESSED)
 FORCE:
 
-$(DATA): $$(call changed,data,$$(SOURCE) $$(SIZE) $$(CHANNELS)) | setup
+$(DATA): $$(call changed,data,$$(SOURCE) $$(SIZE) $$(CHANNELS) $$(DATA_FLAGS)) | setup
 	rm -f $@
 	mkdir -p $(RUNS)
-	$(call TIMER,dataset) $(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS) --overwrite
-	$(call record,data,$(SOURCE) $(SIZE) $(CHANNELS))
+	$(call TIMER,dataset) $(PYTHON) build_dataset.py --source $(SOURCE) --out-dir $(RUNS)/data --size $(SIZE) --channels $(CHANNELS) \
+		$(DATA_FLAGS) --overwrite
+	$(call record,data,$(SOURCE) $(SIZE) $(CHANNELS) $(DATA_FLAGS))
 	touch $@
 
 $(AUTOENCODER): $(DATA) $(CONFIGS)/autoencoder_$(PRESET).json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS))
@@ -153,7 +161,8 @@ $(GENERATED): $(BASE) $(CASCADE) $(CONFIGS)/generate_$(PRESET).json $$(call chan
 $(REPORT): $(GENERATED) $$(call changed,report,$$(REPORT_FLAGS))
 	rm -f $@
 	$(call TIMER,report) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
-		--generated-path $(RUNS)/generated/dataset.json --out-dir $(RUNS)/report --device $(DEVICE) $(REPORT_FLAGS)
+		--generated-path $(RUNS)/generated/dataset.json --out-dir $(RUNS)/report --device $(DEVICE) \
+		$(call ceiling,$(AE_ARTIFACT)) $(REPORT_FLAGS)
 	$(call record,report,$(REPORT_FLAGS))
 	touch $@
 
@@ -181,12 +190,13 @@ $(GENERATED_COMPRESSED): $(COMPRESSED) $(CONFIGS)/generate_$(PRESET).json $$(cal
 	$(call record,generated_compressed,$(NUM_IMAGES))
 	touch $@
 
-$(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT) $$(call changed,report_compressed,$$(REPORT_FLAGS))
+$(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT) $$(call changed,report_compressed,$$(REPORT_FLAGS) $$(COMPRESSED_REPORT_FLAGS))
 	rm -f $@
 	$(call TIMER,report compressed) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
 		--generated-path $(RUNS)/generated_compressed/dataset.json --out-dir $(RUNS)/report_compressed \
-		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS)
-	$(call record,report_compressed,$(REPORT_FLAGS))
+		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) \
+		$(call ceiling,$(RUNS)/compressed/autoencoder/autoencoder.safetensors) $(REPORT_FLAGS) $(COMPRESSED_REPORT_FLAGS)
+	$(call record,report_compressed,$(REPORT_FLAGS) $(COMPRESSED_REPORT_FLAGS))
 	touch $@
 
 # Few-shot (seed 000): the transformers fine-tuned (--init-from) on FEWSHOT_COUNT held-out images of one
@@ -240,8 +250,20 @@ $(FEWSHOT)/generated/DONE: $(FEWSHOT)/transformers/base/DONE $(FEWSHOT)/transfor
 $(FEWSHOT)/report/DONE: $(FEWSHOT)/generated/DONE $(REPORT)
 	$(call TIMER,fewshot report) $(PYTHON) evaluate.py --real-path $(FEWSHOT)/data/dataset.json \
 		--generated-path $(FEWSHOT)/generated/dataset.json --out-dir $(FEWSHOT)/report \
-		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS)
+		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(call ceiling,$(AE_ARTIFACT)) $(REPORT_FLAGS)
 	touch $@
+
+# The low-data benchmark: the whole chain trained from scratch on LOWDATA_PER_CLASS real training images of
+# each class (the held-out split untouched), LOWDATA_IMAGES images generated, and the report, whose
+# downstream section adds them to those same real images: the generator never sees more real images than
+# the classifier it helps. Any setting passes on (make lowdata PRESET=... AE_STEPS=...).
+LOWDATA_PER_CLASS ?= 100
+LOWDATA_IMAGES ?= 10000
+LOWDATA_RUNS ?= $(RUNS)_lowdata$(LOWDATA_PER_CLASS)
+lowdata:
+	$(MAKE) report RUNS=$(LOWDATA_RUNS) DATA_FLAGS="--train-per-class $(LOWDATA_PER_CLASS)" NUM_IMAGES=$(LOWDATA_IMAGES) \
+		REPORT_FLAGS="--downstream-per-class $(LOWDATA_PER_CLASS) $(REPORT_FLAGS)"
+	@echo "low-data benchmark done: $(LOWDATA_RUNS)/report/report.md (downstream accuracy), $(LOWDATA_RUNS)/timings.log"
 
 bench: $(REPORT_COMPRESSED)
 	$(PYTHON) bench/run.py --runs $(RUNS) --out $(RUNS)/bench.json --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))

@@ -41,8 +41,6 @@ def main(
     seed: Seed = 0,
     device: Device = "auto",
 ) -> None:
-    if codebook_path and autoencoder_path is None:
-        raise typer.BadParameter("--codebook-path needs --autoencoder-path (the codebooks' autoencoder)")
     config = DownstreamConfig(steps=downstream_steps, seeds=downstream_seeds, subset_per_class=downstream_per_class,
                               flip=downstream_flip)
     report = run(EvalArgs(real_path=real_path, generated_path=generated_path, out_dir=out_dir, num_images=num_images,

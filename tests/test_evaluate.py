@@ -16,7 +16,7 @@ from core.metrics import (density_coverage, frechet_distance, memorization_rate,
 from core.model_artifacts import save_codebook
 from core.models.classifier import shift_and_flip
 from core.models.codebook import CodebookConfig, SOMCodebook
-from core.stages.evaluate import EvalArgs, ceiling_rows, load_sets, pixels, reconstructions, run, well_above
+from core.stages.evaluate import EvalArgs, ceiling_rows, load_sets, load_tokenizer, pixels, run, well_above
 
 
 def gaussian(n: int, mean: list[float], std: list[float], seed: int = 0) -> torch.Tensor:
@@ -362,7 +362,14 @@ def test_the_ceiling_section_reconstructs_the_floor_through_every_codebook(tmp_p
     save_codebook(other, SOMCodebook(CodebookConfig(image_H=4, image_W=4, image_C=2, patch_H=2, patch_W=2,
                                                     num_embeddings=4)), {"stage": "test"})
     with pytest.raises(PipelineError, match=r"other.safetensors is for feature maps of shape \(2, 4, 4\)"):
-        reconstructions(load_image_dataset(data).items[:4], pipeline["autoencoder"], [other], torch.device("cpu"))
+        load_tokenizer(pipeline["autoencoder"], [other], (1, 16, 16), torch.device("cpu"))
+    # bad tokenizer flags fail at once, in one line
+    for flags, message in ((["--autoencoder-path", tmp_path / "missing.safetensors"], "missing.safetensors"),
+                           (["--codebook-path", books[0]], "--codebook-path needs --autoencoder-path")):
+        result = run_script("evaluate.py", "--real-path", data, "--generated-path", data, "--out-dir", tmp_path / "bad",
+                            "--k", 2, "--device", "cpu", *flags)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "bad" / "report.json").exists()
 
 
 # ---------------------------------------------------------------- the low-data benchmark's dataset

@@ -23,7 +23,9 @@ from core.downstream import DownstreamConfig, predict
 from core.errors import PipelineError
 from core.metrics import Progress, all_metrics, memorization_rate, nearest_distances, pca, tsne
 from core.model_artifacts import check_fits, load_autoencoder, load_codebook
+from core.models.autoencoder import Autoencoder
 from core.models.classifier import FeatureClassifier
+from core.models.codebook import SOMCodebook
 from core.training import pick_device
 
 CLASSIFIER_KIND = "feature_classifier"
@@ -164,6 +166,10 @@ def run(args: EvalArgs) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     sets = load_sets(args)
     real, train, heldout, generated = sets.real, sets.train, sets.heldout, sets.generated
+    if args.codebook_paths and args.autoencoder_path is None:
+        raise PipelineError("--codebook-path needs --autoencoder-path (the autoencoder whose maps it tokenizes)")
+    tokenizer = None if args.autoencoder_path is None else load_tokenizer(
+        args.autoencoder_path, args.codebook_paths, tuple(real.items.shape[1:]), device)
     report: dict = {
         "real": {**file_record(args.real_path), "train_images": len(train), "heldout_images": len(heldout)},
         "generated": {**file_record(args.generated_path), "images": len(generated)},
@@ -207,8 +213,8 @@ def run(args: EvalArgs) -> dict:
                                   for metric in value}
 
     report["memorization"] = memorization(train, heldout, generated, args, device, track)
-    report["tokenizer_ceiling"] = tokenizer_ceiling(args, sets.floors[0], references, featurizers, report["spaces"],
-                                                    device)
+    report["tokenizer_ceiling"] = tokenizer_ceiling(args, tokenizer, sets.floors[0], references, featurizers,
+                                                    report["spaces"], device)
     report["downstream"] = downstream_section(args, sets, device, track)
     report["pictures"] = draw_pictures(args, heldout, generated, references, generated_features, track)
     atomic_write_json(args.out_dir / "report.json", report)
@@ -267,23 +273,37 @@ def well_above(generated_rate: float, floor_rate: float, count: int) -> bool:
 
 # ---------------------------------------------------------------- the tokenizer ceiling
 
-@torch.no_grad()
-def reconstructions(images: torch.Tensor, autoencoder_path: Path, codebook_paths: list[Path],
-                    device: torch.device, batch_size: int = 256) -> list[tuple[str, torch.Tensor]]:
-    """uint8 images passed through the autoencoder, and through each codebook (encode, tokenize, look the
-    tokens up, decode), each rounded to uint8 like a stored image: [(name, images)]."""
+@dataclass
+class Tokenizer:
+    autoencoder: Autoencoder
+    codebooks: list[tuple[str, SOMCodebook]]  # (a name for the report, the codebook)
+
+
+def load_tokenizer(autoencoder_path: Path, codebook_paths: list[Path], image_shape: tuple[int, ...],
+                   device: torch.device) -> Tokenizer:
+    """The autoencoder and codebooks, checked against the real images' shape (C, H, W) and each other."""
     autoencoder, _ = load_autoencoder(autoencoder_path)
-    autoencoder.to(device)
-    if images.shape[1] != autoencoder.cfg.image_channel:
+    if image_shape[0] != autoencoder.cfg.image_channel:
         raise PipelineError(f"{autoencoder_path} expects {autoencoder.cfg.image_channel}-channel images, "
-                            f"the real data has {images.shape[1]}-channel images")
-    latent = autoencoder.latent_shape(images.shape[-1])
+                            f"the real data has {image_shape[0]}-channel images")
+    latent = autoencoder.latent_shape(image_shape[-1])
     codebooks = []
     for path in codebook_paths:
         codebook, _ = load_codebook(path)
         check_fits(codebook.cfg, latent, path, autoencoder_path)
-        codebooks.append((f"codebook `{path.parent.name}` ({codebook.cfg.patch_H}x{codebook.cfg.patch_W} patches, "
-                          f"{codebook.cfg.num_patches} tokens of {codebook.cfg.num_embeddings})", codebook.to(device)))
+        cfg = codebook.cfg
+        name = f"codebook `{path.parent.name}` ({cfg.patch_H}x{cfg.patch_W} patches, {cfg.num_patches} tokens of " \
+               f"{cfg.num_embeddings})"
+        codebooks.append((name, codebook.to(device)))
+    return Tokenizer(autoencoder.to(device), codebooks)
+
+
+@torch.no_grad()
+def reconstructions(images: torch.Tensor, tokenizer: Tokenizer, device: torch.device,
+                    batch_size: int = 256) -> list[tuple[str, torch.Tensor]]:
+    """uint8 images passed through the autoencoder, and through each codebook (encode, tokenize, look the
+    tokens up, decode), each rounded to uint8 like a stored image: [(name, images)]."""
+    autoencoder = tokenizer.autoencoder
     fmaps = torch.cat([autoencoder.encoder(to_float(b).to(device)) for b in images.split(batch_size)])
 
     def decode(maps: torch.Tensor) -> torch.Tensor:
@@ -291,7 +311,7 @@ def reconstructions(images: torch.Tensor, autoencoder_path: Path, codebook_paths
 
     rows = [("autoencoder", decode(fmaps))]
     rows += [(name, decode(torch.cat([cb.lookup(cb.tokenize(m)) for m in fmaps.split(batch_size)])))
-             for name, cb in codebooks]
+             for name, cb in tokenizer.codebooks]
     return rows
 
 
@@ -310,15 +330,15 @@ def ceiling_rows(candidates: list[tuple[str, torch.Tensor]], references: dict[st
     return rows
 
 
-def tokenizer_ceiling(args: EvalArgs, floor: Dataset, references: dict[str, torch.Tensor],
+def tokenizer_ceiling(args: EvalArgs, tokenizer: Tokenizer | None, floor: Dataset, references: dict[str, torch.Tensor],
                       featurizers: dict[str, Featurize], spaces: dict, device: torch.device) -> dict:
     """The floor's real images as stored and reconstructed, compared with the same reference as the
     generated set: a perfect tokenizer scores the floor (1x), and no generator beats its tokenizer."""
-    if args.autoencoder_path is None:
+    if tokenizer is None:
         return {"skipped": "no --autoencoder-path given"}
     floors = {space: metrics["frechet_distance"]["real_floor"] for space, metrics in spaces.items()}
     candidates = [("real images as stored", floor.items)]
-    candidates += reconstructions(floor.items, args.autoencoder_path, args.codebook_paths, device)
+    candidates += reconstructions(floor.items, tokenizer, device)
     rows = ceiling_rows(candidates, references, featurizers, floors, args.k)
     rows.append({"images": "generated", "spaces": {
         space: {**{m: v["value"] for m, v in metrics.items()},

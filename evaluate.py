@@ -9,6 +9,7 @@ import typer
 
 from core.cli import Device, Seed, console, entry, make_app, stage, track
 from core.downstream import DownstreamConfig
+from core.errors import PipelineError
 from core.stages.evaluate import EvalArgs, run, summary_lines
 
 app = make_app(__doc__)
@@ -36,13 +37,18 @@ def main(
     downstream_steps: Annotated[int, typer.Option(min=1, help="training steps of each downstream classifier")] = 500,
     downstream_per_class: Annotated[int, typer.Option(
         min=1, help="real images per class in the subset that the generated images are added to")] = 100,
+    downstream_mix: Annotated[str, typer.Option(
+        help="batches of the subset + generated training set: equal (half real, half generated) or proportional "
+             "(drawn uniformly from all its images)")] = "equal",
     downstream_flip: Annotated[bool, typer.Option(
         help="mirror images left-right in the downstream training (turn off for digits or text)")] = True,
     seed: Seed = 0,
     device: Device = "auto",
 ) -> None:
+    if downstream_mix not in ("equal", "proportional"):
+        raise PipelineError(f"--downstream-mix must be equal or proportional, got '{downstream_mix}'")
     config = DownstreamConfig(steps=downstream_steps, seeds=downstream_seeds, subset_per_class=downstream_per_class,
-                              flip=downstream_flip)
+                              flip=downstream_flip, real_share=0.5 if downstream_mix == "equal" else None)
     report = run(EvalArgs(real_path=real_path, generated_path=generated_path, out_dir=out_dir, num_images=num_images,
                           seed=seed, classifier_steps=classifier_steps, classifier_path=classifier_path, k=k,
                           downstream=downstream, downstream_config=config, autoencoder_path=autoencoder_path,

@@ -8,7 +8,8 @@ images:
   Vinyals 2019), read beside
 - real: as many real training images (all of them when there are fewer);
 - real subset: a class-balanced subset of the real training images, and
-- real subset + generated: that subset plus every generated image; the difference is the augmentation gain.
+- real subset + generated: that subset plus every generated image, half of each batch drawn from each by
+  default; the difference is the augmentation gain.
 """
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ GENERATED, REAL, SUBSET, AUGMENTED = "generated", "real", "real subset", "real s
 # ---------------------------------------------------------------- one classifier
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: dict,
-                     device: torch.device, progress: Progress = iter) -> FeatureClassifier:
+                     device: torch.device, progress: Progress = iter,
+                     weights: torch.Tensor | None = None) -> FeatureClassifier:
     """Cross-entropy on uint8 images (N, C, H, W) with labels (N,) in [0, num_classes), Adam with a linearly
     decaying learning rate. `config`: steps, batch_size, lr, model_width, features, seed, and optionally
-    shift and flip (the augmentation; none when absent)."""
+    shift and flip (the augmentation; none when absent). Batches are drawn uniformly, or in proportion to
+    `weights` (N,)."""
     if len(images) < 2:
         raise PipelineError(f"too few labelled images ({len(images)}) to train a classifier")
     torch.manual_seed(config["seed"])
@@ -44,7 +47,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     shift, flip = config.get("shift", 0), config.get("flip", False)
     model.train()
     for step in progress(range(config["steps"])):
-        batch = torch.randint(len(images), (config["batch_size"],), generator=generator)
+        if weights is None:
+            batch = torch.randint(len(images), (config["batch_size"],), generator=generator)
+        else:
+            batch = torch.multinomial(weights, config["batch_size"], replacement=True, generator=generator)
         x = to_float(images[batch]).to(device)
         if shift or flip:
             x = shift_and_flip(x, shift, flip, generator)
@@ -83,6 +89,9 @@ class DownstreamConfig:
     flip: bool = True  # random left-right mirroring (off for digits, text...)
     seeds: int = 3
     subset_per_class: int = 100  # the real subset: at most this many training images of each class
+    # the real subset's share of the augmented arm's batches (None: its share of the images); a half keeps a
+    # few real images from being drowned by many generated ones
+    real_share: float | None = 0.5
 
 
 @dataclass
@@ -90,6 +99,7 @@ class Arm:
     name: str
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # (N,), every one a class
+    weights: torch.Tensor | None = None  # how often each image is drawn (None: uniformly)
 
 
 def labelled(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,18 +114,24 @@ def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Te
     return kept.sort().values
 
 
-def build_arms(train: Dataset, generated: Dataset, per_class: int, seed: int) -> list[Arm]:
+def build_arms(train: Dataset, generated: Dataset, per_class: int, seed: int,
+               real_share: float | None = None) -> list[Arm]:
     """The four training sets, from the real training split and the generated set (both labelled in the
-    same label names; unlabelled items are left out)."""
+    same label names; unlabelled items are left out). With `real_share`, the augmented arm draws that share
+    of its batches from the real subset, the rest from the generated images."""
     real_images, real_labels = labelled(train)
     fake_images, fake_labels = labelled(generated)
     same_size = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(seed))[:len(fake_images)]
     subset = balanced_subset(real_labels, per_class, seed)
+    weights = None
+    if real_share is not None:
+        weights = torch.cat([torch.full((len(subset),), real_share / len(subset)),
+                             torch.full((len(fake_images),), (1 - real_share) / len(fake_images))])
     return [Arm(GENERATED, fake_images, fake_labels),
             Arm(REAL, real_images[same_size], real_labels[same_size]),
             Arm(SUBSET, real_images[subset], real_labels[subset]),
             Arm(AUGMENTED, torch.cat([real_images[subset], fake_images]),
-                torch.cat([real_labels[subset], fake_labels]))]
+                torch.cat([real_labels[subset], fake_labels]), weights)]
 
 
 def skip_reason(train: Dataset, heldout: Dataset, generated: Dataset) -> str | None:
@@ -139,14 +155,14 @@ def run_arms(arms: list[Arm], test: Dataset, num_classes: int, config: Downstrea
              device: torch.device, track: Callable[[Iterable, str], Iterator]) -> dict:
     """Train every arm with every seed; their accuracies on the labelled test images, overall and per class."""
     test_images, test_labels = labelled(test)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "subset_per_class")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "subset_per_class", "real_share")}
     results = {}
     for arm in arms:
         accuracies, per_class = [], torch.zeros(num_classes)
         for s in range(config.seeds):
             description = f"downstream: {arm.name}, seed {s + 1}/{config.seeds}"
             model = train_classifier(arm.images, arm.labels, num_classes, {**settings, "seed": seed + s}, device,
-                                     lambda it: track(it, description))
+                                     lambda it: track(it, description), arm.weights)
             _, predicted = predict(model, test_images, device)
             right = (predicted == test_labels).float()
             accuracies.append(float(right.mean()))

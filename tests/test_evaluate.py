@@ -8,8 +8,8 @@ import torch
 
 from conftest import build_dataset, run_script, shape_image
 from core.data import Dataset, load_image_dataset
-from core.downstream import (AUGMENTED, GENERATED, REAL, SUBSET, DownstreamConfig, build_arms, compare, run_arms,
-                             spread)
+from core.downstream import (AUGMENTED, GENERATED, REAL, SUBSET, DownstreamConfig, build_arms, compare, predict,
+                             run_arms, spread, train_classifier)
 from core.errors import PipelineError
 from core.metrics import (density_coverage, frechet_distance, memorization_rate, nearest_distances, pca,
                           precision_recall, tsne)
@@ -270,12 +270,16 @@ def without_labels(data: Dataset, count: int) -> Dataset:
 def test_the_augmented_arm_is_exactly_the_subset_plus_the_generated_images(shapes: Dataset):
     train = shapes.split(heldout=False)
     generated = without_labels(shapes.split(heldout=True), 5)  # unlabelled generated images are left out
-    arms = {arm.name: arm for arm in build_arms(train, generated, per_class=7, seed=0)}
+    arms = {arm.name: arm for arm in build_arms(train, generated, per_class=7, seed=0, real_share=0.25)}
     subset, fake = arms[SUBSET], arms[GENERATED]
     assert torch.bincount(subset.labels).tolist() == [7, 7, 7]
     assert torch.equal(fake.images, generated.items[5:]) and torch.equal(fake.labels, generated.labels[5:])
     assert torch.equal(arms[AUGMENTED].images, torch.cat([subset.images, fake.images]))
     assert torch.equal(arms[AUGMENTED].labels, torch.cat([subset.labels, fake.labels]))
+    weights = arms[AUGMENTED].weights  # a quarter of each batch from the subset, the rest generated
+    assert weights[:21].sum() == pytest.approx(0.25) and weights[21:].sum() == pytest.approx(0.75)
+    assert weights[:21].unique().numel() == weights[21:].unique().numel() == 1
+    assert build_arms(train, generated, per_class=7, seed=0, real_share=None)[3].weights is None
     training = {bytes(x.numpy()): int(y) for x, y in zip(train.items, train.labels)}
     for arm in (subset, arms[REAL]):  # real arms: training images with their own labels
         assert all(training[bytes(x.numpy())] == int(y) for x, y in zip(arm.images, arm.labels))
@@ -295,6 +299,18 @@ def test_cas_of_real_images_matches_the_real_arm_and_shuffled_labels_score_chanc
     assert noise[GENERATED]["accuracy"]["mean"] < 0.6  # chance is 1/3
     assert len(results[REAL]["per_class"]) == 3
     assert results[REAL]["class_counts"] == torch.bincount(train.labels).tolist()
+
+
+def test_batches_follow_the_weights(shapes: Dataset):
+    """Images of weight 0 are never drawn: here, copies with wrong labels that would otherwise confuse it."""
+    train, heldout = shapes.split(heldout=False), shapes.split(heldout=True)
+    wrong = (train.labels + 1) % 3
+    images, labels = torch.cat([train.items, train.items]), torch.cat([train.labels, wrong])
+    weights = torch.cat([torch.ones(len(train)), torch.zeros(len(train))])
+    config = {"steps": 60, "batch_size": 32, "lr": 3e-3, "model_width": 8, "features": 32, "seed": 0}
+    model = train_classifier(images, labels, 3, config, torch.device("cpu"), weights=weights)
+    _, predicted = predict(model, heldout.items, torch.device("cpu"))
+    assert (predicted == heldout.labels).float().mean() > 0.9
 
 
 def test_compare_calls_a_gain_only_beyond_the_seeds_spread():
@@ -347,7 +363,7 @@ def test_the_ceiling_section_reconstructs_the_floor_through_every_codebook(tmp_p
     names = [row["images"] for row in ceiling["rows"]]
     assert names[:2] == ["real images as stored", "autoencoder"] and names[-1] == "generated"
     assert [name.split("`")[1] for name in names[2:5]] == ["cb_cond", "cb_l1", "cb_l2"]
-    assert "(8x8 patches, 1 tokens of 8)" in names[2] and "(2x2 patches, 16 tokens of 32)" in names[4]
+    assert "(8x8 patches: 1 token, 8 units)" in names[2] and "(2x2 patches: 16 tokens, 32 units)" in names[4]
     for space, metrics in report["spaces"].items():
         stored = ceiling["rows"][0]["spaces"][space]["frechet_distance"]  # the floor's first draw
         low, high = metrics["frechet_distance"]["real_floor_range"]

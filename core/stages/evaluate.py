@@ -292,9 +292,9 @@ def load_tokenizer(autoencoder_path: Path, codebook_paths: list[Path], image_sha
         codebook, _ = load_codebook(path)
         check_fits(codebook.cfg, latent, path, autoencoder_path)
         cfg = codebook.cfg
-        name = f"codebook `{path.parent.name}` ({cfg.patch_H}x{cfg.patch_W} patches, {cfg.num_patches} tokens of " \
-               f"{cfg.num_embeddings})"
-        codebooks.append((name, codebook.to(device)))
+        tokens = f"{cfg.num_patches} token{'s' if cfg.num_patches > 1 else ''}"
+        shape = f"{cfg.patch_H}x{cfg.patch_W} patches: {tokens}, {cfg.num_embeddings} units"
+        codebooks.append((f"codebook `{path.parent.name}` ({shape})", codebook.to(device)))
     return Tokenizer(autoencoder.to(device), codebooks)
 
 
@@ -358,7 +358,8 @@ def downstream_section(args: EvalArgs, sets: Sets, device: torch.device, track: 
     if reason is not None:
         return {"skipped": reason}
     config = args.downstream_config
-    arms = downstream.build_arms(sets.train, sets.all_generated, config.subset_per_class, args.seed)
+    arms = downstream.build_arms(sets.train, sets.all_generated, config.subset_per_class, args.seed,
+                                 config.real_share)
     results = downstream.run_arms(arms, heldout, len(sets.real.label_names), config, args.seed, device, track)
     return {"config": asdict(config), "test_images": int((heldout.labels >= 0).sum()),
             "names": sets.real.label_names, "arms": results, **downstream.compare(results)}
@@ -504,9 +505,11 @@ def downstream_markdown(section: dict) -> list[str]:
         return lines + [f"Skipped: {section['skipped']}.", ""]
     c, arms = section["config"], section["arms"]
     augmentation = f"shifts of up to {c['shift']} pixels" + (" and left-right flips" if c["flip"] else "")
+    mix = ("batches drawn uniformly from the real subset and the generated images together" if c["real_share"] is None
+           else f"{c['real_share']:.0%} of each batch drawn from the real subset")
     lines += [f"The same small CNN trained from scratch on each training set ({c['steps']} steps of {c['batch_size']} "
               f"images, {augmentation}), tested on the {section['test_images']:,} real held-out images; accuracy "
-              f"mean ± standard deviation (range) over {c['seeds']} seeds.", "",
+              f"mean ± standard deviation (range) over {c['seeds']} seeds. Real subset + generated: {mix}.", "",
               "| training set | images | held-out accuracy |", "|---|---:|---:|"]
     descriptions = {downstream.GENERATED: "generated images alone (CAS)",
                     downstream.REAL: "real training images, as many",

@@ -140,8 +140,11 @@ def skip_reason(train: Dataset, heldout: Dataset, generated: Dataset) -> str | N
         return "the real training images have fewer than two labelled classes"
     if not (heldout.labels >= 0).any():
         return "the real held-out images carry no labels"
-    if not (generated.labels >= 0).any():
+    labelled_generated = int((generated.labels >= 0).sum())
+    if labelled_generated == 0:
         return "the generated records carry no labels of the real data"
+    if labelled_generated == 1:
+        return "one generated record carries a label of the real data: too few to train on"
     return None
 
 

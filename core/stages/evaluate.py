@@ -330,8 +330,9 @@ def ceiling_rows(candidates: list[tuple[str, torch.Tensor]], references: dict[st
     return rows
 
 
-def tokenizer_ceiling(args: EvalArgs, tokenizer: Tokenizer | None, floor: Dataset, references: dict[str, torch.Tensor],
-                      featurizers: dict[str, Featurize], spaces: dict, device: torch.device) -> dict:
+def tokenizer_ceiling(args: EvalArgs, tokenizer: Tokenizer | None, floor: Dataset,
+                      references: dict[str, torch.Tensor], featurizers: dict[str, Featurize], spaces: dict,
+                      device: torch.device) -> dict:
     """The floor's real images as stored and reconstructed, compared with the same reference as the
     generated set: a perfect tokenizer scores the floor (1x), and no generator beats its tokenizer."""
     if tokenizer is None:

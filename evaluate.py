@@ -1,12 +1,16 @@
 """Quality report of a generated image dataset against a real one: Fréchet distance, precision/recall,
-density/coverage (classifier and pixel-PCA spaces), class histogram, memorization, grids and 2-D maps."""
+density/coverage (classifier and pixel-PCA spaces), class histogram, memorization, grids and 2-D maps; the
+tokenizer ceiling (with --autoencoder-path); and the downstream accuracy of classifiers trained on the
+generated images (when both sets carry labels)."""
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from core.cli import Device, Seed, console, entry, make_app, stage, track
-from core.stages.evaluate import EvalArgs, run
+from core.downstream import DownstreamConfig
+from core.errors import PipelineError
+from core.stages.evaluate import EvalArgs, run, summary_lines
 
 app = make_app(__doc__)
 
@@ -22,18 +26,47 @@ def main(
     classifier_steps: Annotated[int, typer.Option(min=1, help="training steps of the feature classifier")] = 500,
     classifier_path: Annotated[Optional[Path], typer.Option(help="reuse this classifier artifact")] = None,
     k: Annotated[int, typer.Option(min=1, help="neighbours for precision/recall and density/coverage")] = 5,
+    autoencoder_path: Annotated[Optional[Path], typer.Option(
+        help="the generator's autoencoder: the tokenizer ceiling section (real images reconstructed)")] = None,
+    codebook_path: Annotated[Optional[list[Path]], typer.Option(
+        help="a codebook of that autoencoder's feature maps, for the ceiling section (repeatable)")] = None,
+    downstream: Annotated[bool, typer.Option(
+        help="train classifiers on the generated images and on real ones, test them on the real held-out "
+             "images (needs labels in both sets)")] = True,
+    downstream_seeds: Annotated[int, typer.Option(min=1, help="seeds per downstream training set")] = 3,
+    downstream_steps: Annotated[int, typer.Option(min=1, help="training steps of each downstream classifier")] = 500,
+    downstream_per_class: Annotated[int, typer.Option(
+        min=1, help="real images per class in the subset that the generated images are added to")] = 100,
+    downstream_mix: Annotated[str, typer.Option(
+        help="batches of the subset + generated training set: equal (half real, half generated) or proportional "
+             "(drawn uniformly from all its images)")] = "equal",
+    downstream_flip: Annotated[bool, typer.Option(
+        help="mirror images left-right in the downstream training (turn off for digits or text)")] = True,
     seed: Seed = 0,
     device: Device = "auto",
 ) -> None:
+    if downstream_mix not in ("equal", "proportional"):
+        raise PipelineError(f"--downstream-mix must be equal or proportional, got '{downstream_mix}'")
+    config = DownstreamConfig(steps=downstream_steps, seeds=downstream_seeds, subset_per_class=downstream_per_class,
+                              flip=downstream_flip, real_share=0.5 if downstream_mix == "equal" else None)
     report = run(EvalArgs(real_path=real_path, generated_path=generated_path, out_dir=out_dir, num_images=num_images,
                           seed=seed, classifier_steps=classifier_steps, classifier_path=classifier_path, k=k,
-                          device=device, progress=track))
+                          downstream=downstream, downstream_config=config, autoencoder_path=autoencoder_path,
+                          codebook_paths=list(codebook_path or []), device=device, progress=track))
+    for line in summary_lines(report):
+        console.print(f"[bold red]{line}[/bold red]" if line.startswith("WARNING") else line, highlight=False)
     for space, metrics in report["spaces"].items():
         summary = ", ".join(f"{name} {m['value']:.3g} (real {m['real_floor']:.3g})" for name, m in metrics.items())
         console.print(f"{space}: {summary}", highlight=False)
-    m = report["memorization"]
-    console.print(f"memorization: {m['generated_rate']:.1%} of generated images (held-out real: "
-                  f"{m['heldout_rate']:.1%})", highlight=False)
+    ceiling = report["tokenizer_ceiling"]
+    if "skipped" in ceiling:
+        console.print(f"tokenizer ceiling: skipped ({ceiling['skipped']})", highlight=False)
+    else:
+        space = next(iter(ceiling["rows"][0]["spaces"]))
+        figures = ", ".join(f"{row['images'].split(' (')[0]} {row['spaces'][space]['frechet_distance']:.3g}"
+                            for row in ceiling["rows"])
+        console.print(f"tokenizer ceiling, Fréchet distance in {space.replace('_', ' ')} space: {figures}",
+                      highlight=False)
     console.print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.json'}")
 
 

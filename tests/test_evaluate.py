@@ -1,15 +1,22 @@
-"""The quality report: metrics with known answers, t-SNE, and the CLI on two tiny datasets."""
+"""The quality report: metrics with known answers, t-SNE, the downstream experiment, the tokenizer ceiling, the
+memorization warning, and the CLI on small datasets."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import build_dataset, run_script
+from conftest import build_dataset, run_script, shape_image
+from core.data import Dataset, load_image_dataset
+from core.downstream import (AUGMENTED, GENERATED, REAL, SUBSET, DownstreamConfig, build_arms, compare, predict,
+                             run_arms, spread, train_classifier)
 from core.errors import PipelineError
 from core.metrics import (density_coverage, frechet_distance, memorization_rate, nearest_distances, pca,
                           precision_recall, tsne)
-from core.stages.evaluate import EvalArgs, load_sets, run
+from core.model_artifacts import save_codebook
+from core.models.classifier import shift_and_flip
+from core.models.codebook import CodebookConfig, SOMCodebook
+from core.stages.evaluate import EvalArgs, ceiling_rows, load_sets, load_tokenizer, pixels, run, well_above
 
 
 def gaussian(n: int, mean: list[float], std: list[float], seed: int = 0) -> torch.Tensor:
@@ -105,7 +112,7 @@ def test_cli_writes_the_report_and_reuses_its_classifier(tmp_path: Path, two_dat
     real, generated = two_datasets
     out = tmp_path / "report"
     args = ("--real-path", real, "--generated-path", generated, "--out-dir", out, "--num-images", 40,
-            "--classifier-steps", 30, "--device", "cpu")
+            "--classifier-steps", 30, "--downstream-steps", 20, "--downstream-seeds", 2, "--device", "cpu")
     result = run_script("evaluate.py", *args)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
@@ -118,9 +125,24 @@ def test_cli_writes_the_report_and_reuses_its_classifier(tmp_path: Path, two_dat
     assert report["classes"]["names"] == ["bar", "circle", "square"]
     assert sum(report["classes"]["generated"]) == report["generated"]["images"]
     assert 0 <= report["classifier"]["heldout_accuracy"] <= 1 and not report["classifier"]["reused"]
-    # the generated set holds the real training images themselves: most are flagged
-    assert report["memorization"]["generated_rate"] > 0.5 > report["memorization"]["heldout_rate"]
+    # the generated set holds the real images themselves: most are flagged, each with the image it copies,
+    # and the report warns at its top and on the console
+    memorized = report["memorization"]
+    assert memorized["generated_rate"] > 0.5 > memorized["heldout_rate"] and memorized["well_above_floor"]
+    assert len(memorized["copies"]) == round(memorized["generated_rate"] * report["generated"]["images"])
+    exact = [c for c in memorized["copies"] if c["distance"] == 0]
+    assert exact and all(c["generated"] == c["training"] for c in exact)  # both datasets number the folder alike
     markdown = (out / "report.md").read_text()
+    top = markdown.split("Real: `")[0]
+    assert "Memorization: " in top and "WARNING: the generator copies its training images" in top
+    assert "WARNING: the generator copies" in result.stderr and "Memorization: " in result.stderr
+    # the downstream section: four training sets, two seeds each, tested on every labelled held-out image
+    section = report["downstream"]
+    assert set(section["arms"]) == {"generated", "real", "real subset", "real subset + generated"}
+    assert all(len(arm["accuracy"]["runs"]) == 2 for arm in section["arms"].values())
+    assert section["test_images"] == report["real"]["heldout_images"] and "Classification Accuracy Score" in top
+    assert "## Downstream accuracy" in markdown and "Classification Accuracy Score" in result.stderr
+    assert "tokenizer ceiling: skipped (no --autoencoder-path given)" in result.stderr
     for picture in ("grids.png", "pca.png", "tsne.png", "nearest.png"):
         assert (out / picture).stat().st_size > 0 and f"]({picture})" in markdown
     again = run_script("evaluate.py", *args)
@@ -183,14 +205,196 @@ def test_unlabelled_real_data_gets_the_pixel_space_only(tmp_path: Path):
     path = tmp_path / "real" / "dataset.json"
     report = run(EvalArgs(path, path, tmp_path / "r", tsne_steps=50, device="cpu"))
     assert set(report["spaces"]) == {"pixel_pca"} and "classifier" not in report and "classes" not in report
-    assert "no labels" in (tmp_path / "r" / "report.md").read_text()
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "no labels" in markdown
+    assert report["downstream"] == {"skipped": "the real training images have fewer than two labelled classes"}
+    assert "Downstream accuracy: skipped (the real training images have fewer than two labelled classes)." in markdown
 
 
 def test_a_classifier_for_other_labels_is_refused(tmp_path: Path, two_datasets):
     real, generated = two_datasets
-    run(EvalArgs(real, generated, tmp_path / "a", num_images=30, classifier_steps=2, tsne_steps=10, device="cpu"))
+    run(EvalArgs(real, generated, tmp_path / "a", num_images=30, classifier_steps=2, tsne_steps=10, downstream=False,
+                 device="cpu"))
     build_dataset(write_folder(tmp_path / "two", ["bright", "dark"]), tmp_path / "other", 16, channels=1, holdout=0.3, seed=0)
     other = tmp_path / "other" / "dataset.json"
     with pytest.raises(PipelineError, match="classifier does not know the labels"):
         run(EvalArgs(other, other, tmp_path / "b", classifier_path=tmp_path / "a" / "classifier.safetensors",
                      device="cpu"))
+
+
+# ---------------------------------------------------------------- memorization warning
+
+def test_a_memorization_rate_is_well_above_its_floor_only_beyond_noise():
+    assert not well_above(0.05, 0.05, 1000)
+    assert not well_above(0.08, 0.05, 1000)  # under twice the real rate
+    assert well_above(0.12, 0.05, 1000)
+    assert not well_above(0.11, 0.05, 20)  # 20 images: 2 copies more than expected is noise
+
+
+# ---------------------------------------------------------------- downstream accuracy
+
+def test_shift_and_flip_moves_each_image_by_at_most_the_shift():
+    images = torch.zeros(64, 1, 9, 9)
+    images[:, 0, 4, 2] = 1.0  # one bright pixel, left of centre
+    shifted = shift_and_flip(images, 2, False, torch.Generator().manual_seed(0))
+    where = shifted.flatten(1).argmax(1)
+    rows, cols = where // 9, where % 9
+    assert shifted.sum() == 64 and (rows - 4).abs().max() <= 2 and (cols - 2).abs().max() <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # the shifts vary
+    flipped = shift_and_flip(images, 0, True, torch.Generator().manual_seed(0))
+    mirrored = flipped[:, 0, 4, 6] == 1.0
+    assert 10 < mirrored.sum() < 54 and torch.equal(flipped[~mirrored], images[~mirrored])
+    assert torch.equal(shift_and_flip(images, 2, True, torch.Generator().manual_seed(0)),
+                       shift_and_flip(images, 2, True, torch.Generator().manual_seed(0)))
+
+
+@pytest.fixture
+def shapes(tmp_path: Path) -> Dataset:
+    """60 images of each of three shapes at 16x16, 40% held out."""
+    from PIL import Image
+    folder = tmp_path / "shapes60"
+    for kind, name in enumerate(["circle", "square", "bar"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(60):
+            Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
+    build_dataset(folder, tmp_path / "shapes_data", 16, channels=1, holdout=0.4, seed=0)
+    return load_image_dataset(tmp_path / "shapes_data" / "dataset.json")
+
+
+def without_labels(data: Dataset, count: int) -> Dataset:
+    labels = data.labels.clone()
+    labels[:count] = -1
+    return Dataset(data.items, labels, data.label_names, data.is_heldout, data.path, data.records)
+
+
+def test_the_augmented_arm_is_exactly_the_subset_plus_the_generated_images(shapes: Dataset):
+    train = shapes.split(heldout=False)
+    generated = without_labels(shapes.split(heldout=True), 5)  # unlabelled generated images are left out
+    arms = {arm.name: arm for arm in build_arms(train, generated, per_class=7, seed=0, real_share=0.25)}
+    subset, fake = arms[SUBSET], arms[GENERATED]
+    assert torch.bincount(subset.labels).tolist() == [7, 7, 7]
+    assert torch.equal(fake.images, generated.items[5:]) and torch.equal(fake.labels, generated.labels[5:])
+    assert torch.equal(arms[AUGMENTED].images, torch.cat([subset.images, fake.images]))
+    assert torch.equal(arms[AUGMENTED].labels, torch.cat([subset.labels, fake.labels]))
+    weights = arms[AUGMENTED].weights  # a quarter of each batch from the subset, the rest generated
+    assert weights[:21].sum() == pytest.approx(0.25) and weights[21:].sum() == pytest.approx(0.75)
+    assert weights[:21].unique().numel() == weights[21:].unique().numel() == 1
+    assert build_arms(train, generated, per_class=7, seed=0, real_share=None)[3].weights is None
+    training = {bytes(x.numpy()): int(y) for x, y in zip(train.items, train.labels)}
+    for arm in (subset, arms[REAL]):  # real arms: training images with their own labels
+        assert all(training[bytes(x.numpy())] == int(y) for x, y in zip(arm.images, arm.labels))
+    assert len(arms[REAL].images) == len(fake.images)  # as many real images as generated ones
+
+
+def test_cas_of_real_images_matches_the_real_arm_and_shuffled_labels_score_chance(shapes: Dataset):
+    train, heldout = shapes.split(heldout=False), shapes.split(heldout=True)
+    shuffled = train.labels[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))]
+    wrong = Dataset(train.items, shuffled, train.label_names, train.is_heldout, train.path, train.records)
+    config = DownstreamConfig(steps=100, batch_size=32, seeds=2, subset_per_class=10)
+    quiet = lambda items, description: iter(items)  # noqa: E731
+    results = run_arms(build_arms(train, train, 10, seed=0)[:2], heldout, 3, config, 0, torch.device("cpu"), quiet)
+    cas, real = results[GENERATED]["accuracy"]["mean"], results[REAL]["accuracy"]["mean"]
+    assert real > 0.9 and abs(cas - real) < 0.05
+    noise = run_arms(build_arms(train, wrong, 10, seed=0)[:1], heldout, 3, config, 0, torch.device("cpu"), quiet)
+    assert noise[GENERATED]["accuracy"]["mean"] < 0.6  # chance is 1/3
+    assert len(results[REAL]["per_class"]) == 3
+    assert results[REAL]["class_counts"] == torch.bincount(train.labels).tolist()
+
+
+def test_batches_follow_the_weights(shapes: Dataset):
+    """Images of weight 0 are never drawn: here, copies with wrong labels that would otherwise confuse it."""
+    train, heldout = shapes.split(heldout=False), shapes.split(heldout=True)
+    wrong = (train.labels + 1) % 3
+    images, labels = torch.cat([train.items, train.items]), torch.cat([train.labels, wrong])
+    weights = torch.cat([torch.ones(len(train)), torch.zeros(len(train))])
+    config = {"steps": 60, "batch_size": 32, "lr": 3e-3, "model_width": 8, "features": 32, "seed": 0}
+    model = train_classifier(images, labels, 3, config, torch.device("cpu"), weights=weights)
+    _, predicted = predict(model, heldout.items, torch.device("cpu"))
+    assert (predicted == heldout.labels).float().mean() > 0.9
+
+
+def test_compare_calls_a_gain_only_beyond_the_seeds_spread():
+    def arm(values, images=100):
+        return {"images": images, "accuracy": spread(values)}
+    results = {GENERATED: arm([0.80, 0.82]), REAL: arm([0.84, 0.86]), SUBSET: arm([0.70, 0.72]),
+               AUGMENTED: arm([0.75, 0.77], 200)}
+    figures = compare(results)
+    assert figures["cas_over_real"] == pytest.approx(0.81 / 0.85) and figures["equal_size"]
+    assert figures["gain_points"] == pytest.approx(5.0) and figures["gain_verdict"] == "gain"
+    results[AUGMENTED] = arm([0.71, 0.74], 200)
+    assert compare(results)["gain_verdict"] == "within the seeds' spread"
+    results[AUGMENTED] = arm([0.60, 0.61], 200)
+    assert compare(results)["gain_verdict"] == "loss"
+
+
+def test_unlabelled_generated_images_skip_the_downstream_section_with_one_line(tmp_path: Path, two_datasets):
+    real, _ = two_datasets
+    build_dataset(write_folder(tmp_path / "flat", None, count=40), tmp_path / "unlabelled", 16, channels=1,
+                  holdout=0.0, seed=0)
+    unlabelled = tmp_path / "unlabelled" / "dataset.json"
+    result = run_script("evaluate.py", "--real-path", real, "--generated-path", unlabelled, "--out-dir", tmp_path / "r",
+                        "--num-images", 30, "--classifier-steps", 5, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    line = "Downstream accuracy: skipped (the generated records carry no labels of the real data)."
+    assert [l for l in result.stderr.splitlines() if "Downstream" in l] == [line]
+    assert line in (tmp_path / "r" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- the tokenizer ceiling
+
+def test_the_ceiling_of_identical_sets_is_zero(shapes: Dataset):
+    images = shapes.items[:60]
+    projection = pca(pixels(images), 8)
+    featurizers = {"pixel_pca": lambda x: projection.project(pixels(x)).float()}
+    references = {"pixel_pca": featurizers["pixel_pca"](images)}
+    [row] = ceiling_rows([("the reference itself", images)], references, featurizers, {"pixel_pca": 3.0}, k=3)
+    metrics = row["spaces"]["pixel_pca"]
+    assert abs(metrics["frechet_distance"]) < 1e-6 and abs(metrics["frechet_over_floor"]) < 1e-6
+    assert metrics["precision"] == metrics["recall"] == 1.0
+
+
+def test_the_ceiling_section_reconstructs_the_floor_through_every_codebook(tmp_path: Path, pipeline):
+    data = pipeline["dataset"]
+    books = [pipeline[name] for name in ("cond", "l1", "l2")]
+    report = run(EvalArgs(data, data, tmp_path / "r", num_images=20, classifier_steps=5, tsne_steps=10, k=2,
+                          downstream=False, autoencoder_path=pipeline["autoencoder"], codebook_paths=books,
+                          device="cpu"))
+    ceiling = report["tokenizer_ceiling"]
+    names = [row["images"] for row in ceiling["rows"]]
+    assert names[:2] == ["real images as stored", "autoencoder"] and names[-1] == "generated"
+    assert [name.split("`")[1] for name in names[2:5]] == ["cb_cond", "cb_l1", "cb_l2"]
+    assert "(8x8 patches: 1 token, 8 units)" in names[2] and "(2x2 patches: 16 tokens, 32 units)" in names[4]
+    for space, metrics in report["spaces"].items():
+        stored = ceiling["rows"][0]["spaces"][space]["frechet_distance"]  # the floor's first draw
+        low, high = metrics["frechet_distance"]["real_floor_range"]
+        assert low - 1e-9 <= stored <= high + 1e-9
+        generated = ceiling["rows"][-1]["spaces"][space]
+        assert generated["frechet_over_floor"] == pytest.approx(
+            metrics["frechet_distance"]["value"] / metrics["frechet_distance"]["real_floor"])
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "## Tokenizer ceiling" in markdown and "| autoencoder |" in markdown
+    # a codebook made for other feature maps is refused, naming both
+    other = tmp_path / "other.safetensors"
+    save_codebook(other, SOMCodebook(CodebookConfig(image_H=4, image_W=4, image_C=2, patch_H=2, patch_W=2,
+                                                    num_embeddings=4)), {"stage": "test"})
+    with pytest.raises(PipelineError, match=r"other.safetensors is for feature maps of shape \(2, 4, 4\)"):
+        load_tokenizer(pipeline["autoencoder"], [other], (1, 16, 16), torch.device("cpu"))
+    # bad tokenizer flags fail at once, in one line
+    for flags, message in ((["--autoencoder-path", tmp_path / "missing.safetensors"], "missing.safetensors"),
+                           (["--codebook-path", books[0]], "--codebook-path needs --autoencoder-path")):
+        result = run_script("evaluate.py", "--real-path", data, "--generated-path", data, "--out-dir", tmp_path / "bad",
+                            "--k", 2, "--device", "cpu", *flags)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "bad" / "report.json").exists()
+
+
+# ---------------------------------------------------------------- the low-data benchmark's dataset
+
+def test_train_per_class_keeps_that_many_training_images_of_each_label(tmp_path: Path, image_folder: Path):
+    build_dataset(image_folder, tmp_path / "all", 16, holdout=0.3, seed=0)
+    build_dataset(image_folder, tmp_path / "few", 16, holdout=0.3, seed=0, train_per_class=5)
+    everything = load_image_dataset(tmp_path / "all" / "dataset.json")
+    few = load_image_dataset(tmp_path / "few" / "dataset.json")
+    assert torch.bincount(few.split(heldout=False).labels).tolist() == [5, 5, 5]
+    held_out = [r["image_fpath"] for r in few.records if r["split"] == "heldout"]
+    assert held_out == [r["image_fpath"] for r in everything.records if r["split"] == "heldout"]  # untouched

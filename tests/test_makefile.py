@@ -35,7 +35,8 @@ def make(runs: Path, configs: Path, source: Path, *extra: str) -> subprocess.Com
     venv = Path(sys.executable).parent.parent
     command = ["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
                "PRESET=test", f"SOURCE={source}", "SIZE=16", "DEVICE=cpu", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1",
-               "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2", *extra]
+               "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2 --downstream-steps 3 --downstream-seeds 1",
+               *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=script_env(), cwd=ROOT)
 
 
@@ -70,3 +71,21 @@ def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
     planned = [line for line in dry_run.splitlines() if "python" in line]
     assert "train_transformer.py" in planned[0] and "--max-steps 12" in planned[0] and "--overwrite" in planned[0]
     assert not any(script in line for line in planned for script in ("train_autoencoder", "train_codebook", "--train-base"))
+
+
+def test_make_lowdata_trains_the_chain_on_a_per_class_subset(tmp_path):
+    """make lowdata (dry run): the dataset keeps N training images per class, the chain runs in its own
+    folder, generates LOWDATA_IMAGES images, and the report's real subset is those N per class."""
+    venv = Path(sys.executable).parent.parent
+    command = ["make", "-n", "-o", f"{venv}/.installed", "lowdata", f"VENV={venv}", f"RUNS={tmp_path / 'runs'}",
+               "LOWDATA_PER_CLASS=20", "LOWDATA_IMAGES=300", "REPORT_FLAGS=--k 3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=script_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    planned = [line for line in result.stdout.replace("\\\n", " ").splitlines() if "python" in line]
+    runs = f"{tmp_path / 'runs'}_lowdata20"
+    build = next(line for line in planned if "build_dataset.py" in line)
+    assert "--train-per-class 20" in build and f"--out-dir {runs}/data" in build
+    assert "--num-images 300" in next(line for line in planned if "generate_images.py" in line)
+    report = next(line for line in planned if "evaluate.py" in line)
+    assert "--downstream-per-class 20 --k 3" in report and f"--autoencoder-path {runs}/autoencoder" in report
+    assert report.count("--codebook-path") == 3 and "compress.py" not in result.stdout

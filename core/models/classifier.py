@@ -1,8 +1,10 @@
-"""The small CNN classifier of the quality report; its penultimate activations are the feature space."""
+"""The small CNN classifier of the quality report (its penultimate activations are the feature space), and
+the augmentation of the downstream classifiers: small translations and horizontal flips."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class FeatureClassifier(nn.Module):
@@ -24,3 +26,21 @@ class FeatureClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+def shift_and_flip(images: torch.Tensor, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Each image (N, C, H, W) moved by up to `shift` pixels each way (its border repeated into the gap) and,
+    with `flip`, mirrored left-right with probability 1/2."""
+    n, c, h, w = images.shape
+    if shift > 0:
+        padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
+        dy, dx = (torch.randint(0, 2 * shift + 1, (n, 1), generator=generator) for _ in range(2))
+        rows = (dy + torch.arange(h)).to(images.device)  # (N, H): the rows each image keeps
+        cols = (dx + torch.arange(w)).to(images.device)
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        channel = torch.arange(c, device=images.device)[None, :, None, None]
+        images = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    if flip:
+        mirrored = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+        images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+    return images

@@ -42,6 +42,7 @@ class DatasetArgs:
     labels: list[str] | None = None  # keep only images with one of these labels
     from_split: str | None = None  # keep only images of this split of the source
     train_count: int | None = None  # the first N kept images are the training split, the rest held out
+    train_per_class: int | None = None  # keep the first N training images of each label (held-out ones all)
     progress: Callable[[Iterable], Iterator] = iter
 
 
@@ -253,7 +254,7 @@ def run(args: DatasetArgs) -> dict:
     staging = out_dir / ".images.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    records, skipped = [], 0
+    records, skipped, per_class = [], 0, {}
     for i, item in enumerate(args.progress(items)):
         try:
             source_image = item.load()
@@ -269,6 +270,10 @@ def run(args: DatasetArgs) -> dict:
             skipped += 1
             continue
         split = item.split or ("heldout" if rng.random() < holdout else "train")
+        if args.train_per_class is not None and split == "train":
+            if per_class.get(item.label, 0) >= args.train_per_class:
+                continue  # the label's quota of training images is full (held-out images are all kept)
+            per_class[item.label] = per_class.get(item.label, 0) + 1
         name = f"{i:06d}.png"
         image.save(staging / name)
         records.append({"image_fpath": f"images/{name}", "labels": [item.label] if item.label else [],

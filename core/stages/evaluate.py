@@ -1,26 +1,36 @@
 """The quality report: generated images against real ones, in a classifier's feature space and a pixel-PCA
 space. Fréchet distance, precision/recall (Kynkäänniemi et al. 2019), density/coverage (Naeem et al. 2020),
 a memorization check, class histograms, and 2-D projections (PCA, t-SNE). Every figure comes with its
-real-vs-real floor: the same metric between two disjoint real sets of the same sizes."""
+real-vs-real floor: the same metric between two disjoint real sets of the same sizes.
+
+Two further sections: the tokenizer ceiling (the same figures for real images passed through the
+autoencoder and each codebook: how much of the distance the tokenizer alone costs), and the downstream
+experiment (core/downstream.py: do the generated images teach a classifier?)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from core import pictures
+from core import downstream, pictures
 from core.artifacts import (atomic_path, atomic_write_json, file_record, load_artifact, load_state, save_artifact,
                             state_tensors)
-from core.data import Dataset, load_image_dataset, to_float
+from core.data import Dataset, load_image_dataset, to_float, to_uint8
+from core.downstream import DownstreamConfig, predict
 from core.errors import PipelineError
 from core.metrics import Progress, all_metrics, memorization_rate, nearest_distances, pca, tsne
+from core.model_artifacts import check_fits, load_autoencoder, load_codebook
+from core.models.autoencoder import Autoencoder
 from core.models.classifier import FeatureClassifier
+from core.models.codebook import SOMCodebook
 from core.training import pick_device
+
 CLASSIFIER_KIND = "feature_classifier"
 CLASSIFIER_FILE = "classifier.safetensors"
+Featurize = Callable[[torch.Tensor], torch.Tensor]  # uint8 images (N, C, H, W) -> features (N, D)
 
 
 # ---------------------------------------------------------------- the feature classifier
@@ -34,29 +44,6 @@ def classifier_config(real: Dataset, steps: int, seed: int) -> dict:
 def build_classifier(config: dict) -> FeatureClassifier:
     return FeatureClassifier(config["channels"], len(config["label_names"]), config["model_width"],
                              config["features"])
-
-
-def train_classifier(train: Dataset, config: dict, device: torch.device,
-                     progress: Progress = iter) -> FeatureClassifier:
-    """Cross-entropy on the labelled training images, Adam with a linearly decaying learning rate."""
-    labelled = (train.labels >= 0).nonzero().flatten()
-    if len(labelled) < 2:
-        raise PipelineError(f"{train.path}: too few labelled training images to train a classifier")
-    torch.manual_seed(config["seed"])
-    model = build_classifier(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    generator = torch.Generator().manual_seed(config["seed"])
-    model.train()
-    for step in progress(range(config["steps"])):
-        batch = labelled[torch.randint(len(labelled), (config["batch_size"],), generator=generator)]
-        images, labels = to_float(train.items[batch]).to(device), train.labels[batch].to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = config["lr"] * (1 - step / config["steps"])
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def obtain_classifier(real: Dataset, train: Dataset, out_dir: Path, steps: int, seed: int, device: torch.device,
@@ -80,22 +67,13 @@ def obtain_classifier(real: Dataset, train: Dataset, out_dir: Path, steps: int, 
             model = build_classifier(artifact.config)
             load_state(model, artifact.tensors, path)
             return model.to(device).eval(), {"path": str(path), "reused": True, "config": artifact.config}
-    model = train_classifier(train, config, device, progress)
+    images, labels = downstream.labelled(train)
+    if len(images) < 2:
+        raise PipelineError(f"{train.path}: too few labelled training images to train a classifier")
+    model = downstream.train_classifier(images, labels, len(config["label_names"]), config, device, progress)
     save_artifact(path, state_tensors(model), CLASSIFIER_KIND, config,
                   {"stage": "evaluate", "real": source, "step": steps})
     return model, {"path": str(path), "reused": False, "config": config}
-
-
-@torch.no_grad()
-def classify(model: FeatureClassifier, images: torch.Tensor, device: torch.device,
-             batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (N, F) and predicted classes (N,) of uint8 images."""
-    features, predictions = [], []
-    for start in range(0, len(images), batch_size):
-        f = model.features(to_float(images[start:start + batch_size]).to(device))
-        features.append(f.float().cpu())
-        predictions.append(model.head(f).argmax(1).cpu())
-    return torch.cat(features), torch.cat(predictions)
 
 
 # ---------------------------------------------------------------- the report
@@ -114,6 +92,10 @@ class EvalArgs:
     memorization_percentile: float = 5.0
     tsne_steps: int = 750
     floor_draws: int = 3  # one draw of the floor is noisy (the Fréchet distance of 1000 images varies by ~2x)
+    downstream: bool = True
+    downstream_config: DownstreamConfig = field(default_factory=DownstreamConfig)
+    autoencoder_path: Path | None = None  # with codebook_paths: the tokenizer ceiling
+    codebook_paths: list[Path] = field(default_factory=list)
     device: str = "auto"
     progress: Callable[[Iterable, str], Iterator] | None = None  # a progress bar: (items, description)
 
@@ -126,6 +108,7 @@ class Sets:
     generated: Dataset  # a sample of the generated images
     floors: list[Dataset]  # real images disjoint from `heldout`, as many as `generated`: the floor's draws
     floor_source: str
+    all_generated: Dataset  # every generated image, labelled in the real data's label names
 
 
 def load_sets(args: EvalArgs) -> Sets:
@@ -154,6 +137,7 @@ def load_sets(args: EvalArgs) -> Sets:
     for name, size in (("held-out", len(heldout)), ("generated", len(generated))):
         if min(size, args.num_images) <= args.k:
             raise PipelineError(f"{name} set has {size} images; the k-NN metrics need more than k={args.k}")
+    all_generated = generated.relabelled(real.label_names)
     generated = generated.sample(args.num_images, args.seed + 1)
     order = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(args.seed))
     references = min(args.num_images, len(heldout))
@@ -164,7 +148,7 @@ def load_sets(args: EvalArgs) -> Sets:
     reference, rest = heldout.take(order[:references]), heldout.take(order[references:])
     pool, source = (rest, "held-out") if len(rest) >= len(generated) else (train, "training")
     floors = [pool.sample(min(len(generated), len(pool)), args.seed + 2 + i) for i in range(args.floor_draws)]
-    return Sets(real, train, reference, generated, floors, source)
+    return Sets(real, train, reference, generated, floors, source, all_generated)
 
 
 def pixels(images: torch.Tensor) -> torch.Tensor:
@@ -182,6 +166,10 @@ def run(args: EvalArgs) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     sets = load_sets(args)
     real, train, heldout, generated = sets.real, sets.train, sets.heldout, sets.generated
+    if args.codebook_paths and args.autoencoder_path is None:
+        raise PipelineError("--codebook-path needs --autoencoder-path (the autoencoder whose maps it tokenizes)")
+    tokenizer = None if args.autoencoder_path is None else load_tokenizer(
+        args.autoencoder_path, args.codebook_paths, tuple(real.items.shape[1:]), device)
     report: dict = {
         "real": {**file_record(args.real_path), "train_images": len(train), "heldout_images": len(heldout)},
         "generated": {**file_record(args.generated_path), "images": len(generated)},
@@ -190,30 +178,34 @@ def run(args: EvalArgs) -> dict:
                  f"{sets.floor_source} images (mean and range over {len(sets.floors)} draws)",
     }
 
-    spaces: dict[str, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}  # held-out, generated, floors
+    featurizers: dict[str, Featurize] = {}
     labelled = real.labels.ge(0).any().item() and len(real.label_names) >= 2
     if labelled:
         model, info = obtain_classifier(real, train, args.out_dir, args.classifier_steps, args.seed, device,
                                         args.classifier_path, lambda it: track(it, "classifier"))
         all_heldout = real.split(heldout=True)
-        _, heldout_predictions = classify(model, all_heldout.items, device)
+        _, heldout_predictions = predict(model, all_heldout.items, device)
         mask = all_heldout.labels >= 0
         info["heldout_accuracy"] = float((heldout_predictions[mask] == all_heldout.labels[mask]).float().mean())
-        (h_feat, h_pred), (g_feat, g_pred) = (classify(model, s.items, device) for s in (heldout, generated))
-        spaces["classifier"] = (h_feat, g_feat, [classify(model, f.items, device)[0] for f in sets.floors])
+        (_, h_pred), (_, g_pred) = (predict(model, s.items, device) for s in (heldout, generated))
+        featurizers["classifier"] = lambda images: predict(model, images, device)[0]
         report["classifier"] = info
         report["classes"] = class_report(real.label_names, h_pred, g_pred, generated, model.head.out_features)
 
     fit = train.sample(5000, args.seed + 3)  # the PCA fit is on at most 5000 training images: plenty for 64 axes
     # axes fitted on fewer than ~10 images each describe those images, not the data (few-shot sets)
     projection = pca(pixels(fit.items), max(2, min(args.pca_components, len(fit) // 10)))
-    h_pca, g_pca = (projection.project(pixels(s.items)).float() for s in (heldout, generated))
-    spaces["pixel_pca"] = (h_pca, g_pca, [projection.project(pixels(f.items)).float() for f in sets.floors])
+    featurizers["pixel_pca"] = lambda images: projection.project(pixels(images)).float()
     report["pixel_pca"] = {"components": int(projection.components.shape[0]),
                            "explained_variance": float(projection.explained.sum()), "fit_images": len(fit)}
 
-    for name, (h, g, floors) in spaces.items():
-        value, draws = all_metrics(h, g, args.k), [all_metrics(h, f, args.k) for f in floors]
+    # per space: the reference's features, and the generated set's and the floor draws' metrics against it
+    references = {name: featurize(heldout.items) for name, featurize in featurizers.items()}
+    generated_features = {}
+    for name, featurize in featurizers.items():
+        generated_features[name] = featurize(generated.items)
+        value = all_metrics(references[name], generated_features[name], args.k)
+        draws = [all_metrics(references[name], featurize(f.items), args.k) for f in sets.floors]
         report["spaces"][name] = {metric: {"value": value[metric],
                                            "real_floor": sum(d[metric] for d in draws) / len(draws),
                                            "real_floor_range": [min(d[metric] for d in draws),
@@ -221,7 +213,10 @@ def run(args: EvalArgs) -> dict:
                                   for metric in value}
 
     report["memorization"] = memorization(train, heldout, generated, args, device, track)
-    report["pictures"] = draw_pictures(args, heldout, generated, spaces, h_pca, g_pca, track)
+    report["tokenizer_ceiling"] = tokenizer_ceiling(args, tokenizer, sets.floors[0], references, featurizers,
+                                                    report["spaces"], device)
+    report["downstream"] = downstream_section(args, sets, device, track)
+    report["pictures"] = draw_pictures(args, heldout, generated, references, generated_features, track)
     atomic_write_json(args.out_dir / "report.json", report)
     with atomic_path(args.out_dir / "report.md") as tmp:
         tmp.write_text(markdown(report))
@@ -243,9 +238,12 @@ def class_report(names: list[str], heldout_predictions: torch.Tensor, generated_
     return result
 
 
+# ---------------------------------------------------------------- memorization
+
 def memorization(train: Dataset, heldout: Dataset, generated: Dataset, args: EvalArgs, device: torch.device,
                  track: Callable) -> dict:
-    """In pixel space: nearest training image of each generated and each held-out image."""
+    """In pixel space: nearest training image of each generated and each held-out image. The generated
+    images closer than the threshold are flagged as copies, each with the training image it copies."""
     reference = pixels(train.items).to(device)
     g_nn, g_index = nearest_distances(pixels(generated.items).to(device), reference,
                                       progress=lambda it: track(it, "memorization (generated)"))
@@ -254,21 +252,131 @@ def memorization(train: Dataset, heldout: Dataset, generated: Dataset, args: Eva
     result = memorization_rate(g_nn, h_nn, args.memorization_percentile)
     result["space"] = "pixels in [-1, 1], Euclidean"
     result["reference_images"] = len(train)
+    result["generated_images"] = len(generated)
+    result["well_above_floor"] = well_above(result["generated_rate"], result["heldout_rate"], len(generated))
+    flagged = [i for i in g_nn.argsort().tolist() if g_nn[i] < result["threshold"]]
+    result["copies"] = [{"generated": generated.records[i]["image_fpath"],
+                         "training": train.records[g_index[i]]["image_fpath"], "distance": float(g_nn[i])}
+                        for i in flagged]
     closest = g_nn.argsort()[:8]
     pictures.pairs_grid(generated.items[closest], train.items[g_index[closest]], args.out_dir / "nearest.png")
     result["nearest_picture"] = "nearest.png"
     return result
 
 
-def draw_pictures(args: EvalArgs, heldout: Dataset, generated: Dataset, spaces: dict, h_pca: torch.Tensor,
-                  g_pca: torch.Tensor, track: Callable) -> dict:
+def well_above(generated_rate: float, floor_rate: float, count: int) -> bool:
+    """A memorizing generator: at least twice the real rate, and more than three binomial standard errors
+    (of `count` images at the real rate) above it."""
+    standard_error = math.sqrt(max(floor_rate * (1 - floor_rate), 1e-12) / max(count, 1))
+    return generated_rate >= 2 * floor_rate and generated_rate - floor_rate > 3 * standard_error
+
+
+# ---------------------------------------------------------------- the tokenizer ceiling
+
+@dataclass
+class Tokenizer:
+    autoencoder: Autoencoder
+    codebooks: list[tuple[str, SOMCodebook]]  # (a name for the report, the codebook)
+
+
+def load_tokenizer(autoencoder_path: Path, codebook_paths: list[Path], image_shape: tuple[int, ...],
+                   device: torch.device) -> Tokenizer:
+    """The autoencoder and codebooks, checked against the real images' shape (C, H, W) and each other."""
+    autoencoder, _ = load_autoencoder(autoencoder_path)
+    if image_shape[0] != autoencoder.cfg.image_channel:
+        raise PipelineError(f"{autoencoder_path} expects {autoencoder.cfg.image_channel}-channel images, "
+                            f"the real data has {image_shape[0]}-channel images")
+    latent = autoencoder.latent_shape(image_shape[-1])
+    codebooks = []
+    for path in codebook_paths:
+        codebook, _ = load_codebook(path)
+        check_fits(codebook.cfg, latent, path, autoencoder_path)
+        cfg = codebook.cfg
+        tokens = f"{cfg.num_patches} token{'s' if cfg.num_patches > 1 else ''}"
+        shape = f"{cfg.patch_H}x{cfg.patch_W} patches: {tokens}, {cfg.num_embeddings} units"
+        codebooks.append((f"codebook `{path.parent.name}` ({shape})", codebook.to(device)))
+    return Tokenizer(autoencoder.to(device), codebooks)
+
+
+@torch.no_grad()
+def reconstructions(images: torch.Tensor, tokenizer: Tokenizer, device: torch.device,
+                    batch_size: int = 256) -> list[tuple[str, torch.Tensor]]:
+    """uint8 images passed through the autoencoder, and through each codebook (encode, tokenize, look the
+    tokens up, decode), each rounded to uint8 like a stored image: [(name, images)]."""
+    autoencoder = tokenizer.autoencoder
+    fmaps = torch.cat([autoencoder.encoder(to_float(b).to(device)) for b in images.split(batch_size)])
+
+    def decode(maps: torch.Tensor) -> torch.Tensor:
+        return torch.cat([to_uint8(autoencoder.decoder(m).float().clamp(-1, 1)) for m in maps.split(batch_size)])
+
+    rows = [("autoencoder", decode(fmaps))]
+    rows += [(name, decode(torch.cat([cb.lookup(cb.tokenize(m)) for m in fmaps.split(batch_size)])))
+             for name, cb in tokenizer.codebooks]
+    return rows
+
+
+def ceiling_rows(candidates: list[tuple[str, torch.Tensor]], references: dict[str, torch.Tensor],
+                 featurizers: dict[str, Featurize], floors: dict[str, float], k: int) -> list[dict]:
+    """Each candidate image set's metrics against the reference in every space, its Fréchet distance also
+    as a multiple of the real floor's."""
+    rows = []
+    for name, images in candidates:
+        row = {"images": name, "spaces": {}}
+        for space, featurize in featurizers.items():
+            metrics = all_metrics(references[space], featurize(images), k)
+            metrics["frechet_over_floor"] = metrics["frechet_distance"] / max(floors[space], 1e-12)
+            row["spaces"][space] = metrics
+        rows.append(row)
+    return rows
+
+
+def tokenizer_ceiling(args: EvalArgs, tokenizer: Tokenizer | None, floor: Dataset,
+                      references: dict[str, torch.Tensor], featurizers: dict[str, Featurize], spaces: dict,
+                      device: torch.device) -> dict:
+    """The floor's real images as stored and reconstructed, compared with the same reference as the
+    generated set: a perfect tokenizer scores the floor (1x), and no generator beats its tokenizer."""
+    if tokenizer is None:
+        return {"skipped": "no --autoencoder-path given"}
+    floors = {space: metrics["frechet_distance"]["real_floor"] for space, metrics in spaces.items()}
+    candidates = [("real images as stored", floor.items)]
+    candidates += reconstructions(floor.items, tokenizer, device)
+    rows = ceiling_rows(candidates, references, featurizers, floors, args.k)
+    rows.append({"images": "generated", "spaces": {
+        space: {**{m: v["value"] for m, v in metrics.items()},
+                "frechet_over_floor": metrics["frechet_distance"]["value"] / max(floors[space], 1e-12)}
+        for space, metrics in spaces.items()}})
+    return {"autoencoder": file_record(args.autoencoder_path),
+            "codebooks": [file_record(p) for p in args.codebook_paths], "images": len(floor), "rows": rows}
+
+
+# ---------------------------------------------------------------- downstream
+
+def downstream_section(args: EvalArgs, sets: Sets, device: torch.device, track: Callable) -> dict:
+    if not args.downstream:
+        return {"skipped": "turned off (--no-downstream)"}
+    heldout = sets.real.split(heldout=True)
+    reason = downstream.skip_reason(sets.train, heldout, sets.all_generated)
+    if reason is not None:
+        return {"skipped": reason}
+    config = args.downstream_config
+    arms = downstream.build_arms(sets.train, sets.all_generated, config.subset_per_class, args.seed,
+                                 config.real_share)
+    results = downstream.run_arms(arms, heldout, len(sets.real.label_names), config, args.seed, device, track)
+    return {"config": asdict(config), "test_images": int((heldout.labels >= 0).sum()),
+            "names": sets.real.label_names, "arms": results, **downstream.compare(results)}
+
+
+# ---------------------------------------------------------------- pictures
+
+def draw_pictures(args: EvalArgs, heldout: Dataset, generated: Dataset, references: dict[str, torch.Tensor],
+                  generated_features: dict[str, torch.Tensor], track: Callable) -> dict:
     pictures.side_by_side(heldout.items[:64], generated.items[:64], args.out_dir / "grids.png")
     legend = ("real (held-out)", "generated")
-    pictures.scatter(h_pca[:, :2], g_pca[:, :2], legend, "pixel PCA, first two axes", args.out_dir / "pca.png")
-    space = "classifier" if "classifier" in spaces else "pixel_pca"
-    h, g = spaces[space][0], spaces[space][1]
+    pictures.scatter(references["pixel_pca"][:, :2], generated_features["pixel_pca"][:, :2], legend,
+                     "pixel PCA, first two axes", args.out_dir / "pca.png")
+    space = "classifier" if "classifier" in references else "pixel_pca"
     # t-SNE is O(N^2): at most 1000 points per set
-    h, g = h[:1000], g[:1000]
+    h, g = references[space][:1000], generated_features[space][:1000]
     points = tsne(torch.cat([h, g]), steps=args.tsne_steps, seed=args.seed, progress=lambda it: track(it, "t-SNE"))
     pictures.scatter(points[:len(h)], points[len(h):], legend, f"t-SNE of {space.replace('_', ' ')} features",
                      args.out_dir / "tsne.png")
@@ -286,13 +394,40 @@ METRIC_NOTES = {
 }
 
 
+def summary_lines(report: dict) -> list[str]:
+    """The figures a user reads first, plain text (report.md's top and the console summary)."""
+    m = report["memorization"]
+    lines = [f"Memorization: {m['generated_rate']:.1%} of generated images are near-copies of a training image "
+             f"(real floor: {m['heldout_rate']:.1%} of real held-out images)."]
+    if m["well_above_floor"]:
+        lines.append(f"WARNING: the generator copies its training images ({m['generated_rate']:.1%} near-copies "
+                     f"against {m['heldout_rate']:.1%} for real images): train it less, or on more images; "
+                     f"the copies are listed in report.json.")
+    d = report["downstream"]
+    if "skipped" in d:
+        lines.append(f"Downstream accuracy: skipped ({d['skipped']}).")
+    else:
+        arms = d["arms"]
+        real = arms[downstream.REAL]
+        lines.append(f"Classification Accuracy Score: {d['cas']:.1%} ({d['cas_over_real']:.0%} of "
+                     f"{real['accuracy']['mean']:.1%} for {real['images']:,} real images"
+                     f"{'' if d['equal_size'] else ', all there are'}).")
+        subset, augmented = arms[downstream.SUBSET], arms[downstream.AUGMENTED]
+        lines.append(f"Augmentation: {subset['images']:,} real images {subset['accuracy']['mean']:.1%}, plus "
+                     f"{augmented['images'] - subset['images']:,} generated {augmented['accuracy']['mean']:.1%}: "
+                     f"{d['gain_points']:+.2f} points ({d['gain_verdict']}).")
+    return lines
+
+
 def markdown(report: dict) -> str:
-    lines = ["# Quality report", "",
-             f"Real: `{report['real']['path']}` ({report['real']['heldout_images']} held-out images compared, "
-             f"{report['real']['train_images']} training images). Generated: `{report['generated']['path']}` "
-             f"({report['generated']['images']} images compared). k = {report['k']}.", "",
-             f"Each figure has its **real floor**: the same metric between {report['floor']}. "
-             "A generated set as good as real data scores about the floor.", ""]
+    lines = ["# Quality report", ""]
+    for line in summary_lines(report):
+        lines += [f"**{line}**" if line.startswith("WARNING") else line, ""]
+    lines += [f"Real: `{report['real']['path']}` ({report['real']['heldout_images']} held-out images compared, "
+              f"{report['real']['train_images']} training images). Generated: `{report['generated']['path']}` "
+              f"({report['generated']['images']} images compared). k = {report['k']}.", "",
+              f"Each figure has its **real floor**: the same metric between {report['floor']}. "
+              "A generated set as good as real data scores about the floor.", ""]
     if "classifier" in report:
         c = report["classifier"]
         lines += [f"Classifier features: a small CNN trained for {c['config']['steps']} steps on the real training "
@@ -310,6 +445,8 @@ def markdown(report: dict) -> str:
                   f"({m['real_floor_range'][0]:.3g} to {m['real_floor_range'][1]:.3g}) | {METRIC_NOTES[name]} |"
                   for name, m in metrics.items()]
         lines.append("")
+    lines += ceiling_markdown(report["tokenizer_ceiling"])
+    lines += downstream_markdown(report["downstream"])
     if "classes" in report:
         c = report["classes"]
         lines += ["## Classes (classifier predictions)", "",
@@ -326,9 +463,11 @@ def markdown(report: dict) -> str:
     m = report["memorization"]
     lines += ["## Memorization", "",
               f"Distances to the nearest of {m['reference_images']} training images, in {m['space']}. Threshold: the "
-              f"{m['percentile']:g}th percentile of the held-out images' distances ({m['threshold']:.4g}).", "",
+              f"{m['percentile']:g}th percentile of the held-out images' distances ({m['threshold']:.4g}). Each "
+              f"generated image under it is flagged as a copy in report.json (`memorization.copies`).", "",
               "| set | share closer than the threshold |", "|---|---:|",
-              f"| generated | {m['generated_rate']:.1%} |", f"| real held-out (floor) | {m['heldout_rate']:.1%} |", "",
+              f"| generated | {m['generated_rate']:.1%} ({len(m['copies'])} of {m['generated_images']}) |",
+              f"| real held-out (floor) | {m['heldout_rate']:.1%} |", "",
               "The generated images closest to a training image (top row) and that training image (bottom row):", "",
               f"![nearest]({m['nearest_picture']})", ""]
     pics = report["pictures"]
@@ -336,3 +475,56 @@ def markdown(report: dict) -> str:
               f"![grids]({pics['grids']})", "", "2-D projections (blue: real held-out, orange: generated):", "",
               f"![pca]({pics['pca']}) ![tsne]({pics['tsne']})", ""]
     return "\n".join(lines)
+
+
+def ceiling_markdown(ceiling: dict) -> list[str]:
+    lines = ["## Tokenizer ceiling", ""]
+    if "skipped" in ceiling:
+        return lines + [f"Skipped: {ceiling['skipped']} (evaluate.py --autoencoder-path, --codebook-path).", ""]
+    lines += [f"The {ceiling['images']} real images of the floor, as stored and passed through the autoencoder "
+              f"`{ceiling['autoencoder']['path']}` and each codebook (encode, tokenize, look up, decode), against the "
+              "same reference as the generated images. A perfect tokenizer scores the real floor (1.0x); no "
+              "generator does better than the reconstructions of its last codebook.", ""]
+    for space in ceiling["rows"][0]["spaces"]:
+        lines += [f"| images | Fréchet distance ({space.replace('_', ' ')}) | x real floor | precision | recall |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {row['images']} | {m['frechet_distance']:.3g} | {m['frechet_over_floor']:.2f}x | "
+                  f"{m['precision']:.3g} | {m['recall']:.3g} |"
+                  for row in ceiling["rows"] for m in [row["spaces"][space]]]
+        lines.append("")
+    return lines
+
+
+def accuracy_cell(accuracy: dict) -> str:
+    return (f"{accuracy['mean']:.2%} ± {100 * accuracy['std']:.2f} "
+            f"({accuracy['min']:.2%} to {accuracy['max']:.2%})")
+
+
+def downstream_markdown(section: dict) -> list[str]:
+    lines = ["## Downstream accuracy: do the generated images teach a classifier?", ""]
+    if "skipped" in section:
+        return lines + [f"Skipped: {section['skipped']}.", ""]
+    c, arms = section["config"], section["arms"]
+    augmentation = f"shifts of up to {c['shift']} pixels" + (" and left-right flips" if c["flip"] else "")
+    mix = ("batches drawn uniformly from the real subset and the generated images together" if c["real_share"] is None
+           else f"{c['real_share']:.0%} of each batch drawn from the real subset")
+    lines += [f"The same small CNN trained from scratch on each training set ({c['steps']} steps of {c['batch_size']} "
+              f"images, {augmentation}), tested on the {section['test_images']:,} real held-out images; accuracy "
+              f"mean ± standard deviation (range) over {c['seeds']} seeds. Real subset + generated: {mix}.", "",
+              "| training set | images | held-out accuracy |", "|---|---:|---:|"]
+    descriptions = {downstream.GENERATED: "generated images alone (CAS)",
+                    downstream.REAL: "real training images, as many",
+                    downstream.SUBSET: f"real subset (at most {c['subset_per_class']} per class)",
+                    downstream.AUGMENTED: "real subset + generated images"}
+    lines += [f"| {descriptions[name]} | {arm['images']:,} | {accuracy_cell(arm['accuracy'])} |"
+              for name, arm in arms.items()]
+    size = " at equal size" if section["equal_size"] else " (fewer real images: all there are)"
+    lines += ["", f"Classification Accuracy Score: **{section['cas']:.2%}**, {section['cas_over_real']:.1%} of the "
+              f"real images' accuracy{size}.",
+              "", f"Augmentation gain: **{section['gain_points']:+.2f} points** (standard error "
+              f"{section['gain_standard_error_points']:.2f}): {section['gain_verdict']}.", "",
+              "Accuracy per class (mean over seeds):", "",
+              "| class | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
+    lines += [f"| {name} | " + " | ".join(f"{arm['per_class'][i]:.1%}" for arm in arms.values()) + " |"
+              for i, name in enumerate(section["names"])]
+    return lines + [""]

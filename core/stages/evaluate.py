@@ -18,6 +18,7 @@ from core.data import Dataset, load_image_dataset, to_float
 from core.errors import PipelineError
 from core.metrics import Progress, all_metrics, memorization_rate, nearest_distances, pca, tsne
 from core.models.classifier import FeatureClassifier
+from core.stages import prompt_agreement
 from core.training import pick_device
 CLASSIFIER_KIND = "feature_classifier"
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -221,6 +222,10 @@ def run(args: EvalArgs) -> dict:
                                   for metric in value}
 
     report["memorization"] = memorization(train, heldout, generated, args, device, track)
+    prompts = prompt_agreement.section(real, args.generated_path, args.out_dir, device, args.seed,
+                                       progress=lambda it: track(it, "prompt classifier"))
+    if prompts is not None:  # captioned real and generated images
+        report["prompts"] = prompts
     report["pictures"] = draw_pictures(args, heldout, generated, spaces, h_pca, g_pca, track)
     atomic_write_json(args.out_dir / "report.json", report)
     with atomic_path(args.out_dir / "report.md") as tmp:
@@ -323,6 +328,7 @@ def markdown(report: dict) -> str:
         lines += [f"| {name} | {g} ({g / total_g:.1%}) | {h} ({h / total_h:.1%}) |"
                   for name, g, h in zip(c["names"], c["generated"], c["real_heldout"])]
         lines.append("")
+    lines += prompt_agreement.markdown(report.get("prompts"))
     m = report["memorization"]
     lines += ["## Memorization", "",
               f"Distances to the nearest of {m['reference_images']} training images, in {m['space']}. Threshold: the "

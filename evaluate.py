@@ -31,6 +31,10 @@ def main(
     for space, metrics in report["spaces"].items():
         summary = ", ".join(f"{name} {m['value']:.3g} (real {m['real_floor']:.3g})" for name, m in metrics.items())
         console.print(f"{space}: {summary}", highlight=False)
+    if "prompts" in report:
+        summary = ", ".join(f"{name.replace('_', ' ')} {report['prompts'][name]['overall']:.1%}"
+                            for name in ("real_heldout", "generated_seen", "generated_unseen") if name in report["prompts"])
+        console.print(f"prompt agreement (named words found): {summary}", highlight=False)
     m = report["memorization"]
     console.print(f"memorization: {m['generated_rate']:.1%} of generated images (held-out real: "
                   f"{m['heldout_rate']:.1%})", highlight=False)

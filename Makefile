@@ -85,7 +85,7 @@ record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 # a transformer's steps, epochs and batch: the base model's or the cascade models'
 model_steps = $(if $(filter base,$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS)) $(BATCH)
 
-.PHONY: setup test demo codebooks transformers generate report compress export fewshot lowdata bench bench-generation clean-demo FORCE
+.PHONY: setup test demo codebooks transformers generate report compress export fewshot lowdata captions captions-reports bench bench-generation clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -317,3 +317,77 @@ bench-generation: $(GENERATED)
 
 clean-demo:
 	rm -rf $(RUNS)
+
+# Prompts (make captions): a captioned test set drawn by recipes/captioned_shapes.py (32x32 scenes of a shape
+# of some colour, size and place, each with its caption; some colour-shape pairs never drawn), the chain on it
+# with the captions32 preset (its base model reads the captions), a base model without captions beside it (the
+# label-conditioned reference), images for the prompts of every seen and unseen combination without and with
+# guidance, and a report for each (prompt agreement; Fréchet distance against the reference's).
+CAPTIONS_RUNS ?= runs/captions32
+CAPTIONS_COUNT ?= 6000
+CAPTIONS_PER_PROMPT ?= 14
+CAPTIONS_GUIDANCE ?= 3.0
+captions:
+	$(MAKE) PRESET=captions SIZE=32 CHANNELS=3 RUNS=$(CAPTIONS_RUNS) SOURCE=$(CAPTIONS_RUNS)/source/images \
+		CAPTIONS_SOURCE=$(CAPTIONS_RUNS)/source captions-reports
+
+ifdef CAPTIONS_SOURCE
+$(CAPTIONS_SOURCE)/DONE: | setup
+	rm -rf $(CAPTIONS_SOURCE)/images
+	mkdir -p $(RUNS)
+	$(call TIMER,captioned scenes) $(PYTHON) recipes/captioned_shapes.py --out-dir $(CAPTIONS_SOURCE) \
+		--count $(CAPTIONS_COUNT)
+	touch $@
+$(DATA): $(CAPTIONS_SOURCE)/DONE
+endif
+
+CAPTION_REPORTS := $(foreach g,g1 guided,$(foreach s,seen unseen,$(RUNS)/report_prompts_$(s)_$(g)/DONE))
+captions-reports: $(RUNS)/report_label/DONE $(CAPTION_REPORTS)
+	@echo "captions done: prompt agreement in $(RUNS)/report_prompts_*/report.md (grids: $(RUNS)/prompts_*/grid.png),"
+	@echo "the reference without captions in $(RUNS)/report_label/report.md"
+
+$(RUNS)/transformers/base_label/DONE: $(PRUNED) $(PRESET_DIR)/transformer_base_label.json
+	rm -f $@
+	$(call TIMER,base_label transformer) $(PYTHON) train_transformer.py --train-base-model \
+		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
+		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) \
+		--config-path $(PRESET_DIR)/transformer_base_label.json --out-dir $(RUNS)/transformers/base_label \
+		--batch-size $(BATCH) --max-steps $(BASE_STEPS) --max-epoch $(BASE_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
+	touch $@
+
+$(RUNS)/generated_label/DONE: $(RUNS)/transformers/base_label/DONE $(RUNS)/transformers/cascade/DONE
+	rm -f $@
+	sed 's#"transformers/base/#"transformers/base_label/#' $(PRESET_DIR)/generate.json > $(RUNS)/generate_label.json
+	$(call TIMER,generate label) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_label.json \
+		--decoder-path $(AE_ARTIFACT) --out-dir $(RUNS)/generated_label --num-images $(NUM_IMAGES) --seed 0 \
+		--device $(DEVICE) $(RESTART)
+	touch $@
+
+$(RUNS)/report_label/DONE: $(RUNS)/generated_label/DONE
+	rm -f $@
+	$(call TIMER,report label) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
+		--generated-path $(RUNS)/generated_label/dataset.json --out-dir $(RUNS)/report_label --device $(DEVICE) \
+		$(REPORT_FLAGS)
+	touch $@
+
+# g1: guidance scale 1 (plain conditional); guided: CAPTIONS_GUIDANCE at every level
+guidance_g1 := 1.0
+guidance_guided = $(CAPTIONS_GUIDANCE)
+$(RUNS)/prompts_%/DONE: $(RUNS)/transformers/base/DONE $(RUNS)/transformers/cascade/DONE
+	rm -f $@
+	sed 's#"guidance_scale": 1.0#"guidance_scale": $(guidance_$(lastword $(subst _, ,$*)))#' $(PRESET_DIR)/generate.json \
+		> $(RUNS)/generate_$*.json
+	$(call TIMER,generate prompts $*) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_$*.json \
+		--decoder-path $(AE_ARTIFACT) --out-dir $(RUNS)/prompts_$* --num-images $(CAPTIONS_PER_PROMPT) --seed 0 \
+		--prompts-file $(CAPTIONS_SOURCE)/prompts_$(firstword $(subst _, ,$*)).txt --device $(DEVICE) $(RESTART)
+	touch $@
+
+# the label classifier of the reference's report, and the word classifier of the first prompt report, reused
+$(RUNS)/report_prompts_%/DONE: $(RUNS)/prompts_%/DONE $(RUNS)/report_label/DONE
+	rm -f $@
+	mkdir -p $(RUNS)/report_prompts_$*
+	cp $(RUNS)/report_prompts_seen_g1/prompt_classifier.safetensors $(RUNS)/report_prompts_$*/ 2>/dev/null || true
+	$(call TIMER,report prompts $*) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
+		--generated-path $(RUNS)/prompts_$*/dataset.json --out-dir $(RUNS)/report_prompts_$* \
+		--classifier-path $(RUNS)/report_label/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS)
+	touch $@

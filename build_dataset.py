@@ -27,6 +27,8 @@ def main(
     from_split: Annotated[Optional[str], typer.Option(help="keep only images of this split of the source: train or heldout")] = None,
     train_count: Annotated[Optional[int], typer.Option(min=0, help="the first N images are the training split, the rest held out")] = None,
     train_per_class: Annotated[Optional[int], typer.Option(min=1, help="keep the first N training images of each label; held-out images are all kept (a low-data benchmark)")] = None,
+    captions: Annotated[Optional[Path], typer.Option(help="CSV (file,caption) or JSON ({file: caption}) of captions; "
+                                                        "a text file beside an image (photo.txt) is its caption too")] = None,
     strict: Annotated[bool, typer.Option(help="refuse a corrupt image instead of skipping it")] = False,
     seed: Seed = 0,
     overwrite: Overwrite = False,
@@ -38,9 +40,11 @@ def main(
     counts = run(DatasetArgs(source=source, out_dir=out_dir, size=size, channels=channels, fit=fit, limit=limit,
                              holdout=holdout, seed=seed, strict=strict, overwrite=overwrite, labels=label,
                              from_split=from_split, train_count=train_count, train_per_class=train_per_class,
+                             captions=captions,
                              progress=lambda items: track(items, "images")))
     console.print(f"wrote {out_dir / 'dataset.json'}: {counts['images']} images of {counts['channels']} channel(s) "
-                  f"({counts['train']} train, {counts['heldout']} held out, {counts['labels']} labels), "
+                  f"({counts['train']} train, {counts['heldout']} held out, {counts['labels']} labels"
+                  f"{', %d captioned' % counts['captions'] if counts['captions'] else ''}), "
                   f"{counts['skipped']} skipped")
 
 

@@ -67,6 +67,10 @@ def main(
                             for row in ceiling["rows"])
         console.print(f"tokenizer ceiling, Fréchet distance in {space.replace('_', ' ')} space: {figures}",
                       highlight=False)
+    if "prompts" in report:
+        summary = ", ".join(f"{name.replace('_', ' ')} {report['prompts'][name]['overall']:.1%}"
+                            for name in ("real_heldout", "generated_seen", "generated_unseen") if name in report["prompts"])
+        console.print(f"prompt agreement (named words found): {summary}", highlight=False)
     console.print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.json'}")
 
 

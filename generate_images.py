@@ -1,12 +1,13 @@
 """Generate images with the cascade of transformers: one config entry per level, decoded by the
 autoencoder. Writes the images, grid.png and a dataset.json recording each image's provenance."""
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from core.cli import BatchSize, Device, OutDir, Overwrite, Seed, console, entry, make_app, stage, track
 from core.errors import PipelineError
+from core.stages import prompts
 from core.stages.generate import GenerateArgs, run
 
 app = make_app(__doc__)
@@ -25,12 +26,20 @@ def main(
     device: Device = "auto",
     no_cache: Annotated[bool, typer.Option(help="recompute every position (slow; for checks)")] = False,
     overwrite: Overwrite = False,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="a file of prompts, one per line: --num-images images "
+                                                              "of each, in OUT/set_000, set_001, ...")] = None,
 ) -> None:
     if format not in ("png", "jpg"):
         raise PipelineError("--format must be png or jpg")
-    path = run(GenerateArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir,
-                            num_images=num_images, seed=seed, batch_size=batch_size, fmt=format, device=device,
-                            overwrite=overwrite, use_cache=not no_cache, progress=lambda items: track(items, "batches")))
+    args = GenerateArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir, num_images=num_images,
+                        seed=seed, batch_size=batch_size, fmt=format, device=device, overwrite=overwrite,
+                        use_cache=not no_cache, progress=lambda items: track(items, "batches"))
+    if prompts_file is not None:
+        path = prompts.run(prompts.PromptsArgs(generate=args, prompts_path=prompts_file,
+                                               progress=lambda items: track(items, "prompts")))
+        console.print(f"wrote {num_images} images per prompt of {prompts_file}, {out_dir / 'grid.png'} and {path}")
+        return
+    path = run(args)
     console.print(f"wrote {num_images} images, {out_dir / 'grid.png'} and {path}")
 
 

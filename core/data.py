@@ -22,13 +22,11 @@ FMAP_SHARD_KIND = "fmap_shard"
 RECORDS_PER_FILE = 250_000  # about 30 MB of small records
 
 
-def write_dataset_json(path: Path, records: list[dict], info: dict) -> None:
-    """The seed's tinydb layout ({"_default": {"1": record, ...}}), plus an "info" table, written atomically."""
-    with atomic_path(path) as tmp:
-        db = TinyDB(tmp, indent=None)
-        db.insert_multiple(records)
-        db.table("info").insert(info)
-        db.close()
+def write_dataset_json(path: Path, records: Iterable[dict], info: dict,
+                       tables: dict[str, list[dict]] | None = None) -> None:
+    """The seed's tinydb layout ({"_default": {"1": record, ...}}), plus an "info" table (and `tables`),
+    written atomically."""
+    write_records(path, records, info, tables)
 
 
 def write_records(path: Path, records: Iterable[dict], info: dict, tables: dict[str, list[dict]] | None = None,
@@ -123,6 +121,12 @@ def read_records(dataset_path: str | Path) -> tuple[list[dict], dict]:
     for name in info.get("record_files", []):
         records += _read_tinydb(dataset_path.parent / name)[0]
     return records, info
+
+
+def read_table(dataset_path: str | Path, name: str) -> list[dict]:
+    """The documents of a further table of a dataset.json (generated datasets: "runs")."""
+    with TinyDB(dataset_path, access_mode="r") as db:
+        return [dict(r) for r in sorted(db.table(name).all(), key=lambda r: r.doc_id)]
 
 
 def _read_tinydb(path: Path) -> tuple[list[dict], dict]:

@@ -11,7 +11,7 @@ from core.config import config_from_dict, to_dict
 from core.errors import PipelineError
 from core.models.autoencoder import Autoencoder, AutoencoderConfig
 from core.models.codebook import CodebookConfig, SOMCodebook
-from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig
+from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, config_record
 
 AUTOENCODER, CODEBOOK, TRANSFORMER = "autoencoder", "codebook", "transformer"
 
@@ -41,7 +41,7 @@ def save_transformer(path: str | Path, model: TokenTransformer, provenance: dict
     tensors = state_tensors(model)
     if cond_counts is not None:
         tensors["cond_counts"] = cond_counts
-    config = {"transformer": to_dict(model.cfg), "shape": model.shape.to_record()}
+    config = {"transformer": config_record(model.cfg, model.shape), "shape": model.shape.to_record()}
     save_artifact(path, tensors, TRANSFORMER, config, provenance, extra)
 
 

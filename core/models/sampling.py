@@ -5,7 +5,8 @@ one evaluation uses). At the first position of a window it reads the window's st
 forward; after that, one position per step, each block's keys and values kept in buffers preallocated to
 the window's length (a step writes its key and value in place), so cached and uncached decoding read
 every position in the same context. On top of it: sampling (temperature, top-k, top-p), true beam
-search, the seed's chunked sample-and-rank, and classifier-free guidance."""
+search, the seed's chunked sample-and-rank, and classifier-free guidance. A model trained on captions reads
+caption ids beside the labels; its unconditional rows have the null label and the null caption."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,15 +80,20 @@ class DecodeState:
     folded in (rows [conditional; unconditional])."""
 
     def __init__(self, model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
-                 guidance_scale: float = 1.0, use_cache: bool = True, step: Callable = None):
+                 guidance_scale: float = 1.0, use_cache: bool = True, step: Callable = None,
+                 text: torch.Tensor | None = None):
         self.model, self.use_cache, self.scale = model, use_cache, guidance_scale
         self.step = step or step_logits  # or a compiled step_logits
         self.guided = guidance_scale != 1.0
-        if self.guided:
+        if model.tokenizer is not None and text is None:
+            text = model.null_text(len(labels), labels.device)
+        if self.guided:  # rows [conditional; unconditional]
             labels = torch.cat([labels, torch.full_like(labels, model.shape.null_label)])
             coarse_tokens = torch.cat([coarse_tokens, coarse_tokens])
-        self.labels, self.coarse_tokens = labels, coarse_tokens
-        self.memory = model.encode(labels, coarse_tokens)
+            if text is not None:
+                text = torch.cat([text, model.null_text(len(text), text.device)])
+        self.labels, self.coarse_tokens, self.text = labels, coarse_tokens, text
+        self.memory = model.encode(labels, coarse_tokens, text)
         n = model.shape.fine_len
         self.tokens = torch.zeros(len(labels), n, dtype=torch.long, device=labels.device)
         self.positions = torch.arange(n, device=labels.device).expand(len(labels), n)
@@ -122,7 +128,7 @@ class DecodeState:
         else:
             caches = [{} for _ in self.model.decoder] if self.use_cache else None
             logits = self.model(self.labels, self.coarse_tokens, self._inputs(self.start, p + 1),
-                                self.positions[:, self.start:p + 1], self.memory, caches)
+                                self.positions[:, self.start:p + 1], self.memory, caches, text=self.text)
             if caches is not None:
                 self._keep(caches)
         logits = logits[:, -1].float()
@@ -153,6 +159,8 @@ class DecodeState:
             rows = torch.cat([rows, rows + self.batch])
         self.labels, self.coarse_tokens, self.tokens = self.labels[rows], self.coarse_tokens[rows], self.tokens[rows]
         self.positions = self.positions[:1].expand(len(rows), -1)
+        if self.text is not None:
+            self.text = self.text[rows]
         if self.memory is not None:
             self.memory = self.memory[rows]
         self.keys = [keys[rows] for keys in self.keys]
@@ -248,10 +256,11 @@ def sample_and_rank(dec: DecodeState, settings: DecodeSettings, generators: list
 @torch.no_grad()
 def generate_tokens(model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
                     settings: DecodeSettings, generators: list[torch.Generator], use_cache: bool = True,
-                    step: Callable | None = None) -> torch.Tensor:
-    """The predicted level's tokens (B, fine_len) for labels (B,) and conditioning tokens (B, coarse_len).
+                    step: Callable | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
+    """The predicted level's tokens (B, fine_len) for labels (B,) and conditioning tokens (B, coarse_len)
+    (and caption ids (B, text_len) for a model trained on captions; None: the null caption).
     `step` replaces step_logits (torch.compile(step_logits))."""
-    dec = DecodeState(model, labels, coarse_tokens, settings.guidance_scale, use_cache, step)
+    dec = DecodeState(model, labels, coarse_tokens, settings.guidance_scale, use_cache, step, text)
     if settings.mode == "beam":
         return beam_search(dec, settings.beam_width)
     if settings.mode == "rank":
@@ -260,9 +269,26 @@ def generate_tokens(model: TokenTransformer, labels: torch.Tensor, coarse_tokens
     return dec.result()
 
 
+@torch.no_grad()
+def condition_tokens(model: TokenTransformer, labels: torch.Tensor, text: torch.Tensor, settings: DecodeSettings,
+                     generators: list[torch.Generator]) -> torch.Tensor:
+    """A base model trained on captions: its condition tokens (B, 1) for labels (B,) and caption ids (B, L),
+    drawn from its condition head as the sequence's tokens are drawn (temperature, top-k, top-p, guidance
+    towards the caption and label: one number of each row's generator)."""
+    logits = model.condition_logits(labels, text).float()
+    if settings.guidance_scale != 1.0:
+        null = torch.full_like(labels, model.shape.null_label)
+        unconditional = model.condition_logits(null, model.null_text(len(labels), labels.device)).float()
+        logits = unconditional + settings.guidance_scale * (logits - unconditional)
+    if settings.temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    return draw(filter_logits(logits, settings.temperature, settings.top_k, settings.top_p),
+                uniform_draws(generators, 1)[0])[:, None]
+
+
 def sample_tokens(model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
     """Plain sampling with one generator for the batch (training previews)."""
     generator = generator or torch.Generator().manual_seed(0)
     return generate_tokens(model, labels, coarse_tokens, DecodeSettings(temperature=temperature),
-                           [generator] * len(labels))
+                           [generator] * len(labels), text=text)

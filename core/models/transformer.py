@@ -4,6 +4,12 @@ base (decoder-only):   [label, condition token, start, t0, t1, ...] -> next toke
 cascade (enc-dec):     the encoder reads [label, coarse tokens] with full attention; the decoder reads
                        [start, t0, t1, ...] of the finer level, causal, with cross-attention.
 
+A model trained on captions (its shape holds a tokenizer) also has a text encoder (core.models.text), whose
+token states come first: base [caption states, label, condition token, start, ...], where a head reads the
+label's position to predict the condition token itself (a caption fixes what that coarse token says);
+cascade: the encoder reads [caption states, label, coarse tokens]. A model without captions has none of
+this, and is the same model, with the same initial weights, as before captions existed.
+
 Long sequences train on random windows of `sliding_window` tokens; every token carries the embedding
 of its absolute position, so the model knows where the window lies. The conditioning (label and
 condition token, or the encoder's output) is visible from every window."""
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from core.config import option
+from core.models.text import Tokenizer, TextEncoder
 
 ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -37,12 +44,30 @@ class TransformerConfig:
     label_dropout: float = option(0.1, low=0.0, high=1.0, doc="share of labels replaced by the null label")
     warmup_steps: int = option(100, low=0, high=10**7)
     weight_decay: float = option(0.01, low=0.0, high=1.0)
+    text_encoder: str = option("scratch", choices=("scratch", "none"),
+                               doc="when the data has captions: scratch (a text encoder trained with the model) "
+                                   "or none (captions ignored)")
+    text_layers: int = option(2, low=0, high=64, doc="blocks of the text encoder")
+    max_caption_words: int = option(32, low=1, high=4096, doc="words of a caption read (longer ones are cut)")
+    caption_dropout: float = option(0.1, low=0.0, high=0.5,
+                                    doc="share of items trained unconditionally (null caption and null label), "
+                                        "and share of the others whose caption alone is dropped")
 
     def check(self) -> str | None:
         for name in ("self_attn_heads", "cross_attn_heads"):
             if self.in_dim % getattr(self, name):
                 return f"in_dim ({self.in_dim}) must be a multiple of {name} ({getattr(self, name)})"
         return None
+
+
+TEXT_KEYS = ("text_encoder", "text_layers", "max_caption_words", "caption_dropout")
+
+
+def config_record(cfg: TransformerConfig, shape: "TokenShape") -> dict:
+    """The config as artifacts and runs store it: without the text settings when the model reads no
+    captions, so that such a model's artifact is what it was before captions existed."""
+    record = asdict(cfg)
+    return record if shape.text is not None else {k: v for k, v in record.items() if k not in TEXT_KEYS}
 
 
 @dataclass
@@ -57,12 +82,13 @@ class TokenShape:
     fine_len: int  # tokens per image in the fine level
     num_labels: int = 0  # 0: unconditional
     label_names: list = field(default_factory=list)
+    text: dict | None = None  # the tokenizer's record (core.models.text.Tokenizer) of a model trained on captions
 
     # artifacts store the shape under the seed's low/high-resolution names
     STORED_NAMES = {"coarse_vocab": "lr_vocab", "fine_vocab": "hr_vocab", "coarse_len": "lr_len", "fine_len": "hr_len"}
 
     def to_record(self) -> dict:
-        return {self.STORED_NAMES.get(k, k): v for k, v in asdict(self).items()}
+        return {self.STORED_NAMES.get(k, k): v for k, v in asdict(self).items() if k != "text" or v is not None}
 
     @classmethod
     def from_record(cls, record: dict) -> "TokenShape":
@@ -76,6 +102,10 @@ class TokenShape:
     @property
     def start_token(self) -> int:
         return self.fine_vocab
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return Tokenizer.from_record(self.text) if self.text is not None else None
 
 
 class Attention(nn.Module):
@@ -163,6 +193,11 @@ class TokenTransformer(nn.Module):
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=cascade) for _ in range(cfg.num_dec_layers))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, shape.fine_vocab, bias=False)
+        self.tokenizer = shape.tokenizer
+        if self.tokenizer is not None:  # made last, so that a model without captions starts as it always did
+            self.text_encoder = TextEncoder(self.tokenizer.size, self.tokenizer.length, dim,
+                                            [Block(cfg, causal=False, cross=False) for _ in range(cfg.text_layers)])
+            self.cond_head = nn.Linear(dim, shape.coarse_vocab, bias=False) if not cascade else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -173,42 +208,74 @@ class TokenTransformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     @property
+    def text_len(self) -> int:
+        """Caption states at the start of the conditioning (0 without captions)."""
+        return self.tokenizer.length if self.tokenizer is not None else 0
+
+    @property
     def prefix_len(self) -> int:
-        """Decoder positions before the first predicted token's input: [label, condition] for base."""
-        return 2 if self.shape.kind == "base" else 0
+        """Decoder positions before the first predicted token's input: [caption, label, condition] for base."""
+        return self.text_len + 2 if self.shape.kind == "base" else 0
 
-    def conditioning(self, labels: torch.Tensor, coarse_tokens: torch.Tensor) -> torch.Tensor:
-        """Embeddings of [label, lr tokens...]: (B, 1 + coarse_len, D)."""
+    def null_text(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The ids of `batch` null captions (batch, text_len)."""
+        return torch.tensor(self.tokenizer.null(), device=device).expand(batch, -1)
+
+    def conditioning(self, labels: torch.Tensor, coarse_tokens: torch.Tensor,
+                     text: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of [caption states..., label, lr tokens...]: (B, text_len + 1 + coarse_len, D). `text`
+        (B, text_len): caption ids; None is the null caption."""
         positions = torch.arange(coarse_tokens.shape[1] + 1, device=coarse_tokens.device)
-        x = torch.cat([self.label_emb(labels)[:, None], self.cond_emb(coarse_tokens)], 1)
-        return x + self.cond_pos(positions)
+        x = torch.cat([self.label_emb(labels)[:, None], self.cond_emb(coarse_tokens)], 1) + self.cond_pos(positions)
+        if self.tokenizer is None:
+            return x
+        return torch.cat([self.caption_states(labels, text), x], 1)
 
-    def encode(self, labels: torch.Tensor, coarse_tokens: torch.Tensor) -> torch.Tensor | None:
+    def caption_states(self, labels: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        text = self.null_text(len(labels), labels.device) if text is None else text
+        return self.text_encoder(text)
+
+    def encode(self, labels: torch.Tensor, coarse_tokens: torch.Tensor,
+               text: torch.Tensor | None = None) -> torch.Tensor | None:
         """Cascade: the encoder's output (the decoder's memory). Base: None."""
         if self.shape.kind == "base":
             return None
-        x = self.conditioning(labels, coarse_tokens)
+        x = self.conditioning(labels, coarse_tokens, text)
         for block in self.encoder:
             x = self._run(block, x)
         return self.enc_ln(x)
 
     def forward(self, labels: torch.Tensor, coarse_tokens: torch.Tensor, fine_input: torch.Tensor,
                 positions: torch.Tensor, memory: torch.Tensor | None = None, caches: list | None = None,
-                with_prefix: bool = True) -> torch.Tensor:
+                with_prefix: bool = True, text: torch.Tensor | None = None,
+                with_condition: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, fine_vocab) for the decoder inputs `fine_input` (B, T) at absolute `positions` (B, T).
         fine_input[:, i] is the token before position i (the start token at position 0). `memory` may
         carry a precomputed encoder output; `caches` (one dict per decoder block) keep keys and values
-        between calls, and `with_prefix` False means the prefix is already in the caches."""
+        between calls, and `with_prefix` False means the prefix is already in the caches. `text`: caption
+        ids (models trained on captions; None: the null caption). `with_condition` (a base model with
+        captions): also the condition token's logits (B, coarse_vocab), read at the label's position."""
         x = self.tok_emb(fine_input) + self.pos_emb(positions)
         if self.shape.kind == "base" and with_prefix:
-            x = torch.cat([self.conditioning(labels, coarse_tokens), x], 1)
+            x = torch.cat([self.conditioning(labels, coarse_tokens, text), x], 1)
         if self.shape.kind == "cascade" and memory is None:
-            memory = self.encode(labels, coarse_tokens)
+            memory = self.encode(labels, coarse_tokens, text)
         for i, block in enumerate(self.decoder):
             x = self._run(block, x, memory, None if caches is None else caches[i])
         if self.shape.kind == "base" and with_prefix:
+            condition = x[:, self.text_len]  # the label's position, which sees the caption and the label
             x = x[:, self.prefix_len:]
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        return (logits, self.cond_head(self.ln_f(condition))) if with_condition else logits
+
+    def condition_logits(self, labels: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """A base model with captions: logits (B, coarse_vocab) of the condition token given the caption and
+        the label, from the decoder run over [caption states, label] alone (causal: what the full
+        sequence gives at the label's position)."""
+        x = torch.cat([self.caption_states(labels, text), self.label_emb(labels)[:, None] + self.cond_pos.weight[0]], 1)
+        for block in self.decoder:
+            x = block(x)
+        return self.cond_head(self.ln_f(x[:, -1]))
 
     def _run(self, block: Block, x: torch.Tensor, memory: torch.Tensor | None = None, cache: dict | None = None):
         if self.use_checkpointing and self.training and cache is None:
@@ -247,16 +314,16 @@ def window_starts(length: int, window: int) -> list[tuple[int, int]]:
 
 
 def sequence_logits(model: TokenTransformer, labels: torch.Tensor, coarse_tokens: torch.Tensor,
-                    fine_tokens: torch.Tensor) -> torch.Tensor:
+                    fine_tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
     """Logits for every position of whole sequences (B, n, vocab), without a cache, reading each
     position in the window the schedule gives it. The reference that cached sampling must match."""
     n, window = fine_tokens.shape[1], model.window()
     inputs = decoder_input(fine_tokens, model.shape.start_token)
-    memory = model.encode(labels, coarse_tokens)
+    memory = model.encode(labels, coarse_tokens, text)
     positions = torch.arange(n, device=fine_tokens.device).expand(len(fine_tokens), n)
     pieces = []  # window k predicts [first_k, end_k), and these tile [0, n)
     for start, first in window_starts(n, window):
         end = min(n, start + window)
-        logits = model(labels, coarse_tokens, inputs[:, start:end], positions[:, start:end], memory=memory)
+        logits = model(labels, coarse_tokens, inputs[:, start:end], positions[:, start:end], memory=memory, text=text)
         pieces.append(logits[:, first - start:])
     return torch.cat(pieces, 1)

@@ -1,7 +1,9 @@
 """The dataset stage: the seed's tinydb dataset.json and its resized images, built from an image folder,
-MNIST-format idx files, or an existing dataset.json (a subset of it)."""
+MNIST-format idx files, or an existing dataset.json (a subset of it). Captions come from a text file beside
+each image (photo.png: photo.txt), from a CSV or JSON file of file -> caption, or from the source dataset.json."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gzip
 import random
@@ -14,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from core.config import load_json
 from core.data import read_records, write_dataset_json
 from core.errors import PipelineError
 
@@ -43,6 +46,7 @@ class DatasetArgs:
     from_split: str | None = None  # keep only images of this split of the source
     train_count: int | None = None  # the first N kept images are the training split, the rest held out
     train_per_class: int | None = None  # keep the first N training images of each label (held-out ones all)
+    captions: Path | None = None  # CSV (file,caption) or JSON ({file: caption}) of the images' captions
     progress: Callable[[Iterable], Iterator] = iter
 
 
@@ -87,6 +91,8 @@ class SourceItem:
     split: str | None  # fixed by the source (idx train/t10k), or None to draw from the held-out fraction
     origin: str | None = None  # the split it had in its source (for --from-split)
     sizes: tuple | None = None  # (source_size, content_size) recorded by an earlier build (dataset.json sources)
+    caption: str | None = None
+    key: str = ""  # how a captions file names it: its path in the source folder (or dataset.json), or FILE[i]
 
 
 def idx_items(pairs: list[tuple[str, Path, Path | None]], class_names: list[str] | None) -> list[SourceItem]:
@@ -104,7 +110,7 @@ def idx_items(pairs: list[tuple[str, Path, Path | None]], class_names: list[str]
                 index = int(labels[i])
                 label = class_names[index] if class_names and index < len(class_names) else str(index)
             items.append(SourceItem(lambda a=array: Image.fromarray(np.ascontiguousarray(a)), label,
-                                    f"{images_path.name}[{i}]", split, split))
+                                    f"{images_path.name}[{i}]", split, split, key=f"{images_path.name}[{i}]"))
     return items
 
 
@@ -114,8 +120,20 @@ def folder_items(folder: Path) -> list[SourceItem]:
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         relative = path.relative_to(folder)
         label = relative.parts[0] if len(relative.parts) > 1 else None
-        items.append(SourceItem(lambda p=path: Image.open(p), label, str(path), None))
+        items.append(SourceItem(lambda p=path: Image.open(p), label, str(path), None,
+                                caption=sidecar_caption(path), key=relative.as_posix()))
     return items
+
+
+def sidecar_caption(image_path: Path) -> str | None:
+    """The caption in the text file beside an image (photo.png: photo.txt), if there is one."""
+    text_path = image_path.with_suffix(".txt")
+    if not text_path.is_file():
+        return None
+    try:
+        return " ".join(text_path.read_text().split()) or None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{text_path}: cannot read caption ({e})") from None
 
 
 def dataset_items(dataset_path: Path) -> list[SourceItem]:
@@ -125,8 +143,55 @@ def dataset_items(dataset_path: Path) -> list[SourceItem]:
         raise PipelineError(f"{dataset_path}: expected an image dataset")
     return [SourceItem(lambda p=dataset_path.parent / r["image_fpath"]: Image.open(p),
                        str(r["labels"][0]) if r.get("labels") else None, r["image_fpath"], None, r.get("split"),
-                       (r["source_size"], r["content_size"]) if "content_size" in r else None)
+                       (r["source_size"], r["content_size"]) if "content_size" in r else None,
+                       caption=r.get("caption"), key=r["image_fpath"])
             for r in records]
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    """file -> caption from a CSV (two columns, file and caption; a header row naming them is skipped) or a
+    JSON file (an object {file: caption}, or a list of {"file": ..., "caption": ...})."""
+    if path.suffix.lower() == ".json":
+        raw = load_json(path)
+        if isinstance(raw, list) and all(isinstance(r, dict) and "file" in r and "caption" in r for r in raw):
+            raw = {r["file"]: r["caption"] for r in raw}
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise PipelineError(f"{path}: expected {{\"file\": \"caption\", ...}} or a list of "
+                                f"{{\"file\": ..., \"caption\": ...}}")
+        return {str(k): " ".join(v.split()) for k, v in raw.items()}
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such captions file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise PipelineError(f"{path}: cannot read captions ({e})") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "caption"], ["image", "caption"]):
+        rows = rows[1:]
+    bad = next((i for i, row in enumerate(rows) if row and len(row) != 2), None)
+    if bad is not None:
+        raise PipelineError(f"{path}: row {bad + 1} has {len(rows[bad])} columns, expected 2 (file,caption)")
+    return {row[0].strip(): " ".join(row[1].split()) for row in rows if row}
+
+
+def attach_captions(items: list[SourceItem], captions: dict[str, str], path: Path) -> list[SourceItem]:
+    """The items with the captions a captions file gives them, by their path in the source, or by their file
+    name when that is unique. A caption naming no image is refused (a typo would silently lose it)."""
+    by_key = {item.key: i for i, item in enumerate(items)}
+    names: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        names.setdefault(Path(item.key).name, []).append(i)
+    found, missing = {}, []
+    for key, caption in captions.items():
+        index = by_key.get(key, names[key][0] if len(names.get(key, [])) == 1 else None)
+        if index is None:
+            missing.append(key)
+        else:
+            found[index] = caption
+    if missing:
+        raise PipelineError(f"{path}: {len(missing)} caption(s) name no image of the source, e.g. '{missing[0]}' "
+                            f"(name an image by its path in the source folder, e.g. '{items[0].key}')")
+    return [dataclasses.replace(item, caption=found.get(i, item.caption)) for i, item in enumerate(items)]
 
 
 def source_items(source: Path) -> list[SourceItem]:
@@ -232,6 +297,8 @@ def run(args: DatasetArgs) -> dict:
     if dataset_path.exists() and not args.overwrite:
         raise PipelineError(f"{dataset_path} already exists (pass --overwrite to rebuild it)")
     items = source_items(source)
+    if args.captions is not None:
+        items = attach_captions(items, read_captions(args.captions), args.captions)
     if labels:
         found = {item.label for item in items}
         missing = [label for label in labels if label not in found]
@@ -277,7 +344,8 @@ def run(args: DatasetArgs) -> dict:
         name = f"{i:06d}.png"
         image.save(staging / name)
         records.append({"image_fpath": f"images/{name}", "labels": [item.label] if item.label else [],
-                        "split": split, "source_size": list(source_size), "content_size": list(content_size)})
+                        "split": split, "source_size": list(source_size), "content_size": list(content_size),
+                        **({"caption": item.caption} if item.caption else {})})
     if not records:
         shutil.rmtree(staging, ignore_errors=True)
         raise PipelineError(f"{source}: no readable images ({skipped} skipped)")
@@ -289,7 +357,8 @@ def run(args: DatasetArgs) -> dict:
     counts = {"images": len(records), "skipped": skipped, "channels": channels,
               "train": sum(r["split"] == "train" for r in records),
               "heldout": sum(r["split"] == "heldout" for r in records),
-              "labels": len({r["labels"][0] for r in records if r["labels"]})}
+              "labels": len({r["labels"][0] for r in records if r["labels"]}),
+              "captions": sum("caption" in r for r in records)}
     return counts
 
 

@@ -26,6 +26,7 @@ from core.model_artifacts import check_fits, load_autoencoder, load_codebook
 from core.models.autoencoder import Autoencoder
 from core.models.classifier import FeatureClassifier
 from core.models.codebook import SOMCodebook
+from core.stages import prompt_agreement
 from core.training import pick_device
 
 CLASSIFIER_KIND = "feature_classifier"
@@ -216,6 +217,10 @@ def run(args: EvalArgs) -> dict:
     report["tokenizer_ceiling"] = tokenizer_ceiling(args, tokenizer, sets.floors[0], references, featurizers,
                                                     report["spaces"], device)
     report["downstream"] = downstream_section(args, sets, device, track)
+    prompts = prompt_agreement.section(real, args.generated_path, args.out_dir, device, args.seed,
+                                       progress=lambda it: track(it, "prompt classifier"))
+    if prompts is not None:  # captioned real and generated images
+        report["prompts"] = prompts
     report["pictures"] = draw_pictures(args, heldout, generated, references, generated_features, track)
     atomic_write_json(args.out_dir / "report.json", report)
     with atomic_path(args.out_dir / "report.md") as tmp:
@@ -460,6 +465,7 @@ def markdown(report: dict) -> str:
         lines += [f"| {name} | {g} ({g / total_g:.1%}) | {h} ({h / total_h:.1%}) |"
                   for name, g, h in zip(c["names"], c["generated"], c["real_heldout"])]
         lines.append("")
+    lines += prompt_agreement.markdown(report.get("prompts"))
     m = report["memorization"]
     lines += ["## Memorization", "",
               f"Distances to the nearest of {m['reference_images']} training images, in {m['space']}. Threshold: the "

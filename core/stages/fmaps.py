@@ -1,5 +1,5 @@
 """The feature-map dataset: every image encoded once by the autoencoder, stored in safetensors shards
-with a tinydb dataset.json that keeps each item's labels, split and source image."""
+with a tinydb dataset.json that keeps each item's labels, caption, split and source image."""
 from __future__ import annotations
 
 import math
@@ -65,6 +65,7 @@ def run(args: FmapArgs) -> dict:
             image_path = os.path.relpath(dataset_path.parent / record["image_fpath"], out_dir)
             records.append({"fmap_shard": f"shards/{name}", "index": offset, "labels": record.get("labels", []),
                             "split": record.get("split", "train"), "image_fpath": image_path,
+                            **({"caption": record["caption"]} if "caption" in record else {}),
                             **({"augmented": copy} if copy else {})})
     shape = list(model.latent_shape(images.items.shape[-1]))
     write_dataset_json(out_dir / "dataset.json", records, {"kind": "feature_maps", "fmap_shape": shape,

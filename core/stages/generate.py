@@ -34,7 +34,7 @@ from core.errors import PipelineError
 from core.model_artifacts import load_autoencoder, load_codebook, load_transformer
 from core.models.autoencoder import Autoencoder
 from core.models.codebook import SOMCodebook
-from core.models.sampling import DecodeSettings, generate_tokens
+from core.models.sampling import DecodeSettings, condition_tokens, generate_tokens
 from core.models.transformer import TokenTransformer
 from core.pictures import picture_bytes, save_image_grid, to_picture
 from core.training import RUN_FILE, RunEnv, claim_out_dir, finish_run, setup_run
@@ -63,7 +63,10 @@ class LevelConfig(DecodeSettings):
     model_path: str = option("")
     lr_codebook_path: str = option("")
     hr_codebook_path: str = option("")
-    label: object = option(None, doc="null: drawn from the data's labels; \"none\": unconditional; or a label name")
+    label: object = option(None, doc="null: drawn from the data's labels (none when there is a prompt); "
+                                     "\"none\": unconditional; or a label name")
+    prompt: object = option(None, doc="a caption to generate (models trained on captions); null: none (a cascade "
+                                      "level: level 0's)")
 
 
 @dataclass
@@ -119,9 +122,45 @@ def load_levels(configs: list[LevelConfig], source: Path) -> list[Level]:
             raise PipelineError(f"{where}: lr_codebook_path {cfg.lr_codebook_path} is not level {i - 1}'s "
                                 f"hr_codebook_path {levels[-1].settings.hr_codebook_path}")
         record = {**to_dict(cfg), "model": file_record(cfg.model_path), **records}
+        if cfg.prompt is None:  # provenance as it was before prompts
+            del record["prompt"]
         levels.append(Level(cfg, model, load_codebook(cfg.lr_codebook_path)[0], load_codebook(cfg.hr_codebook_path)[0],
                             record, artifact.tensors.get("cond_counts")))
+    check_prompts(levels, source)
     return levels
+
+
+def level_prompt(levels: list[Level], i: int) -> str | None:
+    """The prompt level i reads: its own, or level 0's."""
+    own = levels[i].settings.prompt
+    return own if own is not None or i == 0 else levels[0].settings.prompt
+
+
+def check_prompts(levels: list[Level], source: Path) -> None:
+    """Every prompt is a string that its level's model can read, before any image is made."""
+    for i, level in enumerate(levels):
+        prompt, where = level_prompt(levels, i), f"{source} level {i}"
+        if level.settings.prompt is not None and not isinstance(level.settings.prompt, str):
+            raise PipelineError(f"{where}: 'prompt' must be a string or null, got {json.dumps(level.settings.prompt)}")
+        if prompt is None:
+            continue
+        tokenizer = level.model.tokenizer
+        if tokenizer is None:
+            if level.settings.prompt is not None:
+                raise PipelineError(f"{where}: a prompt was given, but {level.settings.model_path} was trained "
+                                    f"without captions (rebuild the dataset with captions and train it again)")
+            continue  # a level without captions ignores level 0's prompt
+        problem = tokenizer.problem(prompt)
+        if problem:
+            raise PipelineError(f"{where}: prompt {json.dumps(prompt)}: {problem}")
+
+
+def prompt_ids(level: Level, prompt: str | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Caption ids (batch, text_len) of the prompt for a level whose model reads captions, else None."""
+    tokenizer = level.model.tokenizer
+    if tokenizer is None:
+        return None
+    return torch.tensor(tokenizer.encode(prompt), device=device).expand(batch, -1)
 
 
 def resolve_label(value: object, names: list[str], where: str) -> int | None:
@@ -152,20 +191,28 @@ def generate_batch(levels: list[Level], decoder: Autoencoder, indices: range, se
     shape = base.model.shape
     counts = base.cond_counts.float()
     wanted = resolve_label(base.settings.label, shape.label_names, "level 0")
+    if wanted is None and base.settings.prompt is not None:  # a prompt says what to make: no label drawn
+        wanted = -1
     labels = []
     for g in generators:
         if wanted is None and shape.num_labels:
             labels.append(int(torch.multinomial(counts[:shape.num_labels].sum(1) + 1e-9, 1, generator=g)))
         else:
             labels.append(-1 if wanted is None else wanted)
-    conds = [int(torch.multinomial(counts[label if label >= 0 else shape.num_labels] + 1e-9, 1, generator=g))
-             for label, g in zip(labels, generators)]
-    tokens = torch.tensor(conds, device=device)[:, None]
+    if base.model.tokenizer is None:
+        conds = [int(torch.multinomial(counts[label if label >= 0 else shape.num_labels] + 1e-9, 1, generator=g))
+                 for label, g in zip(labels, generators)]
+        tokens = torch.tensor(conds, device=device)[:, None]
+    else:  # a model trained on captions predicts its condition token from the prompt and the label
+        ids = torch.tensor([l if l >= 0 else shape.null_label for l in labels], device=device)
+        text = prompt_ids(base, base.settings.prompt, len(labels), device)
+        tokens = condition_tokens(base.model, ids, text, base.settings, generators)
     for i, level in enumerate(levels):
         override = resolve_label(level.settings.label, shape.label_names, f"level {i}") if i else None
         level_labels = labels if override is None else [override] * len(labels)
         ids = torch.tensor([l if l >= 0 else level.model.shape.null_label for l in level_labels], device=device)
-        tokens = generate_tokens(level.model, ids, tokens, level.settings, generators, use_cache)
+        text = prompt_ids(level, level_prompt(levels, i), len(labels), device)
+        tokens = generate_tokens(level.model, ids, tokens, level.settings, generators, use_cache, text=text)
     final = levels[-1].fine_book
     images = decoder.decoder(final.lookup(tokens)).float().clamp(-1, 1)
     return images.cpu(), labels
@@ -314,7 +361,8 @@ def run(args: GenerateArgs) -> Path:
     barrier(env)
     if env.is_main:
         write_dataset(out_dir, levels[0].model.shape.label_names, read_progress(progress_dir), batch_size,
-                      {**provenance, "format": args.fmt, "num_images": num_images, "batch_size": batch_size}, args.fmt)
+                      {**provenance, "format": args.fmt, "num_images": num_images, "batch_size": batch_size}, args.fmt,
+                      caption=levels[0].settings.prompt)
     finish_run(env)
     return out_dir / "dataset.json"
 
@@ -347,7 +395,7 @@ def run_batch_size(out_dir: Path, asked: int, env: RunEnv) -> int:
 
 
 def write_dataset(out_dir: Path, names: list[str], done: dict[int, list[int]], batch_size: int, run_record: dict,
-                  fmt: str) -> None:
+                  fmt: str, caption: str | None = None) -> None:
     """grid.png of the first 64 images, and dataset.json: one small record per image, the run once."""
     num_images = run_record["num_images"]
     missing = [k for k in range((num_images + batch_size - 1) // batch_size) if k not in done]
@@ -356,12 +404,14 @@ def write_dataset(out_dir: Path, names: list[str], done: dict[int, list[int]], b
     grid = read_image_files([out_dir / image_path(i, fmt) for i in range(min(num_images, 64))])
     save_image_grid(grid, out_dir / "grid.png", columns=8)
 
+    captioned = {"caption": caption} if caption is not None else {}
+
     def records() -> Iterator[dict]:
         for number in range((num_images + batch_size - 1) // batch_size):
             for offset, label in enumerate(done[number]):
                 index = number * batch_size + offset
                 yield {"image_fpath": image_path(index, fmt), "labels": [names[label]] if label >= 0 else [],
-                       "split": "train", "index": index, "run": 1}
+                       "split": "train", **captioned, "index": index, "run": 1}
 
     info = {"kind": "generated", "channels": int(grid.shape[1]), "size": int(grid.shape[-1]), "images": num_images}
     write_records(out_dir / "dataset.json", records(), info, {"runs": [run_record]})

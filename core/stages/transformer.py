@@ -1,6 +1,8 @@
 """The transformer stage (the seed's train_quantized_transformer.py): the tokens of two codebook levels are
 computed once, then a base (decoder-only; the coarse level is the whole-map condition codebook) or a
-cascade (encoder-decoder) TokenTransformer learns to predict the fine level's tokens."""
+cascade (encoder-decoder) TokenTransformer learns to predict the fine level's tokens. When the data has
+captions (and the config's text_encoder is not "none"), the model also learns a text encoder over a
+tokenizer built from the training captions, and a base model learns to predict the condition token."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -10,15 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from core.artifacts import file_record, load_artifact, load_state
-from core.config import config_from_dict, load_config, to_dict
+from core.config import config_from_dict, load_config
+from core.console import notice
 from core.data import Dataset, load_fmap_dataset, load_source_images
 from core.errors import PipelineError
 from core.model_artifacts import TRANSFORMER, check_fits, load_autoencoder, load_codebook, save_transformer
 from core.models.autoencoder import Autoencoder
 from core.models.codebook import SOMCodebook
-from core.models.sampling import sample_tokens
-from core.models.transformer import (TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits,
-                                     sequence_window)
+from core.models.sampling import DecodeSettings, condition_tokens, sample_tokens
+from core.models.text import Tokenizer
+from core.models.transformer import (TokenShape, TokenTransformer, TransformerConfig, config_record, decoder_input,
+                                     sequence_logits, sequence_window)
 from core.pictures import save_image_grid
 from core.training import Objective, Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
 
@@ -66,6 +70,20 @@ def drop_labels(labels: torch.Tensor, rate: float, null_label: int) -> torch.Ten
     return torch.where(torch.rand(labels.shape) < rate, torch.full_like(labels, null_label), labels)
 
 
+def drop_conditions(labels: torch.Tensor, text: torch.Tensor, cfg: TransformerConfig, null_label: int,
+                    null_text: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance's dropout for a model with captions: a `caption_dropout` share of items lose
+    both caption and label (the unconditional model that guidance pushes away from); of the others, a
+    `label_dropout` share lose the label and, independently, a `caption_dropout` share the caption, so
+    that a prompt alone and a label alone are conditions the model knows too."""
+    both = torch.rand(labels.shape) < cfg.caption_dropout
+    no_label = both | (torch.rand(labels.shape) < cfg.label_dropout)
+    no_caption = both | (torch.rand(labels.shape) < cfg.caption_dropout)
+    labels = torch.where(no_label, torch.full_like(labels, null_label), labels)
+    text = torch.where(no_caption[:, None], torch.tensor(null_text, dtype=text.dtype), text)
+    return labels, text
+
+
 @dataclass
 class TokenData:
     """A feature-map dataset read as the tokens of two codebook levels."""
@@ -75,6 +93,16 @@ class TokenData:
     coarse_tokens: torch.Tensor  # (N, coarse_len)
     fine_tokens: torch.Tensor  # (N, fine_len)
     shape: TokenShape
+
+    @property
+    def captions(self) -> list[str | None]:
+        return [record.get("caption") for record in self.data.records]
+
+    def caption_ids(self, shape: TokenShape) -> torch.Tensor | None:
+        """(N, text_len) ids of every item's caption for a model with captions (a word its tokenizer does not
+        know is left out: fine-tuning data may have new words), else None."""
+        tokenizer = shape.tokenizer
+        return tokenizer.encode_all(self.captions, lenient=True) if tokenizer is not None else None
 
 
 def load_token_data(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, base: bool) -> TokenData:
@@ -90,6 +118,22 @@ def load_token_data(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path
     shape = TokenShape("base" if base else "cascade", coarse_book.cfg.num_embeddings, fine_book.cfg.num_embeddings,
                        coarse_tokens.shape[1], fine_tokens.shape[1], len(data.label_names), data.label_names)
     return TokenData(data, coarse_book, fine_book, coarse_tokens, fine_tokens, shape)
+
+
+def with_captions(tokens: TokenData, cfg: TransformerConfig) -> TokenData:
+    """The data's shape with a tokenizer built from its training captions, when it has captions and the config
+    wants a text encoder; unchanged otherwise (the model then is the one without captions)."""
+    train = (~tokens.data.is_heldout).nonzero().flatten().tolist()
+    captions = [tokens.captions[i] for i in train]
+    if cfg.text_encoder == "none" or not any(captions):
+        return tokens
+    tokenizer = Tokenizer.build(captions, cfg.max_caption_words)
+    return replace(tokens, shape=replace(tokens.shape, text=tokenizer.to_record()))
+
+
+def adopt_text(tokens: TokenData, text: dict | None) -> TokenData:
+    """Fine-tuning keeps the model's tokenizer (or its having none)."""
+    return replace(tokens, shape=replace(tokens.shape, text=text))
 
 
 def adopt_labels(tokens: TokenData, label_names: list[str]) -> TokenData:
@@ -108,30 +152,59 @@ def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, devi
     coarse_tokens, fine_tokens = tokens.coarse_tokens, tokens.fine_tokens
     fine_inputs = decoder_input(fine_tokens, shape.start_token)
     window = sequence_window(cfg, shape.fine_len)
+    text = tokens.caption_ids(shape)  # None: a model without captions
+    predicts_condition = text is not None and shape.kind == "base"
 
     def get_batch(indices: torch.Tensor) -> dict:
         ids = train_ids[indices]
-        batch_labels = drop_labels(labels[ids], cfg.label_dropout, shape.null_label)
+        if text is None:
+            batch_labels = drop_labels(labels[ids], cfg.label_dropout, shape.null_label)
+        else:
+            batch_labels, batch_text = drop_conditions(labels[ids], text[ids], cfg, shape.null_label,
+                                                       shape.tokenizer.null())
         starts = torch.randint(0, shape.fine_len - window + 1, (len(ids), 1))  # all zero when the window fits
         positions = starts + torch.arange(window)
         batch = {"labels": batch_labels, "coarse": coarse_tokens[ids], "input": fine_inputs[ids].gather(1, positions),
                  "positions": positions, "targets": fine_tokens[ids].gather(1, positions)}
+        if text is not None:
+            batch["text"] = batch_text
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss_fn(net, batch: dict, step: int) -> torch.Tensor:
-        logits = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1))
+        if not predicts_condition:
+            logits = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"], text=batch.get("text"))
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1))
+        # the condition token is one more token of the sequence, predicted before the others
+        logits, condition = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"],
+                                text=batch["text"], with_condition=True)
+        total = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
+                                 reduction="sum")
+                 + F.cross_entropy(condition.float(), batch["coarse"][:, 0], reduction="sum"))
+        return total / (batch["targets"].numel() + len(condition))
 
     def evaluate(net: TokenTransformer) -> dict:
         total_loss, correct, count = 0.0, 0, 0
+        condition_loss, condition_correct = 0.0, 0
         for chunk in eval_ids.split(250):
             targets = fine_tokens[chunk].to(device)
-            logits = sequence_logits(net, labels[chunk].to(device), coarse_tokens[chunk].to(device), targets)
+            chunk_labels, chunk_coarse = labels[chunk].to(device), coarse_tokens[chunk].to(device)
+            chunk_text = text[chunk].to(device) if text is not None else None
+            logits = sequence_logits(net, chunk_labels, chunk_coarse, targets, chunk_text)
             total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                           reduction="sum").item()
             correct += (logits.argmax(-1) == targets).sum().item()
             count += targets.numel()
-        return {"heldout_loss": total_loss / count, "heldout_accuracy": correct / count}
+            if predicts_condition:
+                condition = net.condition_logits(chunk_labels, chunk_text).float()
+                condition_loss += F.cross_entropy(condition, chunk_coarse[:, 0], reduction="sum").item()
+                condition_correct += (condition.argmax(-1) == chunk_coarse[:, 0]).sum().item()
+        if not predicts_condition:
+            return {"heldout_loss": total_loss / count, "heldout_accuracy": correct / count}
+        # the loss training minimises: the condition token as one more token of each sequence
+        return {"heldout_loss": (total_loss + condition_loss) / (count + len(eval_ids)),
+                "heldout_accuracy": correct / count, "heldout_token_loss": total_loss / count,
+                "heldout_condition_loss": condition_loss / len(eval_ids),
+                "heldout_condition_accuracy": condition_correct / len(eval_ids)}
 
     return Objective(len(train_ids), get_batch, loss_fn, evaluate, items_per_batch=lambda batch: batch["targets"].numel(),
                      metric="heldout_loss", heldout=bool(tokens.data.is_heldout.any()))
@@ -161,14 +234,19 @@ def sample_grids(args: TransformerArgs, tokens: TokenData, shape: TokenShape, co
     ids = tokens.data.eval_ids(args.eval_items)[:args.test_num_sample]
     real = load_source_images(tokens.data.take(ids)).float() / 127.5 - 1
     labels = null_labels(tokens.data.labels, shape)[ids]
+    text = tokens.caption_ids(shape)
+    text = text[ids].to(device) if text is not None else None
 
     def preview(net: TokenTransformer, step: int) -> None:
         generator = torch.Generator().manual_seed(args.options.seed)
         cond = tokens.coarse_tokens[ids]
-        if args.base:  # draw the condition token as generation does: from the label's recorded distribution
+        if args.base and text is not None:  # the model's own condition token for the item's caption and label
+            cond = condition_tokens(net, labels.to(device), text, DecodeSettings(temperature=args.temperature),
+                                    [generator] * len(ids))
+        elif args.base:  # draw the condition token as generation does: from the label's recorded distribution
             cond = torch.multinomial(cond_counts[labels].float() + 1e-9, 1, generator=generator)
         sampled = sample_tokens(net, labels.to(device), cond.to(device), temperature=args.temperature,
-                                generator=generator)
+                                generator=generator, text=text)
         decode = lambda book, codes: decoder.decoder(book.to(device).lookup(codes.to(device))).cpu()
         grid = torch.cat([real, decode(tokens.coarse_book, cond), decode(tokens.fine_book, sampled)])
         save_image_grid(grid, args.options.out_dir / "samples" / f"samples_{step:07d}.png", columns=len(ids))
@@ -181,13 +259,20 @@ def run(args: TransformerArgs) -> Path:
     cfg = load_config(TransformerConfig, args.config_path)
     tokens = load_token_data(args.dataset_path, args.lr_codebook_path, args.hr_codebook_path, args.base)
     start = load_artifact(args.init_from, (TRANSFORMER, "checkpoint")) if args.init_from is not None else None
-    if start is not None:  # fine-tuning keeps the labels the model knows
+    if start is not None:  # fine-tuning keeps the labels and the words the model knows
         tokens = adopt_labels(tokens, start.config["shape"]["label_names"])
+        tokens = adopt_text(tokens, start.config["shape"].get("text"))
+    else:
+        tokens = with_captions(tokens, cfg)
+    if tokens.shape.text is not None:
+        tokenizer = tokens.shape.tokenizer
+        notice(f"captions: a text encoder over {len(tokenizer.vocab)} words, {tokenizer.length} per caption")
     # built before the seed is set, so that sample grids do not change the training's random numbers
     decoder = load_autoencoder(args.decoder_path)[0] if args.decoder_path and args.test_num_sample else None
 
     env = setup_run(options.device, options.seed)
-    run_config = claim_out_dir(options.out_dir, {"transformer": to_dict(cfg), "shape": tokens.shape.to_record()},
+    run_config = claim_out_dir(options.out_dir, {"transformer": config_record(cfg, tokens.shape),
+                                                 "shape": tokens.shape.to_record()},
                                options.resume, options.overwrite, env)
     cfg = config_from_dict(TransformerConfig, run_config["transformer"])
     shape = TokenShape.from_record(run_config["shape"])

@@ -38,7 +38,8 @@ def test_build_rgb_and_limit(tmp_path, image_folder):
 def test_build_from_idx(tmp_path, idx_folder):
     out = tmp_path / "ds"
     counts = build_dataset(idx_folder, out, size=32, channels=1, holdout=0.5, seed=0)
-    assert counts == {"images": 50, "skipped": 0, "train": 40, "heldout": 10, "labels": 3, "channels": 1}
+    assert counts == {"images": 50, "skipped": 0, "train": 40, "heldout": 10, "labels": 3, "channels": 1,
+                      "captions": 0}
     data = load_image_dataset(out / "dataset.json")
     assert data.items.shape == (50, 1, 32, 32)
     assert data.labels.tolist()[:3] == [0, 1, 2]  # labels "0", "1", "2" keep their order

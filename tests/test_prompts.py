@@ -10,13 +10,14 @@ from PIL import Image
 
 from conftest import TINY_AE, build_dataset, options, run_script, shape_image
 from core.artifacts import load_artifact
-from core.data import load_fmap_dataset, load_image_dataset, read_records, write_dataset_json
+from core.data import load_fmap_dataset, load_image_dataset, read_records, read_table, write_dataset_json
 from core.model_artifacts import load_transformer
 from core.models.sampling import DecodeSettings, DecodeState, condition_tokens, generate_tokens
 from core.models.text import Tokenizer
 from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, config_record, decoder_input
 from core.stages import autoencoder, codebook, fmaps, prompt_agreement, transformer
 from core.stages.transformer import drop_conditions
+from test_generate import teacher_forced
 
 SHAPES = ["circle", "square", "bar"]
 SMALL = dict(in_dim=32, hidden_dim=64, num_dec_layers=2, num_enc_layers=1, self_attn_heads=2, cross_attn_heads=2,
@@ -166,15 +167,6 @@ def text_model(kind: str) -> TokenTransformer:
     return TokenTransformer(TransformerConfig(**SMALL), shape).eval()
 
 
-def teacher_forced(model, labels, coarse, fine, text, scale):
-    dec = DecodeState(model, labels, coarse, scale, True, text)
-    rows = []
-    for p in range(fine.shape[1]):
-        rows.append(dec.logits_at(p))
-        dec.set(p, fine[:, p])
-    return torch.stack(rows, 1)
-
-
 @pytest.mark.parametrize("kind", ["base", "cascade"])
 def test_guidance_towards_the_caption_and_label(kind):
     model = text_model(kind)
@@ -182,10 +174,11 @@ def test_guidance_towards_the_caption_and_label(kind):
     labels, text = torch.tensor([0, 1, 2]), tokenizer.encode_all(["a red circle", "blue square", None])
     coarse = torch.randint(0, 5, (3, model.shape.coarse_len), generator=torch.Generator().manual_seed(1))
     fine = torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(2))
-    plain = teacher_forced(model, labels, coarse, fine, text, 1.0)
-    unconditional = teacher_forced(model, torch.full_like(labels, 2), coarse, fine, tokenizer.encode_all([None] * 3), 1.0)
-    assert torch.allclose(teacher_forced(model, labels, coarse, fine, text, 0.0), unconditional, atol=1e-5)
-    assert torch.allclose(teacher_forced(model, labels, coarse, fine, text, 3.0),
+    plain = teacher_forced(model, labels, coarse, fine, True, 1.0, text=text)
+    unconditional = teacher_forced(model, torch.full_like(labels, 2), coarse, fine, True, 1.0,
+                                   text=tokenizer.encode_all([None] * 3))
+    assert torch.allclose(teacher_forced(model, labels, coarse, fine, True, 0.0, text=text), unconditional, atol=1e-5)
+    assert torch.allclose(teacher_forced(model, labels, coarse, fine, True, 3.0, text=text),
                           unconditional + 3 * (plain - unconditional), atol=1e-4)
     generators = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
     guided_once = generate_tokens(model, labels, coarse, DecodeSettings(guidance_scale=1.0), generators(), text=text)
@@ -244,11 +237,13 @@ def test_prompts_are_recorded_and_an_unknown_word_is_one_line(tmp_path, text_mod
     assert result.returncode == 0, result.stderr
     records, _ = read_records(tmp_path / "out" / "dataset.json")
     assert all(r["caption"] == "a bright circle" and r["labels"] == [] for r in records)
-    assert records[0]["provenance"]["levels"][0]["prompt"] == "a bright circle"
-    assert "prompt" not in records[0]["provenance"]["levels"][1]  # level 1 reads level 0's
+    run = read_table(tmp_path / "out" / "dataset.json", "runs")[0]
+    assert run["levels"][0]["prompt"] == "a bright circle"
+    assert "prompt" not in run["levels"][1]  # level 1 reads level 0's
     again = generate(text_models, config, tmp_path / "again", "--num-images", 4, "--batch-size", 4)
     assert again.returncode == 0
-    assert (tmp_path / "out" / "images" / "000003.png").read_bytes() == (tmp_path / "again" / "images" / "000003.png").read_bytes()
+    image = "images/000/000003.png"
+    assert (tmp_path / "out" / image).read_bytes() == (tmp_path / "again" / image).read_bytes()
 
     bad = write_config(tmp_path / "bad.json", text_models["levels"], prompt="a brigth sqare")
     result = generate(text_models, bad, tmp_path / "bad")

@@ -19,8 +19,10 @@ def main(
     decoder_path: Annotated[Path, typer.Option(help="autoencoder artifact")],
     out_dir: OutDir,
     overwrite: Overwrite = False,
+    full_size: Annotated[bool, typer.Option(help="keep the padding the dataset build added around smaller images")] = False,
 ) -> None:
-    manifest = run(ExportArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir, overwrite=overwrite))
+    manifest = run(ExportArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir, overwrite=overwrite,
+                              full_size=full_size))
     console.print(f"wrote {manifest.parent} ({bundle_size(manifest.parent)['total']} bytes); generate with "
                   f"python {manifest.parent / 'runner.py'} --out-dir DIR --num-images N")
 

@@ -26,6 +26,8 @@ def main(
     device: Device = "auto",
     no_cache: Annotated[bool, typer.Option(help="recompute every position (slow; for checks)")] = False,
     overwrite: Overwrite = False,
+    full_size: Annotated[bool, typer.Option(help="keep the padding the dataset build added around smaller images "
+                                                 "(default: images come back at their source's size)")] = False,
     prompts_file: Annotated[Optional[Path], typer.Option(help="a file of prompts, one per line: --num-images images "
                                                               "of each, in OUT/set_000, set_001, ...")] = None,
 ) -> None:
@@ -33,7 +35,7 @@ def main(
         raise PipelineError("--format must be png or jpg")
     args = GenerateArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir, num_images=num_images,
                         seed=seed, batch_size=batch_size, fmt=format, device=device, overwrite=overwrite,
-                        use_cache=not no_cache, progress=lambda items: track(items, "batches"))
+                        use_cache=not no_cache, full_size=full_size, progress=lambda items: track(items, "batches"))
     if prompts_file is not None:
         path = prompts.run(prompts.PromptsArgs(generate=args, prompts_path=prompts_file,
                                                progress=lambda items: track(items, "prompts")))

@@ -211,6 +211,14 @@ def load_source_images(fmap_data: Dataset) -> torch.Tensor:
     return read_image_files([fmap_data.path.parent / r["image_fpath"] for r in fmap_data.records])
 
 
+def source_content_size(autoencoder_extra: dict) -> list[int] | None:
+    """The (width, height) that the autoencoder's training images had before the dataset build padded
+    them (every image alike), or None when there is nothing to crop."""
+    images = autoencoder_extra.get("images") or {}
+    content, size = images.get("content_size"), images.get("size")
+    return content if images.get("fit") == "pad" and content and list(content) != [size, size] else None
+
+
 def crop_to_content(images: torch.Tensor, content_size: list[int] | None) -> torch.Tensor:
     """Images (N, C, H, W) cut to their centred content box (width, height) as the dataset build placed it
     (build_dataset.py --fit pad): padded images come back at their source's size."""

@@ -466,7 +466,12 @@ class Generator:
         fmaps = unpatchify(self.units[tokens], book["fmap_shape"], book["patch"]).astype(np.float32)
         images = np.concatenate([self.decoder.run(["images"], {"fmaps": fmaps[i:i + chunk]})[0]
                                  for i in range(0, len(fmaps), chunk)])
-        return np.clip(np.round((np.clip(images, -1, 1) + 1) * 127.5), 0, 255).astype(np.uint8)
+        images = np.clip(np.round((np.clip(images, -1, 1) + 1) * 127.5), 0, 255).astype(np.uint8)
+        if book.get("crop"):  # back at the source's size: the padding the dataset build added goes
+            width, height = book["crop"]
+            top, left = (images.shape[-2] - height) // 2, (images.shape[-1] - width) // 2
+            images = images[..., top:top + height, left:left + width]
+        return images
 
     def generate_batch(self, indices: range, seed: int) -> tuple[np.ndarray, list[int]]:
         source = RandomSource(seed, indices)

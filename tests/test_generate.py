@@ -1,22 +1,25 @@
 import json
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import build_dataset, run_script, start_script
+from core.artifacts import load_artifact, save_artifact
 from core.data import load_image_dataset, read_records, write_records
 from core.models.sampling import DecodeSettings, DecodeState, beam_search, generate_tokens, uniform_draws
 from core.stages import fmaps
+from core.stages.evaluate import at_source_size
 from core.stages.generate import open_log, read_progress
 from core.models.transformer import sequence_logits
 from test_transformer import make, random_inputs
 
 
-def teacher_forced(model, labels, lr, hr, use_cache, scale=1.0):
-    """Logits at every position from the DecodeState, fed the given tokens."""
-    dec = DecodeState(model, labels, lr, scale, use_cache)
+def teacher_forced(model, labels, lr, hr, use_cache, scale=1.0, text=None):
+    """Logits at every position from the DecodeState, fed the given tokens (and caption ids)."""
+    dec = DecodeState(model, labels, lr, scale, use_cache, text=text)
     rows = []
     for p in range(hr.shape[1]):
         rows.append(dec.logits_at(p))
@@ -94,9 +97,9 @@ def test_beam_and_rank_search_same_with_and_without_cache(search):
     assert torch.equal(tokens[0], tokens[1])
 
 
-def generate_cli(models, out, *extra, config=None):
+def generate_cli(models, out, *extra, config=None, decoder=None):
     return run_script("generate_images.py", "--config-path", config or models["generate_config"], "--decoder-path",
-                      models["autoencoder"], "--out-dir", out, "--device", "cpu", *map(str, extra))
+                      decoder or models["autoencoder"], "--out-dir", out, "--device", "cpu", *map(str, extra))
 
 
 def generated_files(out):
@@ -235,3 +238,25 @@ def test_mismatched_levels_are_refused(tmp_path, models):
                         "--out-dir", tmp_path / "out")
     assert result.returncode == 2 and "unknown key 'temprature' (did you mean 'temperature'?)" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_images_come_back_at_the_source_size(tmp_path, models):
+    """A decoder trained on padded images (as build_dataset.py pads 28x28 into 32x32; here 12x12 into 16x16):
+    its images are cut back to the source's size, unless --full-size; the report compares them with the real
+    images cut the same way."""
+    artifact = load_artifact(models["autoencoder"])
+    padded = tmp_path / "padded_ae.safetensors"
+    save_artifact(padded, artifact.tensors, artifact.kind, artifact.config, artifact.provenance,
+                  {**artifact.extra, "images": {"size": 16, "channels": 1, "fit": "pad", "content_size": [12, 12]}})
+    assert generate_cli(models, tmp_path / "cut", "--num-images", 3, decoder=padded).returncode == 0
+    assert generate_cli(models, tmp_path / "full", "--num-images", 3, "--full-size", decoder=padded).returncode == 0
+    cut, full = (load_image_dataset(tmp_path / name / "dataset.json").items for name in ("cut", "full"))
+    assert cut.shape == (3, 1, 12, 12) and full.shape == (3, 1, 16, 16)
+    assert torch.equal(cut, full[..., 2:14, 2:14])
+    assert json.loads((tmp_path / "cut" / "dataset.json").read_text())["runs"]["1"]["cropped_to"] == [12, 12]
+
+    real = load_image_dataset(models["dataset"])
+    padded_real = replace(real, info={**real.info, "fit": "pad", "content_size": [12, 12]})
+    generated = load_image_dataset(tmp_path / "cut" / "dataset.json")
+    assert torch.equal(at_source_size(padded_real, generated).items, real.items[..., 2:14, 2:14])
+    assert at_source_size(real, generated).items.shape[-1] == 16  # a build that did not pad: nothing to cut

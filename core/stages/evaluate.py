@@ -9,7 +9,7 @@ experiment (core/downstream.py: do the generated images teach a classifier?)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -18,7 +18,7 @@ import torch
 from core import downstream, pictures
 from core.artifacts import (atomic_path, atomic_write_json, file_record, load_artifact, load_state, save_artifact,
                             state_tensors)
-from core.data import Dataset, load_image_dataset, to_float, to_uint8
+from core.data import Dataset, crop_to_content, load_image_dataset, read_image_files, to_float, to_uint8
 from core.downstream import DownstreamConfig, predict
 from core.errors import PipelineError
 from core.metrics import Progress, all_metrics, memorization_rate, nearest_distances, pca, tsne
@@ -116,8 +116,8 @@ def load_sets(args: EvalArgs) -> Sets:
     """The sets compared, each capped at num_images by a fixed random sample. The floor's sets come from the
     rest of the held-out split when it is, or can be made, large enough (the classifier never saw it
     either), else from the training split."""
-    real = load_image_dataset(args.real_path)
     generated = load_image_dataset(args.generated_path)
+    real = at_source_size(load_image_dataset(args.real_path), generated)
     if args.classifier_path is not None:  # the real labels may be a subset of the classifier's (few-shot)
         names = load_artifact(args.classifier_path, CLASSIFIER_KIND).config.get("label_names", [])
         unknown = sorted(set(real.label_names) - set(names))
@@ -150,6 +150,17 @@ def load_sets(args: EvalArgs) -> Sets:
     pool, source = (rest, "held-out") if len(rest) >= len(generated) else (train, "training")
     floors = [pool.sample(min(len(generated), len(pool)), args.seed + 2 + i) for i in range(args.floor_draws)]
     return Sets(real, train, reference, generated, floors, source, all_generated)
+
+
+def at_source_size(real: Dataset, generated: Dataset) -> Dataset:
+    """Padded real images cut back to their source's size when the generated images came back at it
+    (generate_images.py's default), so that both are compared where the images are."""
+    content = real.info.get("content_size")
+    generated_size = [generated.items.shape[-1], generated.items.shape[-2]]
+    if real.info.get("fit") != "pad" or not content or list(content) != generated_size \
+            or real.items.shape[-2:] == generated.items.shape[-2:]:
+        return real
+    return replace(real, items=crop_to_content(real.items, content).contiguous())
 
 
 def pixels(images: torch.Tensor) -> torch.Tensor:
@@ -344,7 +355,10 @@ def tokenizer_ceiling(args: EvalArgs, tokenizer: Tokenizer | None, floor: Datase
         return {"skipped": "no --autoencoder-path given"}
     floors = {space: metrics["frechet_distance"]["real_floor"] for space, metrics in spaces.items()}
     candidates = [("real images as stored", floor.items)]
-    candidates += reconstructions(floor.items, tokenizer, device)
+    stored = read_image_files([floor.path.parent / r["image_fpath"] for r in floor.records], floor.items.shape[1])
+    # reconstructed as stored (padded, when the build padded them), compared at the floor's own size
+    candidates += [(name, crop_to_content(images, [floor.items.shape[-1], floor.items.shape[-2]]).contiguous())
+                   for name, images in reconstructions(stored, tokenizer, device)]
     rows = ceiling_rows(candidates, references, featurizers, floors, args.k)
     rows.append({"images": "generated", "spaces": {
         space: {**{m: v["value"] for m, v in metrics.items()},

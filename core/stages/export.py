@@ -20,6 +20,7 @@ from safetensors.numpy import save as safetensors_bytes
 from core.artifacts import atomic_write_bytes, file_record
 from core.codec import encode_bundle_weights
 from core.config import to_dict
+from core.data import source_content_size
 from core.errors import PipelineError
 from core.model_artifacts import load_autoencoder
 from core.models.quantized import Int8Embedding
@@ -40,6 +41,7 @@ class ExportArgs:
     decoder_path: Path  # the autoencoder
     out_dir: Path  # the bundle folder
     overwrite: bool = False
+    full_size: bool = False  # images keep the padding that the dataset build added (as generate_images.py)
 
 
 def embedding_weights(model: TokenTransformer, prefix: str) -> dict[str, np.ndarray]:
@@ -79,7 +81,7 @@ def export_level(index: int, level: Level) -> tuple[dict, dict[str, np.ndarray],
 def run(args: ExportArgs) -> Path:
     """Write the bundle into out_dir and return its manifest's path."""
     levels = load_levels(parse_config(args.config_path), args.config_path)
-    decoder, _ = load_autoencoder(args.decoder_path)
+    decoder, decoder_artifact = load_autoencoder(args.decoder_path)
     final = levels[-1].fine_book
     if final.cfg.image_C != decoder.cfg.latent_channel:
         raise PipelineError(f"{args.decoder_path} decodes {decoder.cfg.latent_channel}-channel feature maps, but the "
@@ -114,7 +116,8 @@ def run(args: ExportArgs) -> Path:
         "parts": {name: hashlib.sha256(data).hexdigest() for name, data in parts.items()},
         "levels": entries,
         "decoder": {"graph": {"file": "decoder.onnx", "weights": sorted(decoder_weights)},
-                    "fmap_shape": list(book.fmap_shape), "patch": [book.patch_H, book.patch_W]},
+                    "fmap_shape": list(book.fmap_shape), "patch": [book.patch_H, book.patch_W],
+                    "crop": None if args.full_size else source_content_size(decoder_artifact.extra)},
         "weights": specs,
         "provenance": {"levels": [level.record for level in levels], "decoder": file_record(args.decoder_path)},
     }

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from core.artifacts import atomic_write_json, file_record
 from core.config import config_from_dict, load_json, option, to_dict
 from core.console import notice
-from core.data import read_image_files, to_uint8, write_records
+from core.data import crop_to_content, read_image_files, source_content_size, to_uint8, write_records
 from core.errors import PipelineError
 from core.model_artifacts import load_autoencoder, load_codebook, load_transformer
 from core.models.autoencoder import Autoencoder
@@ -55,6 +55,7 @@ class GenerateArgs:
     device: str = "auto"
     overwrite: bool = False
     use_cache: bool = True
+    full_size: bool = False  # keep the padding that the dataset build added around smaller images
     progress: Callable[[Iterable], Iterator] = iter
 
 
@@ -329,13 +330,15 @@ def run(args: GenerateArgs) -> Path:
     batches already written by the same run are kept. Under torchrun, each process makes its share."""
     config_path, decoder_path, out_dir, num_images = args.config_path, args.decoder_path, args.out_dir, args.num_images
     levels = load_levels(parse_config(config_path), config_path)
-    decoder, _ = load_autoencoder(decoder_path)
+    decoder, decoder_artifact = load_autoencoder(decoder_path)
+    crop = None if args.full_size else source_content_size(decoder_artifact.extra)
     final = levels[-1].fine_book.cfg
     if final.image_C != decoder.cfg.latent_channel:
         raise PipelineError(f"{decoder_path} decodes {decoder.cfg.latent_channel}-channel feature maps, but level "
                             f"{len(levels) - 1}'s codebook {levels[-1].settings.hr_codebook_path} makes {final.image_C}")
     env = setup_run(args.device, args.seed)
-    provenance = {"seed": args.seed, "levels": [level.record for level in levels], "decoder": file_record(decoder_path)}
+    provenance = {"seed": args.seed, "levels": [level.record for level in levels], "decoder": file_record(decoder_path),
+                  **({"cropped_to": crop} if crop else {})}
     claim_out_dir(out_dir, {"provenance": provenance, "format": args.fmt, "num_images": num_images, "layout": LAYOUT},
                   resume=False, overwrite=args.overwrite, env=env)
     if args.overwrite and env.is_main:
@@ -355,7 +358,7 @@ def run(args: GenerateArgs) -> Path:
         for number in args.progress(batches):
             indices = range(number * batch_size, min(num_images, (number + 1) * batch_size))
             images, labels = generate_batch(levels, decoder, indices, args.seed, env.device, args.use_cache)
-            writer.put(Batch(number, indices, to_uint8(images), labels))
+            writer.put(Batch(number, indices, to_uint8(crop_to_content(images, crop)), labels))
     finally:
         writer.close()
     barrier(env)

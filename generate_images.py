@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from core.cli import BatchSize, Device, OutDir, Overwrite, Seed, console, entry, make_app, stage, track
+from core.cli import Device, OutDir, Overwrite, Seed, console, entry, make_app, stage, track
 from core.errors import PipelineError
 from core.stages import prompts
 from core.stages.generate import GenerateArgs, run

@@ -36,9 +36,8 @@ import typer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import flops_per_sequence, matmul_peak  # noqa: E402
-from core.model_artifacts import load_autoencoder  # noqa: E402
 from core.data import to_uint8  # noqa: E402
-from core.stages.generate import GenerateArgs, generate_batch, load_levels, parse_config, run  # noqa: E402
+from core.stages.generate import GenerateArgs, generate_batch, load_generator, move_generator, run  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -64,9 +63,7 @@ def decoder_flops(decoder: torch.nn.Module, latent_shape: tuple[int, int, int]) 
 
 def chain_flops(runs: Path) -> dict:
     """FLOPs per image: the transformers' (bench/run.py's count) and the decoder's."""
-    config = runs / "generate.json"
-    levels = load_levels(parse_config(config), config)
-    autoencoder, _ = load_autoencoder(runs / "autoencoder" / "autoencoder.safetensors")
+    levels, autoencoder, _ = load_generator(runs / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
     book = levels[-1].fine_book.cfg
     transformers = sum(flops_per_sequence(level.model, training=False) for level in levels)
     return {"transformers": transformers, "decoder": decoder_flops(autoencoder.decoder, book.fmap_shape)}
@@ -151,14 +148,9 @@ def profile_batch(runs: Path, batch: int, device: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from core.stages.generate import image_file
-    config = runs / "generate.json"
-    levels = load_levels(parse_config(config), config)
-    decoder, _ = load_autoencoder(runs / "autoencoder" / "autoencoder.safetensors")
+    levels, decoder, _ = load_generator(runs / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
     dev = torch.device(device)
-    for level in levels:
-        level.model.to(dev)
-        level.fine_book.to(dev)
-    decoder.to(dev)
+    move_generator(levels, decoder, dev)
     generate_batch(levels, decoder, range(batch), 0, dev)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()

@@ -72,16 +72,11 @@ def train_throughput(runs: Path, stage: str, steps: int, device: str) -> dict:
 
 
 def generation_speed(runs: Path, models: str, use_cache: bool, images: int, device: str) -> dict:
-    from core.model_artifacts import load_autoencoder
-    from core.stages.generate import generate_batch, load_levels, parse_config
+    from core.stages.generate import generate_batch, load_generator, move_generator
     config = runs / ("generate.json" if models == "fp32" else "generate_compressed.json")
-    levels = load_levels(parse_config(config), config)
-    decoder, _ = load_autoencoder(runs / "autoencoder" / "autoencoder.safetensors")
+    levels, decoder, _ = load_generator(config, runs / "autoencoder" / "autoencoder.safetensors")
     dev = torch.device(device)
-    for level in levels:
-        level.model.to(dev)
-        level.fine_book.to(dev)
-    decoder.to(dev)
+    move_generator(levels, decoder, dev)
     generate_batch(levels, decoder, range(2), 0, dev, use_cache)  # warm-up
     start = time.perf_counter()
     generate_batch(levels, decoder, range(images), 0, dev, use_cache)

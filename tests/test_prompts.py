@@ -12,9 +12,9 @@ from conftest import TINY_AE, build_dataset, options, run_script, shape_image
 from core.artifacts import load_artifact
 from core.data import load_fmap_dataset, load_image_dataset, read_records, read_table, write_dataset_json
 from core.model_artifacts import load_transformer
-from core.models.sampling import DecodeSettings, DecodeState, condition_tokens, generate_tokens
+from core.models.sampling import DecodeSettings, condition_tokens, generate_tokens
 from core.models.text import Tokenizer
-from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, config_record, decoder_input
+from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, decoder_input
 from core.stages import autoencoder, codebook, fmaps, prompt_agreement, transformer
 from core.stages.transformer import drop_conditions
 from test_generate import teacher_forced

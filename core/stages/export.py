@@ -22,12 +22,11 @@ from core.codec import encode_bundle_weights
 from core.config import to_dict
 from core.data import source_content_size
 from core.errors import PipelineError
-from core.model_artifacts import load_autoencoder
 from core.models.quantized import Int8Embedding
 from core.models.sampling import DecodeSettings
 from core.models.transformer import TokenTransformer
 from core.onnx_graphs import OPSET, image_decoder, transformer_encoder, transformer_step
-from core.stages.generate import Level, load_levels, parse_config
+from core.stages.generate import Level, load_generator
 
 FORMAT = 1
 RUNNER = Path(__file__).resolve().parent.parent.parent / "runner" / "runner.py"
@@ -80,12 +79,8 @@ def export_level(index: int, level: Level) -> tuple[dict, dict[str, np.ndarray],
 
 def run(args: ExportArgs) -> Path:
     """Write the bundle into out_dir and return its manifest's path."""
-    levels = load_levels(parse_config(args.config_path), args.config_path)
-    decoder, decoder_artifact = load_autoencoder(args.decoder_path)
+    levels, decoder, decoder_artifact = load_generator(args.config_path, args.decoder_path)
     final = levels[-1].fine_book
-    if final.cfg.image_C != decoder.cfg.latent_channel:
-        raise PipelineError(f"{args.decoder_path} decodes {decoder.cfg.latent_channel}-channel feature maps, but the "
-                            f"last level's codebook {levels[-1].settings.hr_codebook_path} makes {final.cfg.image_C}")
     manifest_path = args.out_dir / "bundle.json"
     if args.out_dir.exists() and any(args.out_dir.iterdir()) and not (args.overwrite and manifest_path.exists()):
         raise PipelineError(f"{args.out_dir} is not empty" + ("; use --overwrite to replace the bundle there"

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from core.artifacts import atomic_write_json, file_record
+from core.artifacts import Artifact, atomic_write_json, file_record
 from core.config import config_from_dict, load_json, option, to_dict
 from core.console import notice
 from core.data import crop_to_content, read_image_files, source_content_size, to_uint8, write_records
@@ -162,6 +162,25 @@ def prompt_ids(level: Level, prompt: str | None, batch: int, device: torch.devic
     if tokenizer is None:
         return None
     return torch.tensor(tokenizer.encode(prompt), device=device).expand(batch, -1)
+
+
+def load_generator(config_path: Path, decoder_path: Path, int8: bool = True) -> tuple[list[Level], Autoencoder, Artifact]:
+    """The levels of a generation config and the autoencoder that decodes the last level's tokens,
+    checked to fit each other."""
+    levels = load_levels(parse_config(config_path), config_path)
+    decoder, decoder_artifact = load_autoencoder(decoder_path, int8=int8)
+    final = levels[-1].fine_book.cfg
+    if final.image_C != decoder.cfg.latent_channel:
+        raise PipelineError(f"{decoder_path} decodes {decoder.cfg.latent_channel}-channel feature maps, but level "
+                            f"{len(levels) - 1}'s codebook {levels[-1].settings.hr_codebook_path} makes {final.image_C}")
+    return levels, decoder, decoder_artifact
+
+
+def move_generator(levels: list[Level], decoder: Autoencoder, device: torch.device) -> None:
+    for level in levels:
+        level.model.to(device)
+        level.fine_book.to(device)
+    decoder.to(device)
 
 
 def resolve_label(value: object, names: list[str], where: str) -> int | None:
@@ -329,13 +348,8 @@ def run(args: GenerateArgs) -> Path:
     """Generate the images into out_dir, with grid.png and dataset.json. A run stopped midway continues:
     batches already written by the same run are kept. Under torchrun, each process makes its share."""
     config_path, decoder_path, out_dir, num_images = args.config_path, args.decoder_path, args.out_dir, args.num_images
-    levels = load_levels(parse_config(config_path), config_path)
-    decoder, decoder_artifact = load_autoencoder(decoder_path)
+    levels, decoder, decoder_artifact = load_generator(config_path, decoder_path)
     crop = None if args.full_size else source_content_size(decoder_artifact.extra)
-    final = levels[-1].fine_book.cfg
-    if final.image_C != decoder.cfg.latent_channel:
-        raise PipelineError(f"{decoder_path} decodes {decoder.cfg.latent_channel}-channel feature maps, but level "
-                            f"{len(levels) - 1}'s codebook {levels[-1].settings.hr_codebook_path} makes {final.image_C}")
     env = setup_run(args.device, args.seed)
     provenance = {"seed": args.seed, "levels": [level.record for level in levels], "decoder": file_record(decoder_path),
                   **({"cropped_to": crop} if crop else {})}
@@ -349,10 +363,7 @@ def run(args: GenerateArgs) -> Path:
     done = read_progress(progress_dir)
     barrier(env)  # every process has read the logs before any writes to them
     batches = [k for k in range((num_images + batch_size - 1) // batch_size) if k not in done][env.rank::env.world_size]
-    for level in levels:
-        level.model.to(env.device)
-        level.fine_book.to(env.device)
-    decoder.to(env.device)
+    move_generator(levels, decoder, env.device)
     writer = BatchWriter(out_dir, open_log(progress_dir, env.rank), args.fmt)
     try:
         for number in args.progress(batches):

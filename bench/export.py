@@ -9,7 +9,6 @@ and the best rate kept (the others are printed too), which is the fairest figure
 """
 import io
 import json
-import resource
 import subprocess
 import sys
 import tarfile
@@ -21,12 +20,9 @@ import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.memory import peak_rss_mb  # noqa: E402
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 KINDS = ("fp32 torch", "compressed torch", "int8 torch", "export")
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def torch_speed(runs: Path, kind: str, images: int, batch: int, threads: int) -> dict:

@@ -21,7 +21,6 @@ it on an idle machine.
 """
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.memory import peak_rss_mb  # noqa: E402
 from bench.run import flops_per_sequence, matmul_peak  # noqa: E402
 from core.data import to_uint8  # noqa: E402
 from core.stages.generate import GenerateArgs, generate_batch, load_generator, move_generator, run  # noqa: E402
@@ -88,17 +88,6 @@ def one_run(runs: Path, images: int, batch: int, device: str, out_dir: Path) -> 
     dataset_bytes = sum(p.stat().st_size for p in out_dir.glob("dataset*.json"))
     return {"images": images, "batch": batch, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
             "dataset_json_bytes": dataset_bytes, "peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM: ru_maxrss also counts what the process
-    inherited from its parent before exec (here the benchmark's own, with its models loaded)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next((l for l in status.read_text().splitlines() if l.startswith("VmHWM:")), None)
-        if line is not None:
-            return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def in_child(runs: Path, images: int, batch: int, device: str, threads: int) -> dict:

@@ -7,7 +7,6 @@ Every measurement runs in a fresh process (its peak memory is its own); run it o
     python bench/run.py --runs runs/tiny --out runs/tiny/bench.json
 """
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.memory import peak_rss_mb  # noqa: E402
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -95,7 +95,7 @@ def run_one(kind: str, runs: Path, device: str) -> dict:
     else:
         models, cache = option.split(",")
         result = generation_speed(runs, models, cache == "cache", 32, device)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mb"] = peak_rss_mb()
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return result

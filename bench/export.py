@@ -5,7 +5,7 @@ onnxruntime, no torch), on one run folder made by `make demo` and `make export`.
 Every measurement runs in a fresh process, so that its peak memory (RSS) is its own; each is repeated
 and the best rate kept (the others are printed too), which is the fairest figure on a shared CPU.
 
-    python bench/export.py --runs runs/tiny --bundle runs/tiny/export --out runs/tiny/bench_export.json
+    python bench/export.py --runs runs/tiny32 --bundle runs/tiny32/export --out runs/tiny32/bench_export.json
 """
 import io
 import json
@@ -105,9 +105,9 @@ def measure(kind: str, runs: Path, bundle: Path, images: int, batch: int, thread
 
 
 @app.command()
-def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny"),
-         bundle: Annotated[Path, typer.Option(help="the compressed generator's bundle (make export)")] = Path("runs/tiny/export"),
-         out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny/bench_export.json"),
+def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny32"),
+         bundle: Annotated[Path, typer.Option(help="the compressed generator's bundle (make export)")] = Path("runs/tiny32/export"),
+         out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny32/bench_export.json"),
          images: Annotated[int, typer.Option(help="images generated per measurement")] = 256,
          batch: Annotated[int, typer.Option(help="images per batch")] = 64,
          threads: Annotated[int, typer.Option(help="threads of torch and onnxruntime")] = 1,

@@ -15,9 +15,9 @@
 Each run is a fresh process running generate_images.py's stage, so that its peak memory is its own. Run
 it on an idle machine.
 
-    python bench/generation.py --runs runs/tiny --out runs/tiny/bench_generation.json
-    python bench/generation.py --runs runs/tiny --batches 64 --scale 10000,100000 --threads 1
-    python bench/generation.py --runs runs/tiny --profile 64 --threads 1
+    python bench/generation.py --runs runs/tiny32 --out runs/tiny32/bench_generation.json
+    python bench/generation.py --runs runs/tiny32 --batches 64 --scale 10000,100000 --threads 1
+    python bench/generation.py --runs runs/tiny32 --profile 64 --threads 1
 """
 import json
 import os
@@ -163,8 +163,8 @@ def profile_batch(runs: Path, batch: int, device: str) -> dict:
 
 
 @app.command()
-def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny"),
-         out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny/bench_generation.json"),
+def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny32"),
+         out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny32/bench_generation.json"),
          device: str = "cpu",
          batches: Annotated[str, typer.Option(help="batch sizes of the speed table (empty: none)")] = "1,16,64,256",
          scale: Annotated[str, typer.Option(help="image counts of the scale runs (empty: none)")] = "10000,100000",

@@ -5,7 +5,7 @@ by zlib: core.codec.encode_bundle_weights), a Huffman code per tensor
 written by hand (Deep Compression's stage; the size counts each code's table) and the entropy bound of a
 per-tensor static code. Prints one line per bundle or artifact.
 
-    python bench/index_coding.py runs/tiny/export runs/tiny/compressed/cascade/model.safetensors
+    python bench/index_coding.py runs/tiny32/export runs/tiny32/compressed/cascade/model.safetensors
 """
 import heapq
 import json

@@ -1,10 +1,10 @@
-"""`make bench`: one JSON of figures for a trained run folder (default runs/tiny): training throughput
+"""`make bench`: one JSON of figures for a trained run folder (default runs/tiny32): training throughput
 of each stage, generation images/s with and without the cache, peak memory, artifact sizes, and the
 share of the machine's own matmul peak that the transformer stages and generation use.
 
 Every measurement runs in a fresh process (its peak memory is its own); run it on an idle machine.
 
-    python bench/run.py --runs runs/tiny --out runs/tiny/bench.json
+    python bench/run.py --runs runs/tiny32 --out runs/tiny32/bench.json
 """
 import json
 import subprocess
@@ -102,8 +102,8 @@ def run_one(kind: str, runs: Path, device: str) -> dict:
 
 
 @app.command()
-def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny"),
-         out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny/bench.json"),
+def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make demo`")] = Path("runs/tiny32"),
+         out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/tiny32/bench.json"),
          device: str = "cpu", one: Annotated[str, typer.Option(help="internal: one measurement")] = "") -> None:
     if one:
         print(json.dumps(run_one(one, runs, device)))

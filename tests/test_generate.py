@@ -10,7 +10,7 @@ from conftest import build_dataset, run_script, start_script
 from core.artifacts import load_artifact, save_artifact
 from core.data import load_image_dataset, read_records, write_records
 from core.models.sampling import DecodeSettings, DecodeState, beam_search, generate_tokens, uniform_draws
-from core.stages import fmaps
+from core.stages import evaluate, fmaps
 from core.stages.evaluate import at_source_size
 from core.stages.generate import open_log, read_progress
 from core.models.transformer import sequence_logits
@@ -260,3 +260,16 @@ def test_images_come_back_at_the_source_size(tmp_path, models):
     generated = load_image_dataset(tmp_path / "cut" / "dataset.json")
     assert torch.equal(at_source_size(padded_real, generated).items, real.items[..., 2:14, 2:14])
     assert at_source_size(real, generated).items.shape[-1] == 16  # a build that did not pad: nothing to cut
+
+    # the report on them: real images cut the same way, the tokenizer ceiling reads them as stored
+    records, info = read_records(models["dataset"])
+    folder = models["dataset"].parent
+    write_records(tmp_path / "padded_real.json", [{**r, "image_fpath": str(folder / r["image_fpath"])} for r in records],
+                  {**info, "fit": "pad", "content_size": [12, 12]})
+    report = evaluate.run(evaluate.EvalArgs(tmp_path / "padded_real.json", tmp_path / "cut" / "dataset.json",
+                                            tmp_path / "report", num_images=20, classifier_steps=5, k=2, tsne_steps=5,
+                                            downstream=False, autoencoder_path=padded, codebook_paths=[models["l2"]],
+                                            device="cpu"))
+    rows = report["tokenizer_ceiling"]["rows"]
+    assert [row["images"].split(" (")[0] for row in rows][:2] == ["real images as stored", "autoencoder"]
+    assert len(rows) == 4 and all(row["spaces"]["pixel_pca"]["frechet_distance"] >= 0 for row in rows)

@@ -180,8 +180,9 @@ def run(args: EvalArgs) -> dict:
     real, train, heldout, generated = sets.real, sets.train, sets.heldout, sets.generated
     if args.codebook_paths and args.autoencoder_path is None:
         raise PipelineError("--codebook-path needs --autoencoder-path (the autoencoder whose maps it tokenizes)")
-    tokenizer = None if args.autoencoder_path is None else load_tokenizer(
-        args.autoencoder_path, args.codebook_paths, tuple(real.items.shape[1:]), device)
+    stored_shape = (real.items.shape[1], *[real.info.get("size", side) for side in real.items.shape[-2:]])
+    tokenizer = None if args.autoencoder_path is None else load_tokenizer(  # it reads the images as stored
+        args.autoencoder_path, args.codebook_paths, stored_shape, device)
     report: dict = {
         "real": {**file_record(args.real_path), "train_images": len(train), "heldout_images": len(heldout)},
         "generated": {**file_record(args.generated_path), "images": len(generated)},

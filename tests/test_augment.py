@@ -1,11 +1,15 @@
 """Augmentation: deterministic per seed, the identity when off, and what each setting does."""
 import json
+from dataclasses import replace
 
 import torch
 
 from conftest import TINY_AE, run_script
 from core.data import load_fmap_dataset
 from core.models.augment import augment, augmentation_generator
+from core.models.autoencoder import AutoencoderConfig
+from core.stages.autoencoder import augmentation_for_run
+from core.training import TrainOptions
 
 SETTINGS = {"flip": True, "shift": 2, "jitter": 0.2}
 
@@ -53,3 +57,13 @@ def test_feature_map_copies_are_augmented_training_items(tmp_path, tiny_dataset)
     assert copies.count(1) == copies.count(2) == training and not data.is_heldout[72:].any()
     assert not torch.equal(data.items[72], data.items[int((~data.is_heldout).nonzero()[0])])
     assert torch.equal(data.items, load_fmap_dataset(tmp_path / "b" / "dataset.json")[0].items)  # per seed
+
+
+def test_augmentation_is_off_for_a_run_of_few_passes(tmp_path):
+    """A large set seen a few times (fewer passes than augment_min_epochs) trains on its images as they are;
+    a small set seen many times is augmented."""
+    cfg = AutoencoderConfig(augment_flip=True, augment_shift=2, augment_min_epochs=10)
+    few = TrainOptions(out_dir=tmp_path, batch_size=64, max_epoch=150, max_steps=4000)  # 60,000 images: 4.3 passes
+    assert not augmentation_for_run(cfg, 60000, few).augments
+    assert augmentation_for_run(cfg, 1000, few).augments  # 1,000 images: 150 passes
+    assert augmentation_for_run(replace(cfg, augment_min_epochs=0), 60000, few).augments

@@ -37,6 +37,9 @@ class AutoencoderConfig:
     augment_flip: bool = option(False, doc="flip training images left to right at random")
     augment_shift: int = option(0, low=0, high=64, doc="move training images by up to N pixels")
     augment_jitter: float = option(0.0, low=0.0, high=1.0, doc="brightness/contrast/saturation jitter")
+    augment_min_epochs: float = option(0.0, low=0.0, high=1e6,
+                                       doc="augment only when the run makes at least this many passes over its "
+                                           "training images (a large set seen a few times only loses detail)")
 
     @property
     def augmentation(self) -> dict:

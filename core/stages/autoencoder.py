@@ -9,6 +9,7 @@ import torch
 from core.artifacts import Artifact, file_record, load_artifact, load_state
 from core.config import config_from_dict, load_json, to_dict
 from core.data import Dataset, load_image_dataset, to_float
+from core.console import notice
 from core.errors import PipelineError
 from core.model_artifacts import AUTOENCODER, check_fits, load_codebook, save_autoencoder
 from core.models.augment import augment, augmentation_generator
@@ -87,6 +88,20 @@ def attach_codebook(model: Autoencoder, codebook_path: Path, image_size: int, de
     model.quantize = lambda fmaps: codebook.lookup(codebook.tokenize(fmaps))
 
 
+def augmentation_for_run(cfg: AutoencoderConfig, training_images: int, options: TrainOptions) -> AutoencoderConfig:
+    """The config with its augmentation turned off when the run makes fewer passes over the training images
+    than augment_min_epochs: the run config and artifact then say so, and the feature-map stage makes no
+    augmented copies either."""
+    passes = float(options.max_epoch)
+    if options.max_steps and training_images:
+        passes = min(passes, options.max_steps * min(options.batch_size, training_images) / training_images)
+    if not cfg.augments or passes >= cfg.augment_min_epochs:
+        return cfg
+    notice(f"augmentation off: this run makes {passes:.1f} passes over its {training_images} training images, "
+           f"fewer than augment_min_epochs {cfg.augment_min_epochs:g}")
+    return replace(cfg, augment_flip=False, augment_shift=0, augment_jitter=0.0)
+
+
 def run(args: AutoencoderArgs) -> Path:
     """Train an autoencoder on the dataset's training split; returns the artifact's path."""
     options = args.options
@@ -96,6 +111,7 @@ def run(args: AutoencoderArgs) -> Path:
     cfg = stage_config(args.config_path, start)
     data = load_images(args.dataset_path, cfg)
     cfg = replace(cfg, image_channel=data.items.shape[1])
+    cfg = augmentation_for_run(cfg, int((~data.is_heldout).sum()), options)
     env = setup_run(options.device, options.seed)
     cfg = config_from_dict(AutoencoderConfig, claim_out_dir(options.out_dir, to_dict(cfg), options.resume,
                                                             options.overwrite, env))

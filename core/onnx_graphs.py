@@ -88,27 +88,25 @@ class GraphBuilder:
 
     # -- layers
 
+    def layer_inputs(self, x: str, module: nn.Module, name: str) -> list[str]:
+        """[x, weight, bias if any] of a Gemm or Conv: an int8 weight (Int8Linear, Int8Conv2d) stays int8,
+        dequantized per output row in the graph."""
+        if isinstance(module, (Int8Linear, Int8Conv2d)):
+            weight = self.op("DequantizeLinear", self.weight(f"{name}.weight", module.weight),
+                             self.weight(f"{name}.weight_scale", module.weight_scale), axis=0)
+        else:
+            weight = self.weight(f"{name}.weight", module.weight)
+        return [x, weight] + ([self.weight(f"{name}.bias", module.bias)] if module.bias is not None else [])
+
     def linear(self, x: str, module: nn.Module, name: str) -> str:
         """x (N, in) -> (N, out), for an nn.Linear or an Int8Linear named `name`."""
-        if isinstance(module, Int8Linear):
-            weight = self.op("DequantizeLinear", self.weight(f"{name}.weight", module.weight),
-                             self.weight(f"{name}.weight_scale", module.weight_scale), axis=0)
-        else:
-            weight = self.weight(f"{name}.weight", module.weight)
-        inputs = [x, weight] + ([self.weight(f"{name}.bias", module.bias)] if module.bias is not None else [])
-        return self.op("Gemm", *inputs, transB=1)
+        return self.op("Gemm", *self.layer_inputs(x, module, name), transB=1)
 
     def conv(self, x: str, module: nn.Module, name: str) -> str:
-        if isinstance(module, Int8Conv2d):
-            weight = self.op("DequantizeLinear", self.weight(f"{name}.weight", module.weight),
-                             self.weight(f"{name}.weight_scale", module.weight_scale), axis=0)
-        else:
-            weight = self.weight(f"{name}.weight", module.weight)
         kernel = list(module.weight.shape[2:])
         padding = list(module.padding) * 2
-        inputs = [x, weight] + ([self.weight(f"{name}.bias", module.bias)] if module.bias is not None else [])
-        return self.op("Conv", *inputs, kernel_shape=kernel, pads=padding, strides=list(module.stride),
-                       dilations=list(module.dilation), group=module.groups)
+        return self.op("Conv", *self.layer_inputs(x, module, name), kernel_shape=kernel, pads=padding,
+                       strides=list(module.stride), dilations=list(module.dilation), group=module.groups)
 
     def layer_norm(self, x: str, module: nn.LayerNorm, name: str) -> str:
         return self.op("LayerNormalization", x, self.weight(f"{name}.weight", module.weight),

@@ -66,15 +66,19 @@ def shape_image(kind: int, variant: int, size: int = 16) -> np.ndarray:
     return (mask * (180 + rng.integers(0, 60)) + rng.integers(0, 20, (size, size))).clip(0, 255).astype(np.uint8)
 
 
+def write_shape_folder(folder: Path, per_label: int) -> Path:
+    """Three labelled sub-folders (circle, square, bar) of `per_label` 16x16 PNGs each."""
+    for kind, name in enumerate(["circle", "square", "bar"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_label):
+            Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
+    return folder
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Three labelled sub-folders of 24 PNGs each."""
-    folder = tmp_path / "shapes"
-    for kind, name in enumerate(["circle", "square", "bar"]):
-        (folder / name).mkdir(parents=True)
-        for i in range(24):
-            Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
-    return folder
+    return write_shape_folder(tmp_path / "shapes", 24)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -117,11 +121,7 @@ def pipeline(tmp_path_factory) -> dict:
     16x16 images -> (2, 8, 8) feature maps -> codebooks for the whole map (1 token), 4x4 patches
     (4 tokens) and 2x2 patches (16 tokens)."""
     root = tmp_path_factory.mktemp("pipeline")
-    folder = root / "shapes"
-    for kind, name in enumerate(["circle", "square", "bar"]):
-        (folder / name).mkdir(parents=True)
-        for i in range(24):
-            Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
+    folder = write_shape_folder(root / "shapes", 24)
     build_dataset(folder, root / "data", 16, holdout=0.15)
     ae_config = root / "ae.json"
     ae_config.write_text(json.dumps(TINY_AE))

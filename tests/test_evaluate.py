@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_dataset, run_script, shape_image
+from conftest import build_dataset, run_script, write_shape_folder
 from core.data import Dataset, load_image_dataset
 from core.downstream import (AUGMENTED, GENERATED, REAL, SUBSET, DownstreamConfig, build_arms, compare, predict,
                              run_arms, spread, train_classifier)
@@ -251,12 +251,7 @@ def test_shift_and_flip_moves_each_image_by_at_most_the_shift():
 @pytest.fixture
 def shapes(tmp_path: Path) -> Dataset:
     """60 images of each of three shapes at 16x16, 40% held out."""
-    from PIL import Image
-    folder = tmp_path / "shapes60"
-    for kind, name in enumerate(["circle", "square", "bar"]):
-        (folder / name).mkdir(parents=True)
-        for i in range(60):
-            Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
+    folder = write_shape_folder(tmp_path / "shapes60", 60)
     build_dataset(folder, tmp_path / "shapes_data", 16, channels=1, holdout=0.4, seed=0)
     return load_image_dataset(tmp_path / "shapes_data" / "dataset.json")
 

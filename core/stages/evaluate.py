@@ -356,7 +356,10 @@ def tokenizer_ceiling(args: EvalArgs, tokenizer: Tokenizer | None, floor: Datase
         return {"skipped": "no --autoencoder-path given"}
     floors = {space: metrics["frechet_distance"]["real_floor"] for space, metrics in spaces.items()}
     candidates = [("real images as stored", floor.items)]
-    stored = read_image_files([floor.path.parent / r["image_fpath"] for r in floor.records], floor.items.shape[1])
+    size = floor.info.get("size")
+    cut = size is not None and tuple(floor.items.shape[-2:]) != (size, size)
+    stored = read_image_files([floor.path.parent / r["image_fpath"] for r in floor.records],
+                              floor.items.shape[1]) if cut else floor.items
     # reconstructed as stored (padded, when the build padded them), compared at the floor's own size
     candidates += [(name, crop_to_content(images, [floor.items.shape[-1], floor.items.shape[-2]]).contiguous())
                    for name, images in reconstructions(stored, tokenizer, device)]

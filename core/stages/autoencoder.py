@@ -110,7 +110,7 @@ def run(args: AutoencoderArgs) -> Path:
     start = load_artifact(args.init_from, AUTOENCODER) if args.init_from is not None else None
     cfg = stage_config(args.config_path, start)
     data = load_images(args.dataset_path, cfg)
-    cfg = replace(cfg, image_channel=data.items.shape[1])
+    cfg = cfg.for_images(data.items.shape[1])
     cfg = augmentation_for_run(cfg, int((~data.is_heldout).sum()), options)
     env = setup_run(options.device, options.seed)
     cfg = config_from_dict(AutoencoderConfig, claim_out_dir(options.out_dir, to_dict(cfg), options.resume,

@@ -19,6 +19,15 @@ def test_shapes_follow_the_config():
     assert model(x).shape == x.shape
 
 
+def test_a_latent_left_to_the_data_is_wider_for_colour():
+    cfg = AutoencoderConfig(latent_channel=None)
+    assert cfg.for_images(1).latent_channel == 4
+    assert cfg.for_images(3).latent_channel == 8
+    assert cfg.for_images(3).image_channel == 3
+    assert AutoencoderConfig(latent_channel=5).for_images(3).latent_channel == 5  # a number given is kept
+    assert Autoencoder(cfg.for_images(3)).latent_shape(32) == (8, 8, 8)
+
+
 def test_psnr_known_values():
     x = torch.zeros(1, 1, 4, 4)
     assert psnr(x, x) == float("inf")

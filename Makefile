@@ -382,12 +382,13 @@ $(RUNS)/prompts_%/DONE: $(RUNS)/transformers/base/DONE $(RUNS)/transformers/casc
 		--prompts-file $(CAPTIONS_SOURCE)/prompts_$(firstword $(subst _, ,$*)).txt --device $(DEVICE) $(RESTART)
 	touch $@
 
-# the label classifier of the reference's report, and the word classifier of the first prompt report, reused
+# the label classifier of the reference's report, and the word classifier of the first prompt report, reused;
+# no downstream section: a prompt set is not drawn to the data's class balance, and the reference's report has it
 $(RUNS)/report_prompts_%/DONE: $(RUNS)/prompts_%/DONE $(RUNS)/report_label/DONE
 	rm -f $@
 	mkdir -p $(RUNS)/report_prompts_$*
 	cp $(RUNS)/report_prompts_seen_g1/prompt_classifier.safetensors $(RUNS)/report_prompts_$*/ 2>/dev/null || true
 	$(call TIMER,report prompts $*) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
 		--generated-path $(RUNS)/prompts_$*/dataset.json --out-dir $(RUNS)/report_prompts_$* \
-		--classifier-path $(RUNS)/report_label/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS)
+		--classifier-path $(RUNS)/report_label/classifier.safetensors --device $(DEVICE) --no-downstream $(REPORT_FLAGS)
 	touch $@

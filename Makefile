@@ -320,13 +320,13 @@ clean-demo:
 
 # Prompts (make captions): a captioned test set drawn by recipes/captioned_shapes.py (32x32 scenes of a shape
 # of some colour, size and place, each with its caption; some colour-shape pairs never drawn), the chain on it
-# with the captions32 preset (its base model reads the captions), a base model without captions beside it (the
+# with the captions32 preset (its base and cascade models read the captions), models without captions beside them (the
 # label-conditioned reference), images for the prompts of every seen and unseen combination without and with
 # guidance, and a report for each (prompt agreement; Fréchet distance against the reference's).
 CAPTIONS_RUNS ?= runs/captions32
 CAPTIONS_COUNT ?= 6000
 CAPTIONS_PER_PROMPT ?= 14
-CAPTIONS_GUIDANCE ?= 3.0
+CAPTIONS_GUIDANCE ?= 1.5
 captions:
 	$(MAKE) PRESET=captions SIZE=32 CHANNELS=3 RUNS=$(CAPTIONS_RUNS) SOURCE=$(CAPTIONS_RUNS)/source/images \
 		CAPTIONS_SOURCE=$(CAPTIONS_RUNS)/source captions-reports
@@ -355,9 +355,19 @@ $(RUNS)/transformers/base_label/DONE: $(PRUNED) $(PRESET_DIR)/transformer_base_l
 		--batch-size $(BATCH) --max-steps $(BASE_STEPS) --max-epoch $(BASE_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
 	touch $@
 
-$(RUNS)/generated_label/DONE: $(RUNS)/transformers/base_label/DONE $(RUNS)/transformers/cascade/DONE
+$(RUNS)/transformers/cascade_label/DONE: $(PRUNED) $(PRESET_DIR)/transformer_cascade_label.json
 	rm -f $@
-	sed 's#"transformers/base/#"transformers/base_label/#' $(PRESET_DIR)/generate.json > $(RUNS)/generate_label.json
+	$(call TIMER,cascade_label transformer) $(PYTHON) train_transformer.py \
+		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
+		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) \
+		--config-path $(PRESET_DIR)/transformer_cascade_label.json --out-dir $(RUNS)/transformers/cascade_label \
+		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS) --max-epoch $(CASCADE_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
+	touch $@
+
+$(RUNS)/generated_label/DONE: $(RUNS)/transformers/base_label/DONE $(RUNS)/transformers/cascade_label/DONE
+	rm -f $@
+	sed -e 's#"transformers/base/#"transformers/base_label/#' -e 's#"transformers/cascade/#"transformers/cascade_label/#' \
+		$(PRESET_DIR)/generate.json > $(RUNS)/generate_label.json
 	$(call TIMER,generate label) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_label.json \
 		--decoder-path $(AE_ARTIFACT) --out-dir $(RUNS)/generated_label --num-images $(NUM_IMAGES) --seed 0 \
 		--device $(DEVICE) $(RESTART)

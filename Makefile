@@ -342,6 +342,8 @@ $(DATA): $(CAPTIONS_SOURCE)/DONE
 endif
 
 CAPTION_REPORTS := $(foreach g,g1 guided,$(foreach s,seen unseen,$(RUNS)/report_prompts_$(s)_$(g)/DONE))
+# kept, so that a rerun after a model changed knows to start the prompt sets over
+.SECONDARY: $(subst report_prompts_,prompts_,$(CAPTION_REPORTS))
 captions-reports: $(RUNS)/report_label/DONE $(CAPTION_REPORTS)
 	@echo "captions done: prompt agreement in $(RUNS)/report_prompts_*/report.md (grids: $(RUNS)/prompts_*/grid.png),"
 	@echo "the reference without captions in $(RUNS)/report_label/report.md"

@@ -35,6 +35,12 @@ coarse_cascade := l1
 fine_cascade := l2
 coarse_cascade2 := l2
 fine_cascade2 := l3
+# the captions loop's label-only reference models (make captions)
+coarse_base_label := cond
+fine_base_label := l1
+coarse_cascade_label := l1
+fine_cascade_label := l2
+BASE_MODELS := base base_label
 
 DATA := $(RUNS)/data/DONE
 AUTOENCODER := $(RUNS)/autoencoder/DONE
@@ -83,7 +89,7 @@ same = $(and $(findstring x$(strip $(1)),x$(strip $(2))),$(findstring x$(strip $
 changed = $(if $(wildcard $(SETTINGS)/$(1)),$(if $(call same,$(2),$(file <$(SETTINGS)/$(1))),,FORCE))
 record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 # a transformer's steps, epochs and batch: the base model's or the cascade models'
-model_steps = $(if $(filter base,$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS)) $(BATCH)
+model_steps = $(if $(filter $(BASE_MODELS),$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS)) $(BATCH)
 
 .PHONY: setup test demo codebooks transformers generate report compress export fewshot lowdata captions captions-reports bench bench-generation clean-demo FORCE
 .SECONDEXPANSION:
@@ -165,7 +171,7 @@ $(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(PRESET_DIR)/decoder.json $
 # base: the condition token and the first level; each cascade model: the next level from the one before
 $(RUNS)/transformers/%/DONE: $(PRUNED) $(PRESET_DIR)/transformer_%.json $$(call changed,$$*,$$(call model_steps,$$*))
 	rm -f $@
-	$(call TIMER,$* transformer) $(PYTHON) train_transformer.py $(if $(filter base,$*),--train-base-model) \
+	$(call TIMER,$* transformer) $(PYTHON) train_transformer.py $(if $(filter $(BASE_MODELS),$*),--train-base-model) \
 		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
 		--config-path $(PRESET_DIR)/transformer_$*.json --out-dir $(RUNS)/transformers/$* --batch-size $(BATCH) \
@@ -347,24 +353,6 @@ CAPTION_REPORTS := $(foreach g,g1 guided,$(foreach s,seen unseen,$(RUNS)/report_
 captions-reports: $(RUNS)/report_label/DONE $(CAPTION_REPORTS)
 	@echo "captions done: prompt agreement in $(RUNS)/report_prompts_*/report.md (grids: $(RUNS)/prompts_*/grid.png),"
 	@echo "the reference without captions in $(RUNS)/report_label/report.md"
-
-$(RUNS)/transformers/base_label/DONE: $(PRUNED) $(PRESET_DIR)/transformer_base_label.json
-	rm -f $@
-	$(call TIMER,base_label transformer) $(PYTHON) train_transformer.py --train-base-model \
-		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
-		--lr-codebook-path $(call codebook,cond) --hr-codebook-path $(call codebook,l1) \
-		--config-path $(PRESET_DIR)/transformer_base_label.json --out-dir $(RUNS)/transformers/base_label \
-		--batch-size $(BATCH) --max-steps $(BASE_STEPS) --max-epoch $(BASE_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
-	touch $@
-
-$(RUNS)/transformers/cascade_label/DONE: $(PRUNED) $(PRESET_DIR)/transformer_cascade_label.json
-	rm -f $@
-	$(call TIMER,cascade_label transformer) $(PYTHON) train_transformer.py \
-		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
-		--lr-codebook-path $(call codebook,l1) --hr-codebook-path $(call codebook,l2) \
-		--config-path $(PRESET_DIR)/transformer_cascade_label.json --out-dir $(RUNS)/transformers/cascade_label \
-		--batch-size $(BATCH) --max-steps $(CASCADE_STEPS) --max-epoch $(CASCADE_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
-	touch $@
 
 $(RUNS)/generated_label/DONE: $(RUNS)/transformers/base_label/DONE $(RUNS)/transformers/cascade_label/DONE
 	rm -f $@

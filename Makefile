@@ -65,6 +65,11 @@ COMPRESSED_REPORT_FLAGS ?= --no-downstream
 DATA_FLAGS ?=
 AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
 codebook = $(RUNS)/pruned/$(1)/codebook.safetensors
+# the main report's classifier, for the reports that compare in its feature space: an unlabelled set has none,
+# and those reports then use the pixel-PCA space alone, as the main report did (a shell test: the file is
+# made during the run)
+REPORT_CLASSIFIER = $$(test -f $(RUNS)/report/classifier.safetensors && \
+	echo --classifier-path $(RUNS)/report/classifier.safetensors)
 # a preset with a decoder.json fine-tunes the decoder to decode the finest codebook's quantized maps, and
 # generation decodes with it
 FINEST := $(lastword $(LEVELS))
@@ -96,8 +101,9 @@ model_steps = $(if $(filter $(BASE_MODELS),$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(
 
 setup: $(VENV)/.installed
 
-# the apt packages: Fashion-MNIST (the demo's data) and an icon theme (the colour test set)
-APT_PACKAGES := dataset-fashion-mnist oxygen-icon-theme
+# the apt packages: Fashion-MNIST (the demo's data), an icon theme (the colour test set) and GNU time (the
+# stage timings in timings.log)
+APT_PACKAGES := dataset-fashion-mnist oxygen-icon-theme time
 $(VENV)/.installed: requirements.txt
 	@missing="$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)"; \
 	if [ -n "$$missing" ]; then \
@@ -224,7 +230,7 @@ $(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT) $$(call changed,report_c
 	rm -f $@
 	$(call TIMER,report compressed) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
 		--generated-path $(RUNS)/generated_compressed/dataset.json --out-dir $(RUNS)/report_compressed \
-		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) \
+		$(REPORT_CLASSIFIER) --device $(DEVICE) \
 		$(call ceiling,$(RUNS)/compressed/autoencoder/autoencoder.safetensors) $(REPORT_FLAGS) $(COMPRESSED_REPORT_FLAGS)
 	$(call record,report_compressed,$(REPORT_FLAGS) $(COMPRESSED_REPORT_FLAGS))
 	touch $@
@@ -249,7 +255,7 @@ $(REPORT_EXPORT): $(GENERATED_EXPORT) $(REPORT) $$(call changed,report_export,$$
 	rm -f $@
 	$(call TIMER,report export) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
 		--generated-path $(RUNS)/generated_export/dataset.json --out-dir $(RUNS)/report_export \
-		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(REPORT_FLAGS) $(COMPRESSED_REPORT_FLAGS)
+		$(REPORT_CLASSIFIER) --device $(DEVICE) $(REPORT_FLAGS) $(COMPRESSED_REPORT_FLAGS)
 	$(call record,report_export,$(REPORT_FLAGS) $(COMPRESSED_REPORT_FLAGS))
 	touch $@
 
@@ -298,7 +304,7 @@ $(FEWSHOT)/generated/DONE: $(MODELS:%=$(FEWSHOT)/transformers/%/DONE)
 $(FEWSHOT)/report/DONE: $(FEWSHOT)/generated/DONE $(REPORT)
 	$(call TIMER,fewshot report) $(PYTHON) evaluate.py --real-path $(FEWSHOT)/data/dataset.json \
 		--generated-path $(FEWSHOT)/generated/dataset.json --out-dir $(FEWSHOT)/report \
-		--classifier-path $(RUNS)/report/classifier.safetensors --device $(DEVICE) $(call ceiling,$(AE_ARTIFACT)) $(REPORT_FLAGS)
+		$(REPORT_CLASSIFIER) --device $(DEVICE) $(call ceiling,$(AE_ARTIFACT)) $(REPORT_FLAGS)
 	touch $@
 
 # The low-data benchmark: the whole chain trained from scratch on LOWDATA_PER_CLASS real training images of

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from core.cli import Device, Seed, console, entry, make_app, stage, track
-from core.downstream import DownstreamConfig
+from core.report.downstream import DownstreamConfig
 from core.errors import PipelineError
 from core.stages.evaluate import EvalArgs, run, summary_lines
 

@@ -8,15 +8,19 @@ import torch
 
 from conftest import build_dataset, run_script, write_shape_folder
 from core.data import Dataset, load_image_dataset
-from core.downstream import (AUGMENTED, GENERATED, REAL, SUBSET, DownstreamConfig, build_arms, compare, predict,
-                             run_arms, spread, train_classifier)
+from core.report.downstream import (AUGMENTED, GENERATED, REAL, SUBSET, DownstreamConfig, build_arms, compare, predict,
+                                    run_arms, spread, train_classifier)
 from core.errors import PipelineError
 from core.metrics import (density_coverage, frechet_distance, memorization_rate, nearest_distances, pca,
                           precision_recall, tsne)
 from core.model_artifacts import save_codebook
 from core.models.classifier import shift_and_flip
 from core.models.codebook import CodebookConfig, SOMCodebook
-from core.stages.evaluate import EvalArgs, ceiling_rows, load_sets, load_tokenizer, pixels, run, well_above
+from core.report.ceiling import ceiling_rows, load_tokenizer
+from core.report.memorization import well_above
+from core.report.sets import EvalArgs, load_sets
+from core.report.spaces import pixels
+from core.stages.evaluate import run
 
 
 def gaussian(n: int, mean: list[float], std: list[float], seed: int = 0) -> torch.Tensor:
@@ -208,7 +212,28 @@ def test_unlabelled_real_data_gets_the_pixel_space_only(tmp_path: Path):
     markdown = (tmp_path / "r" / "report.md").read_text()
     assert "no labels" in markdown
     assert report["downstream"] == {"skipped": "the real training images have fewer than two labelled classes"}
-    assert "Downstream accuracy: skipped (the real training images have fewer than two labelled classes)." in markdown
+    assert "downstream accuracy (the real training images have fewer than two labelled classes)" in markdown
+
+
+def test_a_report_on_a_tiny_unlabelled_folder_names_what_it_skipped_in_one_line(tmp_path: Path):
+    """48 images without labels (10 held out) against 4 generated ones: no classifier and no k-NN metrics,
+    said in one line on the console and in report.md; the Fréchet distance and the rest are written."""
+    build_dataset(write_folder(tmp_path / "flat", None, count=48), tmp_path / "real", 16, channels=1)
+    build_dataset(write_folder(tmp_path / "few", None, count=4), tmp_path / "generated", 16, channels=1, holdout=0.0)
+    result = run_script("evaluate.py", "--real-path", tmp_path / "real" / "dataset.json", "--generated-path",
+                        tmp_path / "generated" / "dataset.json", "--out-dir", tmp_path / "r",
+                        "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    # the 10 held-out images: 6 the reference, 4 the floor's (as many as the generated set)
+    assert report["real"]["heldout_images"] == 6 and set(report["spaces"]) == {"pixel_pca"}
+    assert set(report["spaces"]["pixel_pca"]) == {"frechet_distance"}
+    assert set(report["skipped"]) == {"classifier space and classes", "precision, recall, density and coverage",
+                                      "tokenizer ceiling", "downstream accuracy"}
+    assert "the generated set has 4 images" in report["skipped"]["precision, recall, density and coverage"]
+    [line] = [l for l in result.stderr.splitlines() if l.startswith("Skipped: ")]
+    assert "classifier space and classes (the real data has no labels" in line and "k=5" in line
+    assert line in (tmp_path / "r" / "report.md").read_text() and report["memorization"]["generated_images"] == 4
 
 
 def test_a_classifier_for_other_labels_is_refused(tmp_path: Path, two_datasets):
@@ -330,8 +355,8 @@ def test_unlabelled_generated_images_skip_the_downstream_section_with_one_line(t
     result = run_script("evaluate.py", "--real-path", real, "--generated-path", unlabelled, "--out-dir", tmp_path / "r",
                         "--num-images", 30, "--classifier-steps", 5, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    line = "Downstream accuracy: skipped (the generated records carry no labels of the real data)."
-    assert [l for l in result.stderr.splitlines() if "Downstream" in l] == [line]
+    [line] = [l for l in result.stderr.splitlines() if "downstream" in l.lower()]
+    assert "downstream accuracy (the generated records carry no labels of the real data)" in line
     assert line in (tmp_path / "r" / "report.md").read_text()
 
 

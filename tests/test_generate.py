@@ -11,7 +11,7 @@ from core.artifacts import load_artifact, save_artifact
 from core.data import load_image_dataset, read_records, write_records
 from core.models.sampling import DecodeSettings, DecodeState, beam_search, generate_tokens, uniform_draws
 from core.stages import evaluate, fmaps
-from core.stages.evaluate import at_source_size
+from core.report.sets import at_source_size
 from core.stages.generate import open_log, read_progress
 from core.models.transformer import sequence_logits
 from test_transformer import make, random_inputs

@@ -15,7 +15,8 @@ from core.model_artifacts import load_transformer
 from core.models.sampling import DecodeSettings, condition_tokens, generate_tokens
 from core.models.text import Tokenizer
 from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, decoder_input
-from core.stages import autoencoder, codebook, fmaps, prompt_agreement, transformer
+from core.report import prompt_agreement
+from core.stages import autoencoder, codebook, fmaps, transformer
 from core.stages.transformer import drop_conditions
 from test_generate import teacher_forced
 

@@ -1,5 +1,6 @@
-"""Small CNN classifiers trained from scratch and tested on real held-out images: the quality report's
-feature classifier, and the downstream experiment that asks whether generated images teach a classifier.
+"""The report's downstream section, and the small CNN classifiers behind it and the report's feature
+classifier: trained from scratch and tested on real held-out images. The section asks whether generated
+images teach a classifier.
 
 The downstream experiment trains the same classifier (same architecture, steps, batch and augmentation) on
 several training sets, its *arms*, each with several seeds, and tests every one on the real held-out
@@ -193,3 +194,68 @@ def compare(results: dict) -> dict:
     return {"cas": generated["mean"], "cas_over_real": generated["mean"] / max(real["mean"], 1e-12),
             "equal_size": results[GENERATED]["images"] == results[REAL]["images"],
             "gain_points": 100 * gain, "gain_standard_error_points": 100 * standard_error, "gain_verdict": verdict}
+
+
+# ---------------------------------------------------------------- the section
+
+def section(config: DownstreamConfig | None, *, real: Dataset, generated: Dataset, seed: int,
+            device: torch.device, track: Callable[[Iterable, str], Iterator]) -> dict:
+    """Every arm trained on the real training split and the generated images (labelled in the real label
+    names) and tested on the whole held-out split, or why not (config None: turned off)."""
+    if config is None:
+        return {"skipped": "turned off (--no-downstream)"}
+    train, heldout = real.split(heldout=False), real.split(heldout=True)
+    reason = skip_reason(train, heldout, generated)
+    if reason is not None:
+        return {"skipped": reason}
+    arms = build_arms(train, generated, config.subset_per_class, seed, config.real_share)
+    results = run_arms(arms, heldout, len(real.label_names), config, seed, device, track)
+    return {"config": asdict(config), "test_images": int((heldout.labels >= 0).sum()),
+            "names": real.label_names, "arms": results, **compare(results)}
+
+
+def summary_lines(d: dict) -> list[str]:
+    if "skipped" in d:
+        return []
+    arms = d["arms"]
+    real, subset, augmented = arms[REAL], arms[SUBSET], arms[AUGMENTED]
+    return [f"Classification Accuracy Score: {d['cas']:.1%} ({d['cas_over_real']:.0%} of "
+            f"{real['accuracy']['mean']:.1%} for {real['images']:,} real images"
+            f"{'' if d['equal_size'] else ', all there are'}).",
+            f"Augmentation: {subset['images']:,} real images {subset['accuracy']['mean']:.1%}, plus "
+            f"{augmented['images'] - subset['images']:,} generated {augmented['accuracy']['mean']:.1%}: "
+            f"{d['gain_points']:+.2f} points ({d['gain_verdict']})."]
+
+
+def accuracy_cell(accuracy: dict) -> str:
+    return (f"{accuracy['mean']:.2%} ± {100 * accuracy['std']:.2f} "
+            f"({accuracy['min']:.2%} to {accuracy['max']:.2%})")
+
+
+def markdown(section: dict) -> list[str]:
+    lines = ["## Downstream accuracy: do the generated images teach a classifier?", ""]
+    if "skipped" in section:
+        return lines + [f"Skipped: {section['skipped']}.", ""]
+    c, arms = section["config"], section["arms"]
+    augmentation = f"shifts of up to {c['shift']} pixels" + (" and left-right flips" if c["flip"] else "")
+    mix = ("batches drawn uniformly from the real subset and the generated images together" if c["real_share"] is None
+           else f"{c['real_share']:.0%} of each batch drawn from the real subset")
+    lines += [f"The same small CNN trained from scratch on each training set ({c['steps']} steps of {c['batch_size']} "
+              f"images, {augmentation}), tested on the {section['test_images']:,} real held-out images; accuracy "
+              f"mean ± standard deviation (range) over {c['seeds']} seeds. Real subset + generated: {mix}.", "",
+              "| training set | images | held-out accuracy |", "|---|---:|---:|"]
+    descriptions = {GENERATED: "generated images alone (CAS)", REAL: "real training images, as many",
+                    SUBSET: f"real subset (at most {c['subset_per_class']} per class)",
+                    AUGMENTED: "real subset + generated images"}
+    lines += [f"| {descriptions[name]} | {arm['images']:,} | {accuracy_cell(arm['accuracy'])} |"
+              for name, arm in arms.items()]
+    size = " at equal size" if section["equal_size"] else " (fewer real images: all there are)"
+    lines += ["", f"Classification Accuracy Score: **{section['cas']:.2%}**, {section['cas_over_real']:.1%} of the "
+              f"real images' accuracy{size}.",
+              "", f"Augmentation gain: **{section['gain_points']:+.2f} points** (standard error "
+              f"{section['gain_standard_error_points']:.2f}): {section['gain_verdict']}.", "",
+              "Accuracy per class (mean over seeds):", "",
+              "| class | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
+    lines += [f"| {name} | " + " | ".join(f"{arm['per_class'][i]:.1%}" for arm in arms.values()) + " |"
+              for i, name in enumerate(section["names"])]
+    return lines + [""]

@@ -7,8 +7,7 @@ import typer
 
 from core.cli import Device, OutDir, Overwrite, Seed, console, entry, make_app, stage, track
 from core.errors import PipelineError
-from core.stages import prompts
-from core.stages.generate import GenerateArgs, run
+from core.stages.generate import GenerateArgs, PromptsArgs, run, run_prompts
 
 app = make_app(__doc__)
 
@@ -37,8 +36,8 @@ def main(
                         seed=seed, batch_size=batch_size, fmt=format, device=device, overwrite=overwrite,
                         use_cache=not no_cache, full_size=full_size, progress=lambda items: track(items, "batches"))
     if prompts_file is not None:
-        path = prompts.run(prompts.PromptsArgs(generate=args, prompts_path=prompts_file,
-                                               progress=lambda items: track(items, "prompts")))
+        path = run_prompts(PromptsArgs(generate=args, prompts_path=prompts_file,
+                                       progress=lambda items: track(items, "prompts")))
         console.print(f"wrote {num_images} images per prompt of {prompts_file}, {out_dir / 'grid.png'} and {path}")
         return
     path = run(args)

@@ -28,24 +28,22 @@ KINDS = ("fp32 torch", "compressed torch", "int8 torch", "export")
 def torch_speed(runs: Path, kind: str, images: int, batch: int, threads: int) -> dict:
     """images/s of generate_images.py's batches (the key/value cache on), and the bytes the models hold."""
     import torch
-    from core.model_artifacts import load_autoencoder, load_transformer
-    from core.stages.generate import generate_batch, load_levels, parse_config
+    from core.model_artifacts import load_transformer
+    from core.generator import Generator
     torch.set_num_threads(threads)
     int8 = kind == "int8 torch"
     fp32 = kind == "fp32 torch"
     config = runs / ("generate.json" if fp32 else "generate_compressed.json")
-    levels = load_levels(parse_config(config), config)
-    for level in levels:  # load_levels runs compressed models in int8; decode them for "compressed torch"
-        level.model = load_transformer(level.settings.model_path, int8=int8)[0]
     decoder_path = runs / ("autoencoder/autoencoder.safetensors" if fp32 else "compressed/autoencoder/autoencoder.safetensors")
-    decoder = load_autoencoder(decoder_path, int8=int8)[0]
-    modules = [level.model for level in levels] + [decoder.decoder, levels[-1].fine_book]
+    generator = Generator.load(config, decoder_path, int8=int8)
+    for level in generator.levels:  # loading runs compressed transformers in int8; decode them for "compressed torch"
+        level.model = load_transformer(level.settings.model_path, int8=int8)[0]
+    modules = [level.model for level in generator.levels] + [generator.decoder.decoder, generator.levels[-1].fine_book]
     model_bytes = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
-    device = torch.device("cpu")
-    generate_batch(levels, decoder, range(batch), 0, device)  # warm-up
+    generator.sample(range(batch), 0)  # warm-up
     start = time.perf_counter()
     for first in range(0, images, batch):
-        generate_batch(levels, decoder, range(first, min(images, first + batch)), 0, device)
+        generator.sample(range(first, min(images, first + batch)), 0)
     seconds = time.perf_counter() - start
     return {"images_per_s": round(images / seconds, 2), "model_bytes": model_bytes}
 

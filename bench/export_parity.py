@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from core.data import to_uint8  # noqa: E402
 from core.model_artifacts import load_autoencoder  # noqa: E402
 from core.models.sampling import generate_tokens  # noqa: E402
-from core.stages.generate import load_levels, parse_config  # noqa: E402
+from core.generator import load_levels, parse_config  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

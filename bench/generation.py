@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from bench.memory import peak_rss_mb  # noqa: E402
 from bench.run import flops_per_sequence, matmul_peak  # noqa: E402
 from core.data import to_uint8  # noqa: E402
-from core.stages.generate import GenerateArgs, generate_batch, load_generator, move_generator, run  # noqa: E402
+from core.generator import Generator  # noqa: E402
+from core.stages.generate import GenerateArgs, image_file, run  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -63,7 +64,8 @@ def decoder_flops(decoder: torch.nn.Module, latent_shape: tuple[int, int, int]) 
 
 def chain_flops(runs: Path) -> dict:
     """FLOPs per image: the transformers' (bench/run.py's count) and the decoder's."""
-    levels, autoencoder, _ = load_generator(runs / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
+    generator = Generator.load(runs / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
+    levels, autoencoder = generator.levels, generator.decoder
     book = levels[-1].fine_book.cfg
     transformers = sum(flops_per_sequence(level.model, training=False) for level in levels)
     return {"transformers": transformers, "decoder": decoder_flops(autoencoder.decoder, book.fmap_shape)}
@@ -136,14 +138,12 @@ def profile_batch(runs: Path, batch: int, device: str) -> dict:
     and the PNG encoding of its images (done by the background thread in a run)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from core.stages.generate import image_file
-    levels, decoder, _ = load_generator(runs / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
-    dev = torch.device(device)
-    move_generator(levels, decoder, dev)
-    generate_batch(levels, decoder, range(batch), 0, dev)  # warm-up
+    generator = Generator.load(runs / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
+    generator.to(torch.device(device))
+    generator.sample(range(batch), 0)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        images, _ = generate_batch(levels, decoder, range(batch, 2 * batch), 0, dev)
+        images, _ = generator.sample(range(batch, 2 * batch), 0)
         wall = time.perf_counter() - start
     seconds = {kind: 0.0 for kind in KINDS}
     other_ops = 0.0

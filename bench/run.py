@@ -72,14 +72,13 @@ def train_throughput(runs: Path, stage: str, steps: int, device: str) -> dict:
 
 
 def generation_speed(runs: Path, models: str, use_cache: bool, images: int, device: str) -> dict:
-    from core.stages.generate import generate_batch, load_generator, move_generator
+    from core.generator import Generator
     config = runs / ("generate.json" if models == "fp32" else "generate_compressed.json")
-    levels, decoder, _ = load_generator(config, runs / "autoencoder" / "autoencoder.safetensors")
-    dev = torch.device(device)
-    move_generator(levels, decoder, dev)
-    generate_batch(levels, decoder, range(2), 0, dev, use_cache)  # warm-up
+    generator = Generator.load(config, runs / "autoencoder" / "autoencoder.safetensors").to(torch.device(device))
+    levels = generator.levels
+    generator.sample(range(2), 0, use_cache)  # warm-up
     start = time.perf_counter()
-    generate_batch(levels, decoder, range(images), 0, dev, use_cache)
+    generator.sample(range(images), 0, use_cache)
     seconds = time.perf_counter() - start
     tokens = sum(level.model.shape.fine_len for level in levels) * images
     flops = sum(flops_per_sequence(level.model, training=False) for level in levels) * images

@@ -22,7 +22,7 @@ from core.data import to_uint8
 from core.models.sampling import generate_tokens
 from core.stages.compress import CompressArgs, run as compress
 from core.stages.export import ExportArgs, export_level, run as export
-from core.stages.generate import load_levels, parse_config
+from core.generator import load_levels, parse_config
 from core.model_artifacts import load_autoencoder
 from conftest import options
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from safetensors.numpy import save as safetensors_bytes
 
-from core.artifacts import atomic_write_bytes, file_record
+from core.artifacts import atomic_write_bytes
 from core.codec import encode_bundle_weights
 from core.config import to_dict
 from core.data import source_content_size
@@ -26,7 +26,7 @@ from core.models.quantized import Int8Embedding
 from core.models.sampling import DecodeSettings
 from core.models.transformer import TokenTransformer
 from core.onnx_graphs import OPSET, image_decoder, transformer_encoder, transformer_step
-from core.stages.generate import Level, load_generator
+from core.generator import Generator, Level
 
 FORMAT = 1
 RUNNER = Path(__file__).resolve().parent.parent.parent / "runner" / "runner.py"
@@ -79,7 +79,8 @@ def export_level(index: int, level: Level) -> tuple[dict, dict[str, np.ndarray],
 
 def run(args: ExportArgs) -> Path:
     """Write the bundle into out_dir and return its manifest's path."""
-    levels, decoder, decoder_artifact = load_generator(args.config_path, args.decoder_path)
+    generator = Generator.load(args.config_path, args.decoder_path)
+    levels, decoder = generator.levels, generator.decoder
     final = levels[-1].fine_book
     manifest_path = args.out_dir / "bundle.json"
     if args.out_dir.exists() and any(args.out_dir.iterdir()) and not (args.overwrite and manifest_path.exists()):
@@ -112,9 +113,9 @@ def run(args: ExportArgs) -> Path:
         "levels": entries,
         "decoder": {"graph": {"file": "decoder.onnx", "weights": sorted(decoder_weights)},
                     "fmap_shape": list(book.fmap_shape), "patch": [book.patch_H, book.patch_W],
-                    "crop": None if args.full_size else source_content_size(decoder_artifact.extra)},
+                    "crop": None if args.full_size else source_content_size(generator.decoder_artifact.extra)},
         "weights": specs,
-        "provenance": {"levels": [level.record for level in levels], "decoder": file_record(args.decoder_path)},
+        "provenance": generator.provenance(),
     }
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))  # compact: the manifest ships too
     atomic_write_bytes(manifest_path, text.encode())  # last: a bundle stopped midway fails its sha256 checks

@@ -11,7 +11,12 @@ The out dir, for any number of images:
 
 Images are made in fixed batches of consecutive indices, and each image depends only on the seed and its
 index: a batch is the same whoever makes it and whenever. A run killed at any moment continues with the
-batches that no progress line names, and torchrun's processes share the batches out."""
+batches that no progress line names, and torchrun's processes share the batches out.
+
+Generation from a file of prompts, one image set per prompt: the k-th prompt's images are a generation run of
+their own in OUT/set_k (with seed + k, level 0's prompt set to it), and OUT gathers them: dataset.json of every
+set's images with their captions (a captioned dataset the other stages accept), grid.png with one row per
+prompt, and prompts.json (each prompt, its folder and seed)."""
 from __future__ import annotations
 
 import json
@@ -19,27 +24,25 @@ import os
 import queue
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from core.artifacts import Artifact, atomic_write_json, file_record
-from core.config import config_from_dict, load_json, option, to_dict
+from core.artifacts import atomic_write_json
+from core.config import to_dict
 from core.console import notice
-from core.data import crop_to_content, read_image_files, source_content_size, to_uint8, write_records
+from core.data import (crop_to_content, read_image_files, read_records, read_table, source_content_size, to_uint8,
+                       write_dataset_json, write_records)
 from core.errors import PipelineError
-from core.model_artifacts import load_autoencoder, load_codebook, load_transformer
-from core.models.autoencoder import Autoencoder
-from core.models.codebook import SOMCodebook
-from core.models.sampling import DecodeSettings, condition_tokens, generate_tokens
-from core.models.transformer import TokenTransformer
+from core.generator import Generator
 from core.pictures import picture_bytes, save_image_grid, to_picture
 from core.training import RUN_FILE, RunEnv, claim_out_dir, finish_run, setup_run
 
 IMAGES_PER_FOLDER = 1000
+GRID_COLUMNS = 8  # images per prompt in the grid of a prompts run
 LAYOUT = 2  # 1: one flat images/ folder, labels.json and the provenance in every record
 
 
@@ -57,185 +60,6 @@ class GenerateArgs:
     use_cache: bool = True
     full_size: bool = False  # keep the padding that the dataset build added around smaller images
     progress: Callable[[Iterable], Iterator] = iter
-
-
-@dataclass
-class LevelConfig(DecodeSettings):
-    model_path: str = option("")
-    lr_codebook_path: str = option("")
-    hr_codebook_path: str = option("")
-    label: object = option(None, doc="null: drawn from the data's labels (none when there is a prompt); "
-                                     "\"none\": unconditional; or a label name")
-    prompt: object = option(None, doc="a caption to generate (models trained on captions); null: none (a cascade "
-                                      "level: level 0's)")
-
-
-@dataclass
-class Level:
-    settings: LevelConfig
-    model: TokenTransformer
-    coarse_book: SOMCodebook
-    fine_book: SOMCodebook
-    record: dict  # the level's settings with the sha256 of every file it uses
-    cond_counts: torch.Tensor | None  # base level: condition tokens seen with each label in training
-
-
-def parse_config(path: Path) -> list[LevelConfig]:
-    raw = load_json(path)
-    if not isinstance(raw, dict) or not raw:
-        raise PipelineError(f"{path}: expected an object with one entry per cascade level (\"0\", \"1\", ...)")
-    if sorted(raw, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(raw))]:
-        raise PipelineError(f"{path}: levels must be numbered \"0\", \"1\", ... in order; found {', '.join(raw)}")
-    levels = [config_from_dict(LevelConfig, raw[str(i)], source=f"{path} level {i}") for i in range(len(raw))]
-    for i, level in enumerate(levels):
-        for key in ("model_path", "lr_codebook_path", "hr_codebook_path"):
-            if not getattr(level, key):
-                raise PipelineError(f"{path} level {i}: '{key}' is missing")
-            setattr(level, key, str(resolve_path(getattr(level, key), path)))
-    return levels
-
-
-def resolve_path(value: str, config_path: Path) -> Path:
-    """A relative path is looked up from the current directory, then from the config file's folder."""
-    candidate = Path(value)
-    if candidate.is_absolute() or candidate.exists():
-        return candidate
-    beside = config_path.parent / candidate
-    return beside if beside.exists() else candidate
-
-
-def load_levels(configs: list[LevelConfig], source: Path) -> list[Level]:
-    """Load every level's model and codebooks and check that they belong together."""
-    levels = []
-    for i, cfg in enumerate(configs):
-        where = f"{source} level {i}"
-        model, artifact = load_transformer(cfg.model_path)
-        expected = "base" if i == 0 else "cascade"
-        if model.shape.kind != expected:
-            raise PipelineError(f"{where}: expected a {expected} model, {cfg.model_path} is a {model.shape.kind} model")
-        records = {key: file_record(getattr(cfg, f"{key}_path")) for key in ("lr_codebook", "hr_codebook")}
-        for key, record in records.items():
-            trained_with = artifact.extra[key]
-            if trained_with["sha256"] != record["sha256"]:
-                raise PipelineError(f"{where}: {cfg.model_path} was trained with {key} {trained_with['path']}, "
-                                    f"which differs from {key}_path {record['path']}")
-        if levels and levels[-1].record["hr_codebook"]["sha256"] != records["lr_codebook"]["sha256"]:
-            raise PipelineError(f"{where}: lr_codebook_path {cfg.lr_codebook_path} is not level {i - 1}'s "
-                                f"hr_codebook_path {levels[-1].settings.hr_codebook_path}")
-        record = {**to_dict(cfg), "model": file_record(cfg.model_path), **records}
-        if cfg.prompt is None:  # provenance as it was before prompts
-            del record["prompt"]
-        levels.append(Level(cfg, model, load_codebook(cfg.lr_codebook_path)[0], load_codebook(cfg.hr_codebook_path)[0],
-                            record, artifact.tensors.get("cond_counts")))
-    check_prompts(levels, source)
-    return levels
-
-
-def level_prompt(levels: list[Level], i: int) -> str | None:
-    """The prompt level i reads: its own, or level 0's."""
-    own = levels[i].settings.prompt
-    return own if own is not None or i == 0 else levels[0].settings.prompt
-
-
-def check_prompts(levels: list[Level], source: Path) -> None:
-    """Every prompt is a string that its level's model can read, before any image is made."""
-    for i, level in enumerate(levels):
-        prompt, where = level_prompt(levels, i), f"{source} level {i}"
-        if level.settings.prompt is not None and not isinstance(level.settings.prompt, str):
-            raise PipelineError(f"{where}: 'prompt' must be a string or null, got {json.dumps(level.settings.prompt)}")
-        if prompt is None:
-            continue
-        tokenizer = level.model.tokenizer
-        if tokenizer is None:
-            if level.settings.prompt is not None:
-                raise PipelineError(f"{where}: a prompt was given, but {level.settings.model_path} was trained "
-                                    f"without captions (rebuild the dataset with captions and train it again)")
-            continue  # a level without captions ignores level 0's prompt
-        problem = tokenizer.problem(prompt)
-        if problem:
-            raise PipelineError(f"{where}: prompt {json.dumps(prompt)}: {problem}")
-
-
-def prompt_ids(level: Level, prompt: str | None, batch: int, device: torch.device) -> torch.Tensor | None:
-    """Caption ids (batch, text_len) of the prompt for a level whose model reads captions, else None."""
-    tokenizer = level.model.tokenizer
-    if tokenizer is None:
-        return None
-    return torch.tensor(tokenizer.encode(prompt), device=device).expand(batch, -1)
-
-
-def load_generator(config_path: Path, decoder_path: Path, int8: bool = True) -> tuple[list[Level], Autoencoder, Artifact]:
-    """The levels of a generation config and the autoencoder that decodes the last level's tokens,
-    checked to fit each other."""
-    levels = load_levels(parse_config(config_path), config_path)
-    decoder, decoder_artifact = load_autoencoder(decoder_path, int8=int8)
-    final = levels[-1].fine_book.cfg
-    if final.image_C != decoder.cfg.latent_channel:
-        raise PipelineError(f"{decoder_path} decodes {decoder.cfg.latent_channel}-channel feature maps, but level "
-                            f"{len(levels) - 1}'s codebook {levels[-1].settings.hr_codebook_path} makes {final.image_C}")
-    return levels, decoder, decoder_artifact
-
-
-def move_generator(levels: list[Level], decoder: Autoencoder, device: torch.device) -> None:
-    for level in levels:
-        level.model.to(device)
-        level.fine_book.to(device)
-    decoder.to(device)
-
-
-def resolve_label(value: object, names: list[str], where: str) -> int | None:
-    """None: draw per image; -1: unconditional; else the label's index."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value.lower() == "none":
-        return -1
-    if isinstance(value, str) and value in names:
-        return names.index(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-        return value
-    known = ", ".join(names) if names else "none: the model is unconditional"
-    raise PipelineError(f"{where}: unknown label {json.dumps(value)} (labels: {known})")
-
-
-def image_generators(seed: int, indices: range) -> list[torch.Generator]:
-    """One generator per image, from (seed, index): an image does not depend on the batch it is in."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in indices]
-
-
-@torch.inference_mode()
-def generate_batch(levels: list[Level], decoder: Autoencoder, indices: range, seed: int,
-                   device: torch.device, use_cache: bool = True) -> tuple[torch.Tensor, list[int]]:
-    """Images (B, C, H, W) in [-1, 1] and their label ids (-1: none) for the given image indices."""
-    generators = image_generators(seed, indices)
-    base = levels[0]
-    shape = base.model.shape
-    counts = base.cond_counts.float()
-    wanted = resolve_label(base.settings.label, shape.label_names, "level 0")
-    if wanted is None and base.settings.prompt is not None:  # a prompt says what to make: no label drawn
-        wanted = -1
-    labels = []
-    for g in generators:
-        if wanted is None and shape.num_labels:
-            labels.append(int(torch.multinomial(counts[:shape.num_labels].sum(1) + 1e-9, 1, generator=g)))
-        else:
-            labels.append(-1 if wanted is None else wanted)
-    if base.model.tokenizer is None:
-        conds = [int(torch.multinomial(counts[label if label >= 0 else shape.num_labels] + 1e-9, 1, generator=g))
-                 for label, g in zip(labels, generators)]
-        tokens = torch.tensor(conds, device=device)[:, None]
-    else:  # a model trained on captions predicts its condition token from the prompt and the label
-        ids = torch.tensor([l if l >= 0 else shape.null_label for l in labels], device=device)
-        text = prompt_ids(base, base.settings.prompt, len(labels), device)
-        tokens = condition_tokens(base.model, ids, text, base.settings, generators)
-    for i, level in enumerate(levels):
-        override = resolve_label(level.settings.label, shape.label_names, f"level {i}") if i else None
-        level_labels = labels if override is None else [override] * len(labels)
-        ids = torch.tensor([l if l >= 0 else level.model.shape.null_label for l in level_labels], device=device)
-        text = prompt_ids(level, level_prompt(levels, i), len(labels), device)
-        tokens = generate_tokens(level.model, ids, tokens, level.settings, generators, use_cache, text=text)
-    final = levels[-1].fine_book
-    images = decoder.decoder(final.lookup(tokens)).float().clamp(-1, 1)
-    return images.cpu(), labels
 
 
 # ---------------------------------------------------------------- images on disk
@@ -344,15 +168,15 @@ def open_log(progress_dir: Path, rank: int) -> Path:
 
 # ---------------------------------------------------------------- the run
 
-def run(args: GenerateArgs) -> Path:
-    """Generate the images into out_dir, with grid.png and dataset.json. A run stopped midway continues:
-    batches already written by the same run are kept. Under torchrun, each process makes its share."""
-    config_path, decoder_path, out_dir, num_images = args.config_path, args.decoder_path, args.out_dir, args.num_images
-    levels, decoder, decoder_artifact = load_generator(config_path, decoder_path)
-    crop = None if args.full_size else source_content_size(decoder_artifact.extra)
+def run(args: GenerateArgs, generator: Generator | None = None) -> Path:
+    """Generate the images into out_dir, with grid.png and dataset.json, by the generator of args.config_path
+    and args.decoder_path, or by `generator` when one is given (already loaded). A run stopped midway
+    continues: batches already written by the same run are kept. Under torchrun, each process makes its share."""
+    out_dir, num_images = args.out_dir, args.num_images
+    generator = generator or Generator.load(args.config_path, args.decoder_path)
+    crop = None if args.full_size else source_content_size(generator.decoder_artifact.extra)
     env = setup_run(args.device, args.seed)
-    provenance = {"seed": args.seed, "levels": [level.record for level in levels], "decoder": file_record(decoder_path),
-                  **({"cropped_to": crop} if crop else {})}
+    provenance = {"seed": args.seed, **generator.provenance(), **({"cropped_to": crop} if crop else {})}
     claim_out_dir(out_dir, {"provenance": provenance, "format": args.fmt, "num_images": num_images, "layout": LAYOUT},
                   resume=False, overwrite=args.overwrite, env=env)
     if args.overwrite and env.is_main:
@@ -363,20 +187,20 @@ def run(args: GenerateArgs) -> Path:
     done = read_progress(progress_dir)
     barrier(env)  # every process has read the logs before any writes to them
     batches = [k for k in range((num_images + batch_size - 1) // batch_size) if k not in done][env.rank::env.world_size]
-    move_generator(levels, decoder, env.device)
+    generator.to(env.device)
     writer = BatchWriter(out_dir, open_log(progress_dir, env.rank), args.fmt)
     try:
         for number in args.progress(batches):
             indices = range(number * batch_size, min(num_images, (number + 1) * batch_size))
-            images, labels = generate_batch(levels, decoder, indices, args.seed, env.device, args.use_cache)
+            images, labels = generator.sample(indices, args.seed, args.use_cache)
             writer.put(Batch(number, indices, to_uint8(crop_to_content(images, crop)), labels))
     finally:
         writer.close()
     barrier(env)
     if env.is_main:
-        write_dataset(out_dir, levels[0].model.shape.label_names, read_progress(progress_dir), batch_size,
+        write_dataset(out_dir, generator.label_names, read_progress(progress_dir), batch_size,
                       {**provenance, "format": args.fmt, "num_images": num_images, "batch_size": batch_size}, args.fmt,
-                      caption=levels[0].settings.prompt)
+                      caption=generator.prompt)
     finish_run(env)
     return out_dir / "dataset.json"
 
@@ -429,3 +253,61 @@ def write_dataset(out_dir: Path, names: list[str], done: dict[int, list[int]], b
 
     info = {"kind": "generated", "channels": int(grid.shape[1]), "size": int(grid.shape[-1]), "images": num_images}
     write_records(out_dir / "dataset.json", records(), info, {"runs": [run_record]})
+
+
+# ---------------------------------------------------------------- generation from prompts
+
+@dataclass
+class PromptsArgs:
+    generate: GenerateArgs  # num_images: per prompt; out_dir: where the sets go
+    prompts_path: Path
+    progress: Callable[[Iterable], Iterator] = iter
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; empty lines and lines starting with # are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such prompts file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: cannot read prompts ({e})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise PipelineError(f"{path}: no prompts (one per line)")
+    return prompts
+
+
+def run_prompts(args: PromptsArgs) -> Path:
+    """Generate every prompt's set (a set already made by the same run is kept), then gather them. The models
+    are loaded once, and every prompt is checked before any image is made."""
+    out_dir = args.generate.out_dir
+    prompts = read_prompts(args.prompts_path)
+    generator = Generator.load(args.generate.config_path, args.generate.decoder_path)
+    prompted = [generator.with_prompt(prompt, f"{args.prompts_path} line {k + 1}") for k, prompt in enumerate(prompts)]
+    sets = []
+    for k, (prompt, prompt_generator) in enumerate(args.progress(list(zip(prompts, prompted)))):
+        folder = out_dir / f"set_{k:03d}"
+        levels_config = {str(i): to_dict(level.settings) for i, level in enumerate(prompt_generator.levels)}
+        atomic_write_json(folder / "generate.json", levels_config)
+        seed = args.generate.seed + k
+        run(replace(args.generate, config_path=folder / "generate.json", out_dir=folder, seed=seed,
+                               progress=iter), prompt_generator)
+        sets.append({"prompt": prompt, "folder": folder.name, "seed": seed})
+    return gather(out_dir, sets)
+
+
+def gather(out_dir: Path, sets: list[dict]) -> Path:
+    """OUT/dataset.json of every set's records (paths into the sets), grid.png and prompts.json."""
+    records, info, rows, runs = [], {}, [], []
+    for entry in sets:
+        set_records, info = read_records(out_dir / entry["folder"] / "dataset.json")
+        runs += read_table(out_dir / entry["folder"] / "dataset.json", "runs")
+        records += [{**r, "image_fpath": f"{entry['folder']}/{r['image_fpath']}", "run": len(runs)}
+                    for r in set_records]
+        rows += [out_dir / entry["folder"] / r["image_fpath"] for r in set_records[:GRID_COLUMNS]]
+    save_image_grid(read_image_files(rows), out_dir / "grid.png", columns=GRID_COLUMNS)
+    write_dataset_json(out_dir / "dataset.json", records, {**info, "images": len(records), "prompts": len(sets)},
+                       {"runs": runs})
+    atomic_write_json(out_dir / "prompts.json", {"sets": sets, "grid": "grid.png: one row per prompt, in this order"})
+    return out_dir / "dataset.json"

@@ -260,8 +260,10 @@ $(REPORT_EXPORT): $(GENERATED_EXPORT) $(REPORT) $$(call changed,report_export,$$
 	touch $@
 
 # Few-shot (seed 000): the transformers fine-tuned (--init-from) on FEWSHOT_COUNT held-out images of one
-# class, then that class generated and compared with the class's other held-out images.
-FEWSHOT_LABEL ?= Dress
+# class, then that class generated and compared with the class's other held-out images. The class is Dress for
+# Fashion-MNIST; for another folder, a label of its own (FEWSHOT_LABEL=cats) or none: FEWSHOT_COUNT of its
+# held-out images whatever their labels (a folder without labels has none).
+FEWSHOT_LABEL ?= $(if $(filter /usr/share/datasets/fashion-mnist,$(SOURCE)),Dress)
 FEWSHOT_COUNT ?= 66
 FEWSHOT_STEPS ?= 30
 FEWSHOT_IMAGES ?= 300
@@ -271,7 +273,7 @@ fewshot: $(FEWSHOT)/report/DONE
 
 $(FEWSHOT)/data/DONE: $(DATA) $$(call changed,fewshot,$$(FEWSHOT_LABEL) $$(FEWSHOT_COUNT) $$(FEWSHOT_STEPS) $$(FEWSHOT_IMAGES))
 	rm -f $@
-	$(PYTHON) build_dataset.py --source $(RUNS)/data/dataset.json --label "$(FEWSHOT_LABEL)" --from-split heldout \
+	$(PYTHON) build_dataset.py --source $(RUNS)/data/dataset.json $(if $(FEWSHOT_LABEL),--label "$(FEWSHOT_LABEL)") --from-split heldout \
 		--train-count $(FEWSHOT_COUNT) --size $(SIZE) --out-dir $(FEWSHOT)/data --overwrite
 	$(call record,fewshot,$(FEWSHOT_LABEL) $(FEWSHOT_COUNT) $(FEWSHOT_STEPS) $(FEWSHOT_IMAGES))
 	touch $@
@@ -294,7 +296,7 @@ $(FEWSHOT)/transformers/%/DONE: $(FEWSHOT)/fmaps/DONE $(RUNS)/transformers/%/DON
 # the preset's generation config with the fine-tuned models, the main run's codebooks and the class
 $(FEWSHOT)/generated/DONE: $(MODELS:%=$(FEWSHOT)/transformers/%/DONE)
 	rm -f $@
-	sed -e 's#"pruned/#"../pruned/#' -e 's#"label": null#"label": "$(FEWSHOT_LABEL)"#' \
+	sed -e 's#"pruned/#"../pruned/#' $(if $(FEWSHOT_LABEL),-e 's#"label": null#"label": "$(FEWSHOT_LABEL)"#') \
 		$(PRESET_DIR)/generate.json > $(FEWSHOT)/generate.json
 	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(FEWSHOT)/generate.json \
 		--decoder-path $(DECODER_ARTIFACT) --out-dir $(FEWSHOT)/generated --num-images $(FEWSHOT_IMAGES) --seed 0 \

@@ -75,6 +75,17 @@ def write_shape_folder(folder: Path, per_label: int) -> Path:
     return folder
 
 
+def write_colour_folder(folder: Path, count: int) -> Path:
+    """One flat folder (no labels) of `count` 16x16 colour PNGs: the three shapes, each in a colour."""
+    folder.mkdir(parents=True)
+    colours = np.array([[220, 40, 40], [40, 160, 60], [50, 80, 220]], dtype=np.float32) / 255
+    for i in range(count):
+        grey = shape_image(i % 3, 5000 + i).astype(np.float32)
+        rgb = grey[..., None] * colours[(i // 3) % 3]
+        Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Three labelled sub-folders of 24 PNGs each."""

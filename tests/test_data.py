@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import build_dataset, run_script
+from conftest import build_dataset, run_script, write_shape_folder
 from core.data import crop_to_content, load_image_dataset, read_records
 from core.errors import PipelineError
 from core.pictures import save_image_grid
@@ -26,6 +26,26 @@ def test_build_from_folder(tmp_path, image_folder):
     assert data.items.shape == (72, 1, 8, 8) and data.items.dtype == torch.uint8
     assert data.label_names == ["bar", "circle", "square"]
     assert int(data.is_heldout.sum()) == counts["heldout"]
+
+
+def test_a_small_folder_holds_out_enough_images_for_the_report(tmp_path):
+    """48 images at the default 10%: 10 held out (the report's k-NN metrics need more than 5), not about 5;
+    a folder of 24 holds out a quarter; --holdout 0 still holds out none."""
+    write_shape_folder(tmp_path / "shapes", 16)
+    write_shape_folder(tmp_path / "few", 8)
+    assert build_dataset(tmp_path / "shapes", tmp_path / "a", size=8)["heldout"] == 10
+    assert build_dataset(tmp_path / "few", tmp_path / "b", size=8)["heldout"] == 6
+    assert build_dataset(tmp_path / "shapes", tmp_path / "c", size=8, holdout=0.0)["heldout"] == 0
+
+
+def test_a_train_count_that_leaves_nothing_held_out_is_one_line(tmp_path, image_folder):
+    build_dataset(image_folder, tmp_path / "all", size=8, holdout=0.25)
+    heldout = build_dataset(image_folder, tmp_path / "x", size=8, holdout=0.25)["heldout"]
+    result = run_script("build_dataset.py", "--source", tmp_path / "all" / "dataset.json", "--from-split", "heldout",
+                        "--train-count", heldout, "--size", 8, "--out-dir", tmp_path / "few")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"{heldout} images of its heldout split; --train-count {heldout} would hold none out" in result.stderr
+    assert not (tmp_path / "few" / "dataset.json").exists()
 
 
 def test_build_rgb_and_limit(tmp_path, image_folder):

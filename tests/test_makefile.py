@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, TINY_AE, script_env
+from conftest import ROOT, TINY_AE, script_env, write_colour_folder
 
 TINY_TRANSFORMER = {"in_dim": 32, "hidden_dim": 64, "num_dec_layers": 1, "num_enc_layers": 1,
                     "self_attn_heads": 2, "cross_attn_heads": 2, "model_lr": 0.003, "warmup_steps": 2}
@@ -41,9 +41,26 @@ def make(runs: Path, configs: Path, source: Path, *extra: str) -> subprocess.Com
 
 
 def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
+    check_demo_chain(tmp_path, image_folder)
+
+
+def test_make_demo_on_an_unlabelled_colour_folder_ends_with_every_report_and_the_export(tmp_path):
+    """A flat folder (no labels) of colour images: the reports compare in pixel-PCA space, none asks for the
+    main report's classifier, and every stamp is there; resume as for labelled images."""
+    folder = write_colour_folder(tmp_path / "flat", 48)
+    runs = check_demo_chain(tmp_path, folder)
+    assert not (runs / "report" / "classifier.safetensors").exists()
+    for report in ("report", "report_compressed", "report_export"):
+        assert set(json.loads((runs / report / "report.json").read_text())["spaces"]) == {"pixel_pca"}
+    assert json.loads((runs / "data" / "dataset.json").read_text())["info"]["1"]["channels"] == 3
+
+
+def check_demo_chain(tmp_path: Path, source: Path) -> Path:
+    """make demo on `source` runs every stage and leaves every stamp; an interrupted stage reruns with what
+    follows it; a finished chain has nothing left to do; other settings for a stage start it over."""
     runs, configs = tmp_path / "runs", tmp_path / "configs"
     write_preset(configs)
-    result = make(runs, configs, image_folder)
+    result = make(runs, configs, source)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = json.loads((runs / "generated" / "dataset.json").read_text())["_default"]
     assert len(records) == 6 and (runs / "generated" / "grid.png").exists()
@@ -54,11 +71,17 @@ def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
     assert len(list((runs / "generated_compressed" / "images").glob("*/*.png"))) == 6
     assert len(list((runs / "generated_export" / "images").glob("*/*.png"))) == 6
     assert (runs / "report_export" / "report.md").exists()
+    stamps = ["data", "autoencoder", "fmaps", *(f"{stage}/{level}" for stage in ("codebooks", "pruned")
+                                                  for level in ("cond", "l1", "l2")),
+              "transformers/base", "transformers/cascade", "generated", "report", "compressed/autoencoder",
+              "compressed/base", "compressed/cascade", "generated_compressed", "report_compressed", "export",
+              "generated_export", "report_export"]
+    assert [s for s in stamps if not (runs / s / "DONE").exists()] == []
 
     # as if the cascade stage had been interrupted: make runs it and what follows from it, nothing before it
     (runs / "transformers" / "cascade" / "DONE").unlink()
     shutil.rmtree(runs / "generated")
-    result = make(runs, configs, image_folder)
+    result = make(runs, configs, source)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
     assert stages[21] == "cascade transformer"
@@ -66,11 +89,12 @@ def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
                                    "report", "report compressed", "report export"]
 
     # nothing is left to do; other settings for one stage start it over, and what follows it
-    assert "python" not in make(runs, configs, image_folder, "-n").stdout
-    dry_run = make(runs, configs, image_folder, "-n", "CASCADE_STEPS=12").stdout.replace("\\\n", " ")
+    assert "python" not in make(runs, configs, source, "-n").stdout
+    dry_run = make(runs, configs, source, "-n", "CASCADE_STEPS=12").stdout.replace("\\\n", " ")
     planned = [line for line in dry_run.splitlines() if "python" in line]
     assert "train_transformer.py" in planned[0] and "--max-steps 12" in planned[0] and "--overwrite" in planned[0]
     assert not any(script in line for line in planned for script in ("train_autoencoder", "train_codebook", "--train-base"))
+    return runs
 
 
 def test_make_lowdata_trains_the_chain_on_a_per_class_subset(tmp_path):

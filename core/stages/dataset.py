@@ -28,6 +28,9 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dty
 
 
 FITS = ("pad", "crop", "resize")
+# held-out images a folder keeps at least (a quarter of a folder under 40): the report's k-NN metrics need
+# more than k=5 of them
+MIN_HELDOUT = 10
 
 
 @dataclass
@@ -309,6 +312,11 @@ def run(args: DatasetArgs) -> dict:
     if from_split is not None:
         items = [item for item in items if item.origin == from_split]
     if train_count is not None:
+        if train_count >= len(items):
+            kept = " ".join(part for part in (f"labelled {', '.join(labels)}" if labels else "",
+                                              f"of its {from_split} split" if from_split else "") if part)
+            raise PipelineError(f"{source}: {len(items)} images{' ' + kept if kept else ''}; --train-count "
+                                f"{train_count} would hold none out to compare with")
         items = [dataclasses.replace(item, split="train" if i < train_count else "heldout")
                  for i, item in enumerate(items)]
     if limit is not None:
@@ -317,6 +325,7 @@ def run(args: DatasetArgs) -> dict:
         raise PipelineError(f"--fit must be one of {', '.join(FITS)}, got '{args.fit}'")
     channels = channels or detect_channels(items)
     rng = random.Random(args.seed)
+    small_heldout = small_folder_heldout(items, holdout, rng)
     image_dir = out_dir / "images"
     staging = out_dir / ".images.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -336,7 +345,12 @@ def run(args: DatasetArgs) -> dict:
                                     "drop --strict to skip such files") from None
             skipped += 1
             continue
-        split = item.split or ("heldout" if rng.random() < holdout else "train")
+        if item.split:
+            split = item.split
+        elif small_heldout is not None:
+            split = "heldout" if i in small_heldout else "train"
+        else:
+            split = "heldout" if rng.random() < holdout else "train"
         if args.train_per_class is not None and split == "train":
             if per_class.get(item.label, 0) >= args.train_per_class:
                 continue  # the label's quota of training images is full (held-out images are all kept)
@@ -360,6 +374,17 @@ def run(args: DatasetArgs) -> dict:
               "labels": len({r["labels"][0] for r in records if r["labels"]}),
               "captions": sum("caption" in r for r in records)}
     return counts
+
+
+def small_folder_heldout(items: list[SourceItem], holdout: float, rng: random.Random) -> set[int] | None:
+    """For a folder whose held-out share would hold fewer than MIN_HELDOUT images: the indices of exactly
+    MIN_HELDOUT of its images (a quarter of a folder under 4 x MIN_HELDOUT), drawn at random. None for a
+    larger folder, whose images are held out one by one with probability `holdout`."""
+    unsplit = [i for i, item in enumerate(items) if item.split is None]
+    wanted = min(MIN_HELDOUT, len(unsplit) // 4)
+    if holdout <= 0 or holdout * len(unsplit) >= wanted:
+        return None
+    return set(rng.sample(unsplit, wanted))
 
 
 def _limit_per_split(items: list[SourceItem], limit: int) -> list[SourceItem]:

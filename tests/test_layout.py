@@ -1,5 +1,5 @@
-"""The shape of core/: imports flow one way (scripts -> stages -> models and services), with no cycle and
-no import hidden inside a function."""
+"""The shape of core/: imports flow one way (scripts -> stages -> models and services), with no cycle, no
+stage importing another stage, and no import hidden inside a function."""
 import ast
 from pathlib import Path
 
@@ -74,6 +74,20 @@ def test_services_do_not_import_stages():
     for name, targets in core_imports().items():
         if not name.startswith("core.stages"):
             assert not {t for t in targets if t.startswith("core.stages")}, name
+
+
+def test_no_stage_imports_another_stage():
+    """What two stages share (a model's objective, the generator) lives outside core/stages/."""
+    for name, targets in core_imports().items():
+        if name.startswith("core.stages."):
+            others = {t for t in targets if t.startswith("core.stages") and t != "core.stages"}
+            assert not others, f"{name} imports {others}"
+
+
+def test_the_layout_check_sees_a_stage_importing_a_stage():
+    graph = core_imports()
+    assert "core.objectives.transformer" in graph["core.stages.transformer"]  # an edge it reads
+    assert "core.generator" in graph["core.stages.export"]
 
 
 def test_no_import_inside_a_function():

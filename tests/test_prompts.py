@@ -17,7 +17,7 @@ from core.models.text import Tokenizer
 from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, decoder_input
 from core.report import prompt_agreement
 from core.stages import autoencoder, codebook, fmaps, transformer
-from core.stages.transformer import drop_conditions
+from core.objectives.transformer import drop_conditions
 from test_generate import teacher_forced
 
 SHAPES = ["circle", "square", "bar"]

@@ -11,7 +11,7 @@ from core.model_artifacts import load_transformer
 from core.models.transformer import (TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits,
                                      window_starts)
 from core.stages import fmaps
-from core.stages.transformer import drop_labels
+from core.objectives.transformer import drop_labels
 
 SMALL = dict(in_dim=32, hidden_dim=64, num_dec_layers=2, num_enc_layers=2, self_attn_heads=4, cross_attn_heads=2)
 

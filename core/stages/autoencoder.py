@@ -8,15 +8,15 @@ import torch
 
 from core.artifacts import Artifact, file_record, load_artifact, load_state
 from core.config import config_from_dict, load_json, to_dict
-from core.data import Dataset, load_image_dataset, to_float
+from core.data import to_float
 from core.console import notice
 from core.errors import PipelineError
-from core.model_artifacts import AUTOENCODER, check_fits, load_codebook, save_autoencoder
-from core.models.augment import augment, augmentation_generator
-from core.models.autoencoder import Autoencoder, AutoencoderConfig, psnr, reconstruction_loss
+from core.model_artifacts import AUTOENCODER, save_autoencoder
+from core.models.autoencoder import Autoencoder, AutoencoderConfig
 from core.models.discriminator import AdversarialAutoencoder
+from core.objectives.autoencoder import attach_codebook, autoencoder_of, load_images, objective
 from core.pictures import save_image_grid
-from core.training import Objective, Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
+from core.training import Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
 
 
 @dataclass
@@ -31,44 +31,6 @@ class AutoencoderArgs:
     eval_images: int = 1000
 
 
-def load_images(dataset_path: Path, cfg: AutoencoderConfig) -> Dataset:
-    data = load_image_dataset(dataset_path)
-    if cfg.image_channel is not None and data.items.shape[1] != cfg.image_channel:
-        raise PipelineError(f"config image_channel is {cfg.image_channel}, but {dataset_path} holds "
-                            f"{data.items.shape[1]}-channel images (leave image_channel out to take it from the data)")
-    return data
-
-
-def objective(cfg: AutoencoderConfig, data: Dataset, device: torch.device, eval_images: int = 1000,
-              seed: int = 0, adversarial: bool = False) -> Objective:
-    """The autoencoder's batch (training images, augmented as the config says), loss (reconstruction, and
-    with `adversarial` the discriminator's terms: the model is then an AdversarialAutoencoder) and
-    evaluation (held-out PSNR; with a discriminator, the kept checkpoint is one of its phase)."""
-    train_set = data.split(heldout=False)
-    eval_set = to_float(data.take(data.eval_ids(eval_images)).items)
-
-    def get_batch(indices: torch.Tensor) -> torch.Tensor:
-        return to_float(train_set.items[indices]).to(device)
-
-    def loss_fn(net: torch.nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
-        if cfg.augments:
-            images = augment(images, augmentation_generator(seed, step), **cfg.augmentation)
-        if adversarial:
-            return net(images, step)
-        return reconstruction_loss(cfg, net(images), images)
-
-    def evaluate(net: torch.nn.Module) -> dict:
-        recon = torch.cat([autoencoder_of(net)(chunk.to(device)).float().cpu() for chunk in eval_set.split(250)])
-        return {"heldout_psnr": psnr(recon, eval_set)}
-
-    return Objective(len(train_set), get_batch, loss_fn, evaluate, metric="heldout_psnr", higher_is_better=True,
-                     heldout=bool(data.is_heldout.any()), select_from=cfg.disc_start if adversarial else 0)
-
-
-def autoencoder_of(model: torch.nn.Module) -> Autoencoder:
-    return model.autoencoder if isinstance(model, AdversarialAutoencoder) else model
-
-
 def stage_config(config_path: Path | None, start: Artifact | None) -> AutoencoderConfig:
     """The config file's settings; when fine-tuning, over those of the model it starts from (so that a
     fine-tuning config needs to name only what it changes, such as the learning rate)."""
@@ -77,15 +39,6 @@ def stage_config(config_path: Path | None, start: Artifact | None) -> Autoencode
         raise PipelineError(f"{config_path}: expected a JSON object of settings")
     return config_from_dict(AutoencoderConfig, {**(start.config if start else {}), **given},
                             source=str(config_path or "the autoencoder's config"))
-
-
-def attach_codebook(model: Autoencoder, codebook_path: Path, image_size: int, device: torch.device) -> None:
-    """Put the codebook's quantization between the model's encoder (frozen) and decoder."""
-    codebook, _ = load_codebook(codebook_path)
-    check_fits(codebook.cfg, model.latent_shape(image_size), codebook_path, "the autoencoder")
-    codebook.to(device)
-    model.encoder.requires_grad_(False)
-    model.quantize = lambda fmaps: codebook.lookup(codebook.tokenize(fmaps))
 
 
 def augmentation_for_run(cfg: AutoencoderConfig, training_images: int, options: TrainOptions) -> AutoencoderConfig:

@@ -17,7 +17,7 @@ from core.config import load_config, option, to_dict
 from core.errors import PipelineError
 from core.model_artifacts import AUTOENCODER, load_model
 from core.models.quantized import SharedWeight, plain_state, set_quantize, share_weights
-from core.stages import autoencoder, transformer
+from core.objectives import autoencoder, transformer
 from core.training import Objective, Trainer, TrainArgs, TrainOptions, claim_out_dir, finish_run, setup_run
 
 

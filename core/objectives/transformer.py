@@ -1,0 +1,185 @@
+"""The transformer's training data and objective: the tokens of two codebook levels computed once, labels
+and captions as condition ids (with the dropout that classifier-free guidance needs), and the batch, loss
+and held-out evaluation that the transformer stage trains and the compression stage fine-tunes with."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.data import Dataset, load_fmap_dataset
+from core.errors import PipelineError
+from core.model_artifacts import check_fits, load_codebook
+from core.models.codebook import SOMCodebook
+from core.models.text import Tokenizer
+from core.models.transformer import (TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits,
+                                     sequence_window)
+from core.training import Objective
+
+
+def tokenize_all(codebook: SOMCodebook, fmaps: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    return torch.cat([codebook.tokenize(chunk) for chunk in fmaps.split(batch_size)])
+
+
+def condition_counts(labels: torch.Tensor, cond_tokens: torch.Tensor, shape: TokenShape) -> torch.Tensor:
+    """How often each condition token occurs with each label (rows 0..L-1) and overall (row L): the base
+    level draws its condition token from this at sampling."""
+    counts = torch.zeros(shape.num_labels + 1, shape.coarse_vocab, dtype=torch.long)
+    labelled = labels >= 0
+    counts.index_put_((labels[labelled], cond_tokens[labelled]), torch.ones(int(labelled.sum()), dtype=torch.long),
+                      accumulate=True)
+    counts[shape.num_labels] = torch.bincount(cond_tokens, minlength=shape.coarse_vocab)
+    return counts
+
+
+def null_labels(labels: torch.Tensor, shape: TokenShape) -> torch.Tensor:
+    """Dataset labels (-1 = none) as model label ids (the null id for none)."""
+    return torch.where(labels >= 0, labels, torch.full_like(labels, shape.null_label))
+
+
+def drop_labels(labels: torch.Tensor, rate: float, null_label: int) -> torch.Tensor:
+    """Replace a `rate` share of labels by the null label, so that the model also learns to generate
+    without one (classifier-free guidance needs both)."""
+    return torch.where(torch.rand(labels.shape) < rate, torch.full_like(labels, null_label), labels)
+
+
+def drop_conditions(labels: torch.Tensor, text: torch.Tensor, cfg: TransformerConfig, null_label: int,
+                    null_text: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance's dropout for a model with captions: a `caption_dropout` share of items lose
+    both caption and label (the unconditional model that guidance pushes away from); of the others, a
+    `label_dropout` share lose the label and, independently, a `caption_dropout` share the caption, so
+    that a prompt alone and a label alone are conditions the model knows too."""
+    both = torch.rand(labels.shape) < cfg.caption_dropout
+    no_label = both | (torch.rand(labels.shape) < cfg.label_dropout)
+    no_caption = both | (torch.rand(labels.shape) < cfg.caption_dropout)
+    labels = torch.where(no_label, torch.full_like(labels, null_label), labels)
+    text = torch.where(no_caption[:, None], torch.tensor(null_text, dtype=text.dtype), text)
+    return labels, text
+
+
+@dataclass
+class TokenData:
+    """A feature-map dataset read as the tokens of two codebook levels."""
+    data: Dataset
+    coarse_book: SOMCodebook
+    fine_book: SOMCodebook
+    coarse_tokens: torch.Tensor  # (N, coarse_len)
+    fine_tokens: torch.Tensor  # (N, fine_len)
+    shape: TokenShape
+
+    @property
+    def captions(self) -> list[str | None]:
+        return [record.get("caption") for record in self.data.records]
+
+    def caption_ids(self, shape: TokenShape) -> torch.Tensor | None:
+        """(N, text_len) ids of every item's caption for a model with captions (a word its tokenizer does not
+        know is left out: fine-tuning data may have new words), else None."""
+        tokenizer = shape.tokenizer
+        return tokenizer.encode_all(self.captions, lenient=True) if tokenizer is not None else None
+
+
+def load_token_data(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path: Path, base: bool) -> TokenData:
+    data, _ = load_fmap_dataset(dataset_path)
+    coarse_book, _ = load_codebook(lr_codebook_path)
+    fine_book, _ = load_codebook(hr_codebook_path)
+    check_fits(coarse_book.cfg, data.items.shape[1:], lr_codebook_path, dataset_path)
+    check_fits(fine_book.cfg, data.items.shape[1:], hr_codebook_path, dataset_path)
+    if base and coarse_book.cfg.num_patches != 1:
+        raise PipelineError(f"--train-base-model needs a condition codebook (patch = the whole map) as "
+                            f"--lr-codebook-path; {lr_codebook_path} cuts each map into {coarse_book.cfg.num_patches} patches")
+    coarse_tokens, fine_tokens = tokenize_all(coarse_book, data.items), tokenize_all(fine_book, data.items)
+    shape = TokenShape("base" if base else "cascade", coarse_book.cfg.num_embeddings, fine_book.cfg.num_embeddings,
+                       coarse_tokens.shape[1], fine_tokens.shape[1], len(data.label_names), data.label_names)
+    return TokenData(data, coarse_book, fine_book, coarse_tokens, fine_tokens, shape)
+
+
+def with_captions(tokens: TokenData, cfg: TransformerConfig) -> TokenData:
+    """The data's shape with a tokenizer built from its training captions, when it has captions and the config
+    wants a text encoder; unchanged otherwise (the model then is the one without captions)."""
+    train = (~tokens.data.is_heldout).nonzero().flatten().tolist()
+    captions = [tokens.captions[i] for i in train]
+    if cfg.text_encoder == "none" or not any(captions):
+        return tokens
+    tokenizer = Tokenizer.build(captions, cfg.max_caption_words)
+    return replace(tokens, shape=replace(tokens.shape, text=tokenizer.to_record()))
+
+
+def adopt_text(tokens: TokenData, text: dict | None) -> TokenData:
+    """Fine-tuning keeps the model's tokenizer (or its having none)."""
+    return replace(tokens, shape=replace(tokens.shape, text=text))
+
+
+def adopt_labels(tokens: TokenData, label_names: list[str]) -> TokenData:
+    """Re-express the data's labels in another model's label list (for fine-tuning it); a label that
+    model does not know becomes no label, so that the model learns it as its unconditional output."""
+    shape = replace(tokens.shape, num_labels=len(label_names), label_names=list(label_names))
+    return replace(tokens, data=tokens.data.relabelled(label_names), shape=shape)
+
+
+def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, device: torch.device,
+              eval_items: int = 1000) -> Objective:
+    """The transformer's batch (random windows of training sequences), loss (next-token cross-entropy)
+    and evaluation (held-out loss and accuracy over whole sequences)."""
+    train_ids, eval_ids = (~tokens.data.is_heldout).nonzero().flatten(), tokens.data.eval_ids(eval_items)
+    labels = null_labels(tokens.data.labels, shape)
+    coarse_tokens, fine_tokens = tokens.coarse_tokens, tokens.fine_tokens
+    fine_inputs = decoder_input(fine_tokens, shape.start_token)
+    window = sequence_window(cfg, shape.fine_len)
+    text = tokens.caption_ids(shape)  # None: a model without captions
+    predicts_condition = text is not None and shape.kind == "base"
+
+    def get_batch(indices: torch.Tensor) -> dict:
+        ids = train_ids[indices]
+        if text is None:
+            batch_labels = drop_labels(labels[ids], cfg.label_dropout, shape.null_label)
+        else:
+            batch_labels, batch_text = drop_conditions(labels[ids], text[ids], cfg, shape.null_label,
+                                                       shape.tokenizer.null())
+        starts = torch.randint(0, shape.fine_len - window + 1, (len(ids), 1))  # all zero when the window fits
+        positions = starts + torch.arange(window)
+        batch = {"labels": batch_labels, "coarse": coarse_tokens[ids], "input": fine_inputs[ids].gather(1, positions),
+                 "positions": positions, "targets": fine_tokens[ids].gather(1, positions)}
+        if text is not None:
+            batch["text"] = batch_text
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def loss_fn(net, batch: dict, step: int) -> torch.Tensor:
+        if not predicts_condition:
+            logits = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"], text=batch.get("text"))
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1))
+        # the condition token is one more token of the sequence, predicted before the others
+        logits, condition = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"],
+                                text=batch["text"], with_condition=True)
+        total = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
+                                 reduction="sum")
+                 + F.cross_entropy(condition.float(), batch["coarse"][:, 0], reduction="sum"))
+        return total / (batch["targets"].numel() + len(condition))
+
+    def evaluate(net: TokenTransformer) -> dict:
+        total_loss, correct, count = 0.0, 0, 0
+        condition_loss, condition_correct = 0.0, 0
+        for chunk in eval_ids.split(250):
+            targets = fine_tokens[chunk].to(device)
+            chunk_labels, chunk_coarse = labels[chunk].to(device), coarse_tokens[chunk].to(device)
+            chunk_text = text[chunk].to(device) if text is not None else None
+            logits = sequence_logits(net, chunk_labels, chunk_coarse, targets, chunk_text)
+            total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                          reduction="sum").item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            count += targets.numel()
+            if predicts_condition:
+                condition = net.condition_logits(chunk_labels, chunk_text).float()
+                condition_loss += F.cross_entropy(condition, chunk_coarse[:, 0], reduction="sum").item()
+                condition_correct += (condition.argmax(-1) == chunk_coarse[:, 0]).sum().item()
+        if not predicts_condition:
+            return {"heldout_loss": total_loss / count, "heldout_accuracy": correct / count}
+        # the loss training minimises: the condition token as one more token of each sequence
+        return {"heldout_loss": (total_loss + condition_loss) / (count + len(eval_ids)),
+                "heldout_accuracy": correct / count, "heldout_token_loss": total_loss / count,
+                "heldout_condition_loss": condition_loss / len(eval_ids),
+                "heldout_condition_accuracy": condition_correct / len(eval_ids)}
+
+    return Objective(len(train_ids), get_batch, loss_fn, evaluate, items_per_batch=lambda batch: batch["targets"].numel(),
+                     metric="heldout_loss", heldout=bool(tokens.data.is_heldout.any()))

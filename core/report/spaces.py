@@ -57,6 +57,7 @@ def is_labelled(real: Dataset) -> bool:
 def compute(args: EvalArgs, sets: Sets, device: torch.device, track: Callable) -> Spaces:
     report: dict = {"spaces": {}}
     featurizers: dict[str, Featurize] = {}
+    computed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # a space's reference and generated features
     if is_labelled(sets.real):
         model, info = obtain_classifier(sets.real, sets.train, args.out_dir, args.classifier_steps, args.seed, device,
                                         args.classifier_path, lambda it: track(it, "classifier"))
@@ -64,8 +65,10 @@ def compute(args: EvalArgs, sets: Sets, device: torch.device, track: Callable) -
         _, heldout_predictions = downstream.predict(model, all_heldout.items, device)
         mask = all_heldout.labels >= 0
         info["heldout_accuracy"] = float((heldout_predictions[mask] == all_heldout.labels[mask]).float().mean())
-        (_, h_pred), (_, g_pred) = (downstream.predict(model, s.items, device) for s in (sets.heldout, sets.generated))
+        (h_features, h_pred), (g_features, g_pred) = (downstream.predict(model, s.items, device)
+                                                      for s in (sets.heldout, sets.generated))
         featurizers["classifier"] = lambda images: downstream.predict(model, images, device)[0]
+        computed["classifier"] = h_features, g_features
         report["classifier"] = info
         report["classes"] = class_report(sets.real.label_names, h_pred, g_pred, sets.generated, model.head.out_features)
 
@@ -76,10 +79,12 @@ def compute(args: EvalArgs, sets: Sets, device: torch.device, track: Callable) -
     report["pixel_pca"] = {"components": int(projection.components.shape[0]),
                            "explained_variance": float(projection.explained.sum()), "fit_images": len(fit)}
 
-    spaces = Spaces(featurizers, {name: featurize(sets.heldout.items) for name, featurize in featurizers.items()},
-                    {}, report, None if sets.knn_skipped else args.k)
     for name, featurize in featurizers.items():
-        spaces.generated[name] = featurize(sets.generated.items)
+        if name not in computed:
+            computed[name] = featurize(sets.heldout.items), featurize(sets.generated.items)
+    spaces = Spaces(featurizers, {name: pair[0] for name, pair in computed.items()},
+                    {name: pair[1] for name, pair in computed.items()}, report, None if sets.knn_skipped else args.k)
+    for name, featurize in featurizers.items():
         value = spaces.metrics(name, spaces.generated[name])
         draws = [spaces.metrics(name, featurize(f.items)) for f in sets.floors]
         report["spaces"][name] = {metric: {"value": value[metric],

@@ -91,8 +91,9 @@ def memorization_rate(generated_nn: torch.Tensor, heldout_nn: torch.Tensor,
             "heldout_rate": float((heldout_nn < threshold).double().mean())}
 
 
-def all_metrics(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
-    return {"frechet_distance": frechet_distance(real, fake), **manifold_metrics(real, fake, k)}
+def all_metrics(real: torch.Tensor, fake: torch.Tensor, k: int | None) -> dict[str, float]:
+    """The Fréchet distance, and the k-NN metrics unless k is None (sets too small for them)."""
+    return {"frechet_distance": frechet_distance(real, fake), **(manifold_metrics(real, fake, k) if k else {})}
 
 
 # ---------------------------------------------------------------- projections

@@ -11,11 +11,12 @@ import torch
 from core.artifacts import file_record
 from core.data import Dataset, crop_to_content, read_image_files, to_float, to_uint8
 from core.errors import PipelineError
+from core.metrics import all_metrics
 from core.model_artifacts import check_fits, load_autoencoder, load_codebook
 from core.models.autoencoder import Autoencoder
 from core.models.codebook import SOMCodebook
 from core.report.sets import EvalArgs
-from core.report.spaces import Featurize, Spaces, all_metrics
+from core.report.spaces import Featurize, Spaces
 
 
 @dataclass

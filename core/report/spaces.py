@@ -13,7 +13,7 @@ import torch
 from core.artifacts import file_record, load_artifact, load_state, save_artifact, state_tensors
 from core.data import Dataset, to_float
 from core.errors import PipelineError
-from core.metrics import Progress, frechet_distance, manifold_metrics, pca
+from core.metrics import Progress, all_metrics, pca
 from core.models.classifier import FeatureClassifier
 from core.report import downstream
 from core.report.sets import CLASSIFIER_KIND, EvalArgs, Sets
@@ -39,11 +39,6 @@ class Spaces:
 
     def metrics(self, space: str, features: torch.Tensor) -> dict[str, float]:
         return all_metrics(self.references[space], features, self.k)
-
-
-def all_metrics(real: torch.Tensor, fake: torch.Tensor, k: int | None) -> dict[str, float]:
-    """The Fréchet distance, and the k-NN metrics unless k is None."""
-    return {"frechet_distance": frechet_distance(real, fake), **(manifold_metrics(real, fake, k) if k else {})}
 
 
 def pixels(images: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ CODEBOOKS := $(LEVELS:%=$(RUNS)/codebooks/%/DONE)
 PRUNED := $(LEVELS:%=$(RUNS)/pruned/%/DONE)
 TRANSFORMERS := $(MODELS:%=$(RUNS)/transformers/%/DONE)
 GENERATED := $(RUNS)/generated/DONE
+CURATED := $(RUNS)/curated/DONE
 REPORT := $(RUNS)/report/DONE
 COMPRESSED := $(RUNS)/compressed/autoencoder/DONE $(MODELS:%=$(RUNS)/compressed/%/DONE)
 GENERATED_COMPRESSED := $(RUNS)/generated_compressed/DONE
@@ -61,6 +62,8 @@ NUM_IMAGES ?= 1000
 # --downstream-steps/-seeds make it cheaper); the report on the compressed models adds its own
 REPORT_FLAGS ?=
 COMPRESSED_REPORT_FLAGS ?= --no-downstream
+# curate_images.py flags (e.g. --labels teacher --filter agree instead of the validation split's choice)
+CURATE_FLAGS ?=
 # extra build_dataset.py flags (make lowdata sets --train-per-class)
 DATA_FLAGS ?=
 AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
@@ -96,7 +99,7 @@ record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 # a transformer's steps, epochs and batch: the base model's or the cascade models'
 model_steps = $(if $(filter $(BASE_MODELS),$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS)) $(BATCH)
 
-.PHONY: setup test demo codebooks transformers generate report compress export fewshot lowdata captions captions-reports bench bench-generation clean-demo FORCE
+.PHONY: setup test demo codebooks transformers generate curate report compress export fewshot lowdata captions captions-reports bench bench-generation clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -124,6 +127,7 @@ demo: setup $(REPORT) $(REPORT_COMPRESSED) $(REPORT_EXPORT)
 codebooks: $(CODEBOOKS) $(PRUNED)
 transformers: $(TRANSFORMERS)
 generate: $(GENERATED)
+curate: $(CURATED)
 report: $(REPORT)
 compress: $(COMPRESSED)
 export: $(EXPORT)
@@ -194,10 +198,20 @@ $(GENERATED): $(TRANSFORMERS) $(DECODER) $(PRESET_DIR)/generate.json $$(call cha
 	$(call record,generated,$(NUM_IMAGES))
 	touch $@
 
-$(REPORT): $(GENERATED) $$(call changed,report,$$(REPORT_FLAGS))
+# the generated images curated for training a classifier: soft labels from a teacher, near-copies dropped, the
+# labels and the filter chosen on a validation split of the real training images
+$(CURATED): $(GENERATED) $$(call changed,curated,$$(CURATE_FLAGS))
+	rm -f $@
+	$(call TIMER,curate) $(PYTHON) curate_images.py --real-path $(RUNS)/data/dataset.json \
+		--generated-path $(RUNS)/generated/dataset.json --out-dir $(RUNS)/curated --device $(DEVICE) $(CURATE_FLAGS)
+	$(call record,curated,$(CURATE_FLAGS))
+	touch $@
+
+$(REPORT): $(GENERATED) $(CURATED) $$(call changed,report,$$(REPORT_FLAGS))
 	rm -f $@
 	$(call TIMER,report) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
-		--generated-path $(RUNS)/generated/dataset.json --out-dir $(RUNS)/report --device $(DEVICE) \
+		--generated-path $(RUNS)/generated/dataset.json --curated-path $(RUNS)/curated/dataset.json \
+		--out-dir $(RUNS)/report --device $(DEVICE) \
 		$(call ceiling,$(AE_ARTIFACT)) $(REPORT_FLAGS)
 	$(call record,report,$(REPORT_FLAGS))
 	touch $@

@@ -33,6 +33,8 @@ def main(
     downstream: Annotated[bool, typer.Option(
         help="train classifiers on the generated images and on real ones, test them on the real held-out "
              "images (needs labels in both sets)")] = True,
+    curated_path: Annotated[Optional[Path], typer.Option(
+        help="curate_images.py's dataset.json of these generated images: adds the curated arms")] = None,
     downstream_seeds: Annotated[int, typer.Option(min=1, help="seeds per downstream training set")] = 3,
     downstream_steps: Annotated[int, typer.Option(min=1, help="training steps of each downstream classifier")] = 500,
     downstream_per_class: Annotated[int, typer.Option(
@@ -51,7 +53,8 @@ def main(
                               flip=downstream_flip, real_share=0.5 if downstream_mix == "equal" else None)
     report = run(EvalArgs(real_path=real_path, generated_path=generated_path, out_dir=out_dir, num_images=num_images,
                           seed=seed, classifier_steps=classifier_steps, classifier_path=classifier_path, k=k,
-                          downstream=downstream, downstream_config=config, autoencoder_path=autoencoder_path,
+                          downstream=downstream, downstream_config=config,
+                          curated_path=curated_path, autoencoder_path=autoencoder_path,
                           codebook_paths=list(codebook_path or []), device=device, progress=track))
     for line in summary_lines(report):
         console.print(f"[bold red]{line}[/bold red]" if line.startswith("WARNING") else line, highlight=False)

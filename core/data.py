@@ -8,7 +8,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -121,6 +121,16 @@ def read_records(dataset_path: str | Path) -> tuple[list[dict], dict]:
     for name in info.get("record_files", []):
         records += _read_tinydb(dataset_path.parent / name)[0]
     return records, info
+
+
+def record_files(dataset_path: str | Path) -> Iterator[list[dict]]:
+    """The records of a dataset.json, then of each of its part files: one file's records in memory at a
+    time (at most RECORDS_PER_FILE), for a pass over a set of any size."""
+    dataset_path = Path(dataset_path)
+    records, info = _read_tinydb(dataset_path)
+    yield records
+    for name in info.get("record_files", []):
+        yield _read_tinydb(dataset_path.parent / name)[0]
 
 
 def read_table(dataset_path: str | Path, name: str) -> list[dict]:

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.stages import autoencoder, codebook, fmaps, transformer  # noqa: E402 (after the path is set)
+from core.data import write_dataset_json  # noqa: E402
 from core.stages.dataset import DatasetArgs, run as run_build  # noqa: E402
 from core.training import TrainOptions  # noqa: E402
 
@@ -84,6 +85,18 @@ def write_colour_folder(folder: Path, count: int) -> Path:
         rgb = grey[..., None] * colours[(i // 3) % 3]
         Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
     return folder
+
+
+def write_generated_set(folder: Path, images: list[np.ndarray], labels: list[str | None]) -> Path:
+    """A generated dataset.json (as generate_images.py lays it out) of these images and asked labels."""
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image).save(folder / "images" / f"{i:06d}.png")
+        records.append({"image_fpath": f"images/{i:06d}.png", "labels": [label] if label else [], "index": i})
+    write_dataset_json(folder / "dataset.json", records, {"kind": "generated", "images": len(records)},
+                       {"runs": [{"stage": "test"}]})
+    return folder / "dataset.json"
 
 
 @pytest.fixture

@@ -140,9 +140,13 @@ def test_cli_writes_the_report_and_reuses_its_classifier(tmp_path: Path, two_dat
     top = markdown.split("Real: `")[0]
     assert "Memorization: " in top and "WARNING: the generator copies its training images" in top
     assert "WARNING: the generator copies" in result.stderr and "Memorization: " in result.stderr
-    # the downstream section: four training sets, two seeds each, tested on every labelled held-out image
+    # the downstream section: five training sets (no curated set given), two seeds each, tested on every
+    # labelled held-out image; the gain is over the better arm without generated images
     section = report["downstream"]
-    assert set(section["arms"]) == {"generated", "real", "real subset", "real subset + generated"}
+    assert set(section["arms"]) == {"generated", "real", "real subset", "real subset, distilled",
+                                    "real subset + generated"}
+    assert section["baseline_arm"] in ("real subset", "real subset, distilled")
+    assert section["best_arm"] == "real subset + generated"
     assert all(len(arm["accuracy"]["runs"]) == 2 for arm in section["arms"].values())
     assert section["test_images"] == report["real"]["heldout_images"] and "Classification Accuracy Score" in top
     assert "## Downstream accuracy" in markdown and "Classification Accuracy Score" in result.stderr
@@ -312,10 +316,10 @@ def test_cas_of_real_images_matches_the_real_arm_and_shuffled_labels_score_chanc
     wrong = Dataset(train.items, shuffled, train.label_names, train.is_heldout, train.path, train.records)
     config = DownstreamConfig(steps=100, batch_size=32, seeds=2, subset_per_class=10)
     quiet = lambda items, description: iter(items)  # noqa: E731
-    results = run_arms(build_arms(train, train, 10, seed=0)[:2], heldout, 3, config, 0, torch.device("cpu"), quiet)
+    results = run_arms(build_arms(train, train, per_class=10, seed=0)[:2], heldout, 3, config, 0, torch.device("cpu"), quiet)
     cas, real = results[GENERATED]["accuracy"]["mean"], results[REAL]["accuracy"]["mean"]
     assert real > 0.9 and abs(cas - real) < 0.05
-    noise = run_arms(build_arms(train, wrong, 10, seed=0)[:1], heldout, 3, config, 0, torch.device("cpu"), quiet)
+    noise = run_arms(build_arms(train, wrong, per_class=10, seed=0)[:1], heldout, 3, config, 0, torch.device("cpu"), quiet)
     assert noise[GENERATED]["accuracy"]["mean"] < 0.6  # chance is 1/3
     assert len(results[REAL]["per_class"]) == 3
     assert results[REAL]["class_counts"] == torch.bincount(train.labels).tolist()

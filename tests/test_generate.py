@@ -258,8 +258,8 @@ def test_images_come_back_at_the_source_size(tmp_path, models):
     real = load_image_dataset(models["dataset"])
     padded_real = replace(real, info={**real.info, "fit": "pad", "content_size": [12, 12]})
     generated = load_image_dataset(tmp_path / "cut" / "dataset.json")
-    assert torch.equal(at_source_size(padded_real, generated).items, real.items[..., 2:14, 2:14])
-    assert at_source_size(real, generated).items.shape[-1] == 16  # a build that did not pad: nothing to cut
+    assert torch.equal(at_source_size(padded_real, generated.items.shape[-2:]).items, real.items[..., 2:14, 2:14])
+    assert at_source_size(real, generated.items.shape[-2:]).items.shape[-1] == 16  # a build that did not pad: nothing to cut
 
     # the report on them: real images cut the same way, the tokenizer ceiling reads them as stored
     records, info = read_records(models["dataset"])

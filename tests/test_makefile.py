@@ -36,6 +36,7 @@ def make(runs: Path, configs: Path, source: Path, *extra: str) -> subprocess.Com
     command = ["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
                "PRESET=test", f"SOURCE={source}", "SIZE=16", "DEVICE=cpu", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1",
                "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2 --downstream-steps 3 --downstream-seeds 1",
+               "CURATE_FLAGS=--teacher-steps 5 --choice-steps 3 --choice-seeds 1",
                *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=script_env(), cwd=ROOT)
 
@@ -65,7 +66,7 @@ def check_demo_chain(tmp_path: Path, source: Path) -> Path:
     records = json.loads((runs / "generated" / "dataset.json").read_text())["_default"]
     assert len(records) == 6 and (runs / "generated" / "grid.png").exists()
     stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
-    assert stages[:2] == ["dataset", "autoencoder"] and len(stages) == 21
+    assert stages[:2] == ["dataset", "autoencoder"] and len(stages) == 22
     assert stages[-5:] == ["generate compressed", "report compressed", "export", "generate export", "report export"]
     assert (runs / "report" / "report.md").exists() and (runs / "report_compressed" / "report.md").exists()
     assert len(list((runs / "generated_compressed" / "images").glob("*/*.png"))) == 6
@@ -73,7 +74,7 @@ def check_demo_chain(tmp_path: Path, source: Path) -> Path:
     assert (runs / "report_export" / "report.md").exists()
     stamps = ["data", "autoencoder", "fmaps", *(f"{stage}/{level}" for stage in ("codebooks", "pruned")
                                                   for level in ("cond", "l1", "l2")),
-              "transformers/base", "transformers/cascade", "generated", "report", "compressed/autoencoder",
+              "transformers/base", "transformers/cascade", "generated", "curated", "report", "compressed/autoencoder",
               "compressed/base", "compressed/cascade", "generated_compressed", "report_compressed", "export",
               "generated_export", "report_export"]
     assert [s for s in stamps if not (runs / s / "DONE").exists()] == []
@@ -84,9 +85,9 @@ def check_demo_chain(tmp_path: Path, source: Path) -> Path:
     result = make(runs, configs, source)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
-    assert stages[21] == "cascade transformer"
-    assert sorted(stages[22:]) == ["compress cascade", "export", "generate", "generate compressed", "generate export",
-                                   "report", "report compressed", "report export"]
+    assert stages[22] == "cascade transformer"
+    assert sorted(stages[23:]) == ["compress cascade", "curate", "export", "generate", "generate compressed",
+                                   "generate export", "report", "report compressed", "report export"]
 
     # nothing is left to do; other settings for one stage start it over, and what follows it
     assert "python" not in make(runs, configs, source, "-n").stdout
@@ -110,6 +111,9 @@ def test_make_lowdata_trains_the_chain_on_a_per_class_subset(tmp_path):
     build = next(line for line in planned if "build_dataset.py" in line)
     assert "--train-per-class 20" in build and f"--out-dir {runs}/data" in build
     assert "--num-images 300" in next(line for line in planned if "generate_images.py" in line)
+    curate = next(line for line in planned if "curate_images.py" in line)
+    assert f"--real-path {runs}/data/dataset.json" in curate and f"--out-dir {runs}/curated" in curate
     report = next(line for line in planned if "evaluate.py" in line)
+    assert f"--curated-path {runs}/curated/dataset.json" in report
     assert "--downstream-per-class 20 --k 3" in report and f"--autoencoder-path {runs}/autoencoder" in report
     assert report.count("--codebook-path") == 3 and "compress.py" not in result.stdout

@@ -8,36 +8,65 @@ images:
 - generated: the generated images alone; its accuracy is the Classification Accuracy Score (CAS, Ravuri &
   Vinyals 2019), read beside
 - real: as many real training images (all of them when there are fewer);
-- real subset: a class-balanced subset of the real training images, and
-- real subset + generated: that subset plus every generated image, half of each batch drawn from each by
-  default; the difference is the augmentation gain.
+- real subset: a class-balanced subset of the real training images;
+- real subset, distilled: the same subset with a teacher (a classifier trained on the real training split,
+  which is all the generator saw) distilled on mixup of real images: the strongest recipe that needs no
+  generator, so the bar that the generator's images have to clear;
+- real subset + generated: that subset plus every generated image with the label it was generated for,
+  half of each batch drawn from each by default, and
+- real subset + curated (curate_images.py): the subset plus the curated images with the labels the
+  curation chose (soft labels through the distillation loss), mixed alike.
+The generator's gain is the better of the two generated arms minus the better no-generator arm.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from core.data import Dataset, to_float
+from core.data import Dataset, load_image_dataset, to_float
 from core.errors import PipelineError
 from core.models.classifier import FeatureClassifier, shift_and_flip
 
 Progress = Callable[[Iterable], Iterator]
 GENERATED, REAL, SUBSET, AUGMENTED = "generated", "real", "real subset", "real subset + generated"
+CURATED_ALONE, DISTILLED, CURATED = "curated", "real subset, distilled", "real subset + curated"
+NO_GENERATOR = (SUBSET, DISTILLED)
 
 
 # ---------------------------------------------------------------- one classifier
 
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class probabilities (N, K): the distillation loss (one-hot targets give
+    F.cross_entropy)."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+@torch.no_grad()
+def mixup_distilled(x: torch.Tensor, teacher: FeatureClassifier,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image of the batch mixed with another one of it at a uniform weight (mixup, alpha = 1), and
+    the teacher's class probabilities for the mixture."""
+    partner = torch.randperm(len(x), generator=generator).to(x.device)
+    weight = torch.rand(len(x), 1, 1, 1, generator=generator).to(x.device)
+    mixed = (weight * x + (1 - weight) * x[partner]).contiguous(memory_format=torch.channels_last)
+    return mixed, teacher(mixed).softmax(1)
+
+
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: dict,
-                     device: torch.device, progress: Progress = iter,
-                     weights: torch.Tensor | None = None) -> FeatureClassifier:
+                     device: torch.device, progress: Progress = iter, weights: torch.Tensor | None = None,
+                     targets: torch.Tensor | None = None,
+                     teacher: FeatureClassifier | None = None) -> FeatureClassifier:
     """Cross-entropy on uint8 images (N, C, H, W) with labels (N,) in [0, num_classes), Adam with a linearly
     decaying learning rate. `config`: steps, batch_size, lr, model_width, features, seed, and optionally
     shift and flip (the augmentation; none when absent). Batches are drawn uniformly, or in proportion to
-    `weights` (N,)."""
+    `weights` (N,). With `targets` (N, K class probabilities) the loss is against those instead of the
+    labels; with a `teacher`, every batch is mixed (mixup) and the loss is against the teacher's
+    probabilities of the mixtures."""
     if len(images) < 2:
         raise PipelineError(f"too few labelled images ({len(images)}) to train a classifier")
     torch.manual_seed(config["seed"])
@@ -57,7 +86,14 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
             x = shift_and_flip(x, shift, flip, generator)
         for group in optimizer.param_groups:
             group["lr"] = config["lr"] * (1 - step / config["steps"])
-        loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), labels[batch].to(device))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if teacher is not None:
+            x, soft = mixup_distilled(x, teacher, generator)
+            loss = soft_cross_entropy(model(x), soft)
+        elif targets is not None:
+            loss = soft_cross_entropy(model(x), targets[batch].to(device))
+        else:
+            loss = F.cross_entropy(model(x), labels[batch].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -101,11 +137,40 @@ class Arm:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # (N,), every one a class
     weights: torch.Tensor | None = None  # how often each image is drawn (None: uniformly)
+    targets: torch.Tensor | None = None  # (N, K) class probabilities trained against, instead of the labels
+    teacher: FeatureClassifier | None = None  # distilled on mixup of the images, instead of the labels
+
+
+@dataclass
+class Curated:
+    """A curated generated set (curate_images.py) in the real label names, with its soft labels."""
+    data: Dataset
+    targets: torch.Tensor  # (N, K) float
 
 
 def labelled(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     keep = data.labels >= 0
     return data.items[keep], data.labels[keep]
+
+
+def load_curated(path: Path, names: list[str]) -> Curated:
+    """A curated dataset.json with its records' soft labels (over the names in its info table) expressed
+    in `names`; an image without a soft label carries its label one-hot."""
+    data = load_image_dataset(path).relabelled(names)
+    soft_names = data.info.get("soft_label_names")
+    if soft_names is None:
+        raise PipelineError(f"{path}: not a curated dataset (no soft_label_names in its info; make it with "
+                            f"curate_images.py)")
+    unknown = sorted(set(soft_names) - set(names))
+    if unknown:
+        raise PipelineError(f"{path}: soft labels name classes the real data does not have: {', '.join(unknown)}")
+    columns = torch.tensor([names.index(n) for n in soft_names])
+    targets = F.one_hot(data.labels.clamp_min(0), len(names)).float()
+    for i, record in enumerate(data.records):
+        if record.get("soft_label") is not None:
+            targets[i] = torch.zeros(len(names)).index_put_((columns,), torch.tensor(record["soft_label"]))
+    keep = data.labels >= 0
+    return Curated(data.take(keep.nonzero().flatten()), targets[keep])
 
 
 def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -115,24 +180,41 @@ def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Te
     return kept.sort().values
 
 
-def build_arms(train: Dataset, generated: Dataset, per_class: int, seed: int,
-               real_share: float | None = None) -> list[Arm]:
-    """The four training sets, from the real training split and the generated set (both labelled in the
-    same label names; unlabelled items are left out). With `real_share`, the augmented arm draws that share
-    of its batches from the real subset, the rest from the generated images."""
+def half_and_half(real_count: int, other_count: int, real_share: float | None) -> torch.Tensor | None:
+    """Draw weights that give the first `real_count` images `real_share` of each batch (None: uniform)."""
+    if real_share is None:
+        return None
+    return torch.cat([torch.full((real_count,), real_share / real_count),
+                      torch.full((other_count,), (1 - real_share) / other_count)])
+
+
+def build_arms(train: Dataset, generated: Dataset, *, per_class: int, seed: int, real_share: float | None = None,
+               teacher: FeatureClassifier | None = None, curated: Curated | None = None,
+               num_classes: int | None = None) -> list[Arm]:
+    """The training sets, from the real training split and the generated set (both labelled in the same
+    label names; unlabelled items are left out). With `real_share`, the arms that add generated images to
+    the real subset draw that share of their batches from the subset. The distilled arm needs a `teacher`,
+    the curated arms a `curated` set."""
     real_images, real_labels = labelled(train)
     fake_images, fake_labels = labelled(generated)
     same_size = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(seed))[:len(fake_images)]
     subset = balanced_subset(real_labels, per_class, seed)
-    weights = None
-    if real_share is not None:
-        weights = torch.cat([torch.full((len(subset),), real_share / len(subset)),
-                             torch.full((len(fake_images),), (1 - real_share) / len(fake_images))])
-    return [Arm(GENERATED, fake_images, fake_labels),
-            Arm(REAL, real_images[same_size], real_labels[same_size]),
-            Arm(SUBSET, real_images[subset], real_labels[subset]),
-            Arm(AUGMENTED, torch.cat([real_images[subset], fake_images]),
-                torch.cat([real_labels[subset], fake_labels]), weights)]
+    sub_images, sub_labels = real_images[subset], real_labels[subset]
+    arms = [Arm(GENERATED, fake_images, fake_labels)]
+    if curated is not None:
+        arms.append(Arm(CURATED_ALONE, curated.data.items, curated.data.labels, targets=curated.targets))
+    arms += [Arm(REAL, real_images[same_size], real_labels[same_size]), Arm(SUBSET, sub_images, sub_labels)]
+    if teacher is not None:
+        arms.append(Arm(DISTILLED, sub_images, sub_labels, teacher=teacher))
+    arms.append(Arm(AUGMENTED, torch.cat([sub_images, fake_images]), torch.cat([sub_labels, fake_labels]),
+                    half_and_half(len(subset), len(fake_images), real_share)))
+    if curated is not None:
+        one_hot = F.one_hot(sub_labels, num_classes or curated.targets.shape[1]).float()
+        arms.append(Arm(CURATED, torch.cat([sub_images, curated.data.items]),
+                        torch.cat([sub_labels, curated.data.labels]),
+                        half_and_half(len(subset), len(curated.data), real_share),
+                        targets=torch.cat([one_hot, curated.targets])))
+    return arms
 
 
 def skip_reason(train: Dataset, heldout: Dataset, generated: Dataset) -> str | None:
@@ -155,21 +237,39 @@ def spread(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "runs": values}
 
 
+def classifier_settings(config: DownstreamConfig) -> dict:
+    """The train_classifier config of every downstream classifier (its seed aside)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("seeds", "subset_per_class", "real_share")}
+
+
+def accuracy_of(model: FeatureClassifier, test_images: torch.Tensor, test_labels: torch.Tensor,
+                device: torch.device) -> tuple[float, torch.Tensor]:
+    """Accuracy on the test images, and which of them it got right (N,) float."""
+    _, predicted = predict(model, test_images, device)
+    right = (predicted == test_labels).float()
+    return float(right.mean()), right
+
+
+def train_arm(arm: Arm, num_classes: int, settings: dict, device: torch.device, progress: Progress = iter
+              ) -> FeatureClassifier:
+    return train_classifier(arm.images, arm.labels, num_classes, settings, device, progress, arm.weights,
+                            arm.targets, arm.teacher)
+
+
 def run_arms(arms: list[Arm], test: Dataset, num_classes: int, config: DownstreamConfig, seed: int,
              device: torch.device, track: Callable[[Iterable, str], Iterator]) -> dict:
     """Train every arm with every seed; their accuracies on the labelled test images, overall and per class."""
     test_images, test_labels = labelled(test)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "subset_per_class", "real_share")}
+    settings = classifier_settings(config)
     results = {}
     for arm in arms:
         accuracies, per_class = [], torch.zeros(num_classes)
         for s in range(config.seeds):
             description = f"downstream: {arm.name}, seed {s + 1}/{config.seeds}"
-            model = train_classifier(arm.images, arm.labels, num_classes, {**settings, "seed": seed + s}, device,
-                                     lambda it: track(it, description), arm.weights)
-            _, predicted = predict(model, test_images, device)
-            right = (predicted == test_labels).float()
-            accuracies.append(float(right.mean()))
+            model = train_arm(arm, num_classes, {**settings, "seed": seed + s}, device,
+                              lambda it: track(it, description))
+            accuracy, right = accuracy_of(model, test_images, test_labels, device)
+            accuracies.append(accuracy)
             per_class += torch.zeros(num_classes).index_add_(0, test_labels, right) / torch.bincount(
                 test_labels, minlength=num_classes).clamp_min(1)
         results[arm.name] = {"images": len(arm.images), "accuracy": spread(accuracies),
@@ -178,53 +278,70 @@ def run_arms(arms: list[Arm], test: Dataset, num_classes: int, config: Downstrea
     return results
 
 
+def verdict(better: dict, worse: dict) -> str:
+    """`better` minus `worse` by their seeds' ranges: a gain or a loss only when they do not overlap."""
+    if better["min"] > worse["max"]:
+        return "gain"
+    if better["max"] < worse["min"]:
+        return "loss"
+    return "within the seeds' spread"
+
+
 def compare(results: dict) -> dict:
-    """The two headline figures: CAS over the real arm's accuracy, and the augmentation gain in points,
-    each with whether it lies beyond the seeds' spread (the arms' ranges over seeds do not overlap)."""
+    """The headline figures: CAS over the real arm's accuracy (and the curated set's), and the generator's
+    gain in points: the better arm with generated images minus the better arm without, with whether it lies
+    beyond the seeds' spread (the arms' ranges over seeds do not overlap)."""
     generated, real = results[GENERATED]["accuracy"], results[REAL]["accuracy"]
-    subset, augmented = results[SUBSET]["accuracy"], results[AUGMENTED]["accuracy"]
-    gain = augmented["mean"] - subset["mean"]
-    standard_error = math.sqrt((augmented["std"] ** 2 + subset["std"] ** 2) / len(subset["runs"]))
-    if augmented["min"] > subset["max"]:
-        verdict = "gain"
-    elif augmented["max"] < subset["min"]:
-        verdict = "loss"
-    else:
-        verdict = "within the seeds' spread"
-    return {"cas": generated["mean"], "cas_over_real": generated["mean"] / max(real["mean"], 1e-12),
-            "equal_size": results[GENERATED]["images"] == results[REAL]["images"],
-            "gain_points": 100 * gain, "gain_standard_error_points": 100 * standard_error, "gain_verdict": verdict}
+    baseline = max((name for name in NO_GENERATOR if name in results), key=lambda n: results[n]["accuracy"]["mean"])
+    best = max((name for name in (AUGMENTED, CURATED) if name in results),
+               key=lambda n: results[n]["accuracy"]["mean"])
+    b, g = results[baseline]["accuracy"], results[best]["accuracy"]
+    standard_error = math.sqrt((g["std"] ** 2 + b["std"] ** 2) / len(b["runs"]))
+    found = {"cas": generated["mean"], "cas_over_real": generated["mean"] / max(real["mean"], 1e-12),
+             "equal_size": results[GENERATED]["images"] == results[REAL]["images"],
+             "baseline_arm": baseline, "best_arm": best, "gain_points": 100 * (g["mean"] - b["mean"]),
+             "gain_standard_error_points": 100 * standard_error, "gain_verdict": verdict(g, b)}
+    if CURATED_ALONE in results:
+        found["cas_curated"] = results[CURATED_ALONE]["accuracy"]["mean"]
+        found["cas_curated_over_real"] = found["cas_curated"] / max(real["mean"], 1e-12)
+    return found
 
 
 # ---------------------------------------------------------------- the section
 
 def section(config: DownstreamConfig | None, *, real: Dataset, generated: Dataset, seed: int,
-            device: torch.device, track: Callable[[Iterable, str], Iterator]) -> dict:
+            device: torch.device, track: Callable[[Iterable, str], Iterator],
+            teacher: FeatureClassifier | None = None, curated_path: Path | None = None) -> dict:
     """Every arm trained on the real training split and the generated images (labelled in the real label
-    names) and tested on the whole held-out split, or why not (config None: turned off)."""
+    names) and tested on the whole held-out split, or why not (config None: turned off). `teacher`: the
+    classifier of the real training split, for the distilled arm; `curated_path`: the curated set."""
     if config is None:
         return {"skipped": "turned off (--no-downstream)"}
     train, heldout = real.split(heldout=False), real.split(heldout=True)
     reason = skip_reason(train, heldout, generated)
     if reason is not None:
         return {"skipped": reason}
-    arms = build_arms(train, generated, config.subset_per_class, seed, config.real_share)
+    curated = load_curated(curated_path, real.label_names) if curated_path is not None else None
+    arms = build_arms(train, generated, per_class=config.subset_per_class, seed=seed, real_share=config.real_share,
+                      teacher=teacher, curated=curated, num_classes=len(real.label_names))
     results = run_arms(arms, heldout, len(real.label_names), config, seed, device, track)
     return {"config": asdict(config), "test_images": int((heldout.labels >= 0).sum()),
-            "names": real.label_names, "arms": results, **compare(results)}
+            "names": real.label_names, "arms": results, **compare(results),
+            **({"curated": str(curated_path)} if curated_path is not None else {})}
 
 
 def summary_lines(d: dict) -> list[str]:
     if "skipped" in d:
         return []
     arms = d["arms"]
-    real, subset, augmented = arms[REAL], arms[SUBSET], arms[AUGMENTED]
+    real, baseline, best = arms[REAL], arms[d["baseline_arm"]], arms[d["best_arm"]]
+    curated = (f"; curated {d['cas_curated']:.1%} ({d['cas_curated_over_real']:.0%})" if "cas_curated" in d else "")
     return [f"Classification Accuracy Score: {d['cas']:.1%} ({d['cas_over_real']:.0%} of "
             f"{real['accuracy']['mean']:.1%} for {real['images']:,} real images"
-            f"{'' if d['equal_size'] else ', all there are'}).",
-            f"Augmentation: {subset['images']:,} real images {subset['accuracy']['mean']:.1%}, plus "
-            f"{augmented['images'] - subset['images']:,} generated {augmented['accuracy']['mean']:.1%}: "
-            f"{d['gain_points']:+.2f} points ({d['gain_verdict']})."]
+            f"{'' if d['equal_size'] else ', all there are'}){curated}.",
+            f"Generator's gain: {d['best_arm']} {best['accuracy']['mean']:.1%} against {d['baseline_arm']} "
+            f"{baseline['accuracy']['mean']:.1%} (the best arm without a generator, {arms[SUBSET]['images']:,} real "
+            f"images): {d['gain_points']:+.2f} points ({d['gain_verdict']})."]
 
 
 def accuracy_cell(accuracy: dict) -> str:
@@ -242,17 +359,23 @@ def markdown(section: dict) -> list[str]:
            else f"{c['real_share']:.0%} of each batch drawn from the real subset")
     lines += [f"The same small CNN trained from scratch on each training set ({c['steps']} steps of {c['batch_size']} "
               f"images, {augmentation}), tested on the {section['test_images']:,} real held-out images; accuracy "
-              f"mean ± standard deviation (range) over {c['seeds']} seeds. Real subset + generated: {mix}.", "",
+              f"mean ± standard deviation (range) over {c['seeds']} seeds. Arms with generated images: {mix}.", "",
               "| training set | images | held-out accuracy |", "|---|---:|---:|"]
-    descriptions = {GENERATED: "generated images alone (CAS)", REAL: "real training images, as many",
+    descriptions = {GENERATED: "generated images alone (CAS)", CURATED_ALONE: "curated images alone (CAS)",
+                    REAL: "real training images, as many",
                     SUBSET: f"real subset (at most {c['subset_per_class']} per class)",
-                    AUGMENTED: "real subset + generated images"}
+                    DISTILLED: "real subset, the teacher distilled on mixup (no generator)",
+                    AUGMENTED: "real subset + generated images, asked labels",
+                    CURATED: "real subset + curated images, curated labels"}
     lines += [f"| {descriptions[name]} | {arm['images']:,} | {accuracy_cell(arm['accuracy'])} |"
               for name, arm in arms.items()]
     size = " at equal size" if section["equal_size"] else " (fewer real images: all there are)"
     lines += ["", f"Classification Accuracy Score: **{section['cas']:.2%}**, {section['cas_over_real']:.1%} of the "
-              f"real images' accuracy{size}.",
-              "", f"Augmentation gain: **{section['gain_points']:+.2f} points** (standard error "
+              f"real images' accuracy{size}."]
+    if "cas_curated" in section:
+        lines.append(f"Of the curated images: {section['cas_curated']:.2%}, {section['cas_curated_over_real']:.1%}.")
+    lines += ["", f"The generator's gain, {section['best_arm']} over {section['baseline_arm']} (the better arm "
+              f"without generated images): **{section['gain_points']:+.2f} points** (standard error "
               f"{section['gain_standard_error_points']:.2f}): {section['gain_verdict']}.", "",
               "Accuracy per class (mean over seeds):", "",
               "| class | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]

@@ -32,6 +32,7 @@ class EvalArgs:
     floor_draws: int = 3  # one draw of the floor is noisy (the Fréchet distance of 1000 images varies by ~2x)
     downstream: bool = True
     downstream_config: DownstreamConfig = field(default_factory=DownstreamConfig)
+    curated_path: Path | None = None  # curate_images.py's set of the generated images: the curated arms
     autoencoder_path: Path | None = None  # with codebook_paths: the tokenizer ceiling
     codebook_paths: list[Path] = field(default_factory=list)
     device: str = "auto"
@@ -55,7 +56,7 @@ def load_sets(args: EvalArgs) -> Sets:
     rest of the held-out split when it is, or can be made, large enough (the classifier never saw it
     either), else from the training split."""
     generated = load_image_dataset(args.generated_path)
-    real = at_source_size(load_image_dataset(args.real_path), generated)
+    real = at_source_size(load_image_dataset(args.real_path), generated.items.shape[-2:])
     if args.classifier_path is not None:  # the real labels may be a subset of the classifier's (few-shot)
         names = load_artifact(args.classifier_path, CLASSIFIER_KIND).config.get("label_names", [])
         unknown = sorted(set(real.label_names) - set(names))
@@ -94,13 +95,13 @@ def load_sets(args: EvalArgs) -> Sets:
     return Sets(real, train, reference, generated, floors, source, all_generated, knn_skipped)
 
 
-def at_source_size(real: Dataset, generated: Dataset) -> Dataset:
-    """Padded real images cut back to their source's size when the generated images came back at it
-    (generate_images.py's default), so that both are compared where the images are."""
+def at_source_size(real: Dataset, generated_shape: tuple[int, int]) -> Dataset:
+    """Padded real images cut back to their source's size when the generated images (of this (height,
+    width)) came back at it (generate_images.py's default), so that both are compared where the images are."""
     content = real.info.get("content_size")
-    generated_size = [generated.items.shape[-1], generated.items.shape[-2]]
+    generated_size = [generated_shape[-1], generated_shape[-2]]
     if real.info.get("fit") != "pad" or not content or list(content) != generated_size \
-            or real.items.shape[-2:] == generated.items.shape[-2:]:
+            or tuple(real.items.shape[-2:]) == tuple(generated_shape):
         return real
     return replace(real, items=crop_to_content(real.items, content).contiguous())
 

@@ -36,6 +36,7 @@ class Spaces:
     generated: dict[str, torch.Tensor]  # the generated sample's
     report: dict  # report.json's keys: spaces, pixel_pca, and classifier and classes when there are labels
     k: int | None  # None: the sets are too small for the k-NN metrics
+    classifier: FeatureClassifier | None  # the real training split's classifier, when there are labels
 
     def metrics(self, space: str, features: torch.Tensor) -> dict[str, float]:
         return all_metrics(self.references[space], features, self.k)
@@ -53,6 +54,7 @@ def compute(args: EvalArgs, sets: Sets, device: torch.device, track: Callable) -
     report: dict = {"spaces": {}}
     featurizers: dict[str, Featurize] = {}
     computed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # a space's reference and generated features
+    model = None
     if is_labelled(sets.real):
         model, info = obtain_classifier(sets.real, sets.train, args.out_dir, args.classifier_steps, args.seed, device,
                                         args.classifier_path, lambda it: track(it, "classifier"))
@@ -78,7 +80,8 @@ def compute(args: EvalArgs, sets: Sets, device: torch.device, track: Callable) -
         if name not in computed:
             computed[name] = featurize(sets.heldout.items), featurize(sets.generated.items)
     spaces = Spaces(featurizers, {name: pair[0] for name, pair in computed.items()},
-                    {name: pair[1] for name, pair in computed.items()}, report, None if sets.knn_skipped else args.k)
+                    {name: pair[1] for name, pair in computed.items()}, report, None if sets.knn_skipped else args.k,
+                    model)
     for name, featurize in featurizers.items():
         value = spaces.metrics(name, spaces.generated[name])
         draws = [spaces.metrics(name, featurize(f.items)) for f in sets.floors]

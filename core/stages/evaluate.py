@@ -30,7 +30,8 @@ def run(args: EvalArgs) -> dict:
     report["memorization"] = memorization.section(sets.train, sets.heldout, sets.generated, args, device, track)
     report["tokenizer_ceiling"] = ceiling.section(args, tokenizer, sets.floors[0], features, device)
     report["downstream"] = downstream.section(args.downstream_config if args.downstream else None, real=sets.real,
-                                              generated=sets.all_generated, seed=args.seed, device=device, track=track)
+                                              generated=sets.all_generated, seed=args.seed, device=device, track=track,
+                                              teacher=features.classifier, curated_path=args.curated_path)
     prompts = prompt_agreement.section(sets.real, args.generated_path, args.out_dir, device, args.seed,
                                        progress=lambda it: track(it, "prompt classifier"))
     if prompts is not None:  # captioned real and generated images

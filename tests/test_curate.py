@@ -1,0 +1,175 @@
+"""The curation stage: the teacher's soft labels, its filters, near-copies, the choice on a validation split,
+the class-folder tree; and the downstream arms that use the curated set."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_dataset, run_script, shape_image, write_colour_folder, write_generated_set, \
+    write_shape_folder
+from core.data import load_image_dataset
+from core.report.downstream import (CURATED, CURATED_ALONE, DISTILLED, SUBSET, DownstreamConfig, build_arms,
+                                    load_curated, soft_cross_entropy, train_classifier)
+from core.stages.curate import CurateArgs, run
+from core.stages.evaluate import EvalArgs, run as evaluate
+
+NAMES = ["bar", "circle", "square"]  # the label names, sorted; shape_image's kinds are circle, square, bar
+KIND_NAMES = ["circle", "square", "bar"]
+QUICK = DownstreamConfig(steps=40, batch_size=32)
+
+
+@pytest.fixture
+def real(tmp_path: Path) -> Path:
+    write_shape_folder(tmp_path / "shapes", 30)
+    build_dataset(tmp_path / "shapes", tmp_path / "real", size=16, channels=1, holdout=0.3, seed=0)
+    return tmp_path / "real" / "dataset.json"
+
+
+def novel_shapes(count: int, first_variant: int = 7000) -> tuple[list[np.ndarray], list[int]]:
+    """Shapes of variants the real set does not have, and their true kinds."""
+    kinds = [i % 3 for i in range(count)]
+    return [shape_image(k, first_variant + i) for i, k in enumerate(kinds)], kinds
+
+
+def curate(real: Path, generated: Path, out: Path, **overrides) -> dict:
+    settings = {"teacher_steps": 80, "choice_seeds": 1, "downstream": QUICK, "device": "cpu", **overrides}
+    return run(CurateArgs(real_path=real, generated_path=generated, out_dir=out, **settings))
+
+
+def kept_records(out: Path) -> list[dict]:
+    return list(json.loads((out / "dataset.json").read_text())["_default"].values())
+
+
+def test_the_agree_filter_drops_most_images_relabelled_at_random(tmp_path: Path, real: Path):
+    images, kinds = novel_shapes(120)
+    rng = np.random.default_rng(0)
+    asked = [int(k) if i % 2 == 0 else int((k + rng.integers(1, 3)) % 3) for i, k in enumerate(kinds)]  # half wrong
+    generated = write_generated_set(tmp_path / "gen", images, [KIND_NAMES[a] for a in asked])
+    summary = curate(real, generated, tmp_path / "cur", labels="asked", filter="agree")
+    kept = {int(r["index"]) for r in kept_records(tmp_path / "cur")}
+    wrong = {i for i in range(120) if asked[i] != kinds[i]}
+    assert len(kept & wrong) <= 0.2 * len(wrong)  # most wrongly labelled images are gone
+    assert len(kept - wrong) >= 0.5 * (120 - len(wrong))  # most right ones stay
+    assert summary["agreement"] == pytest.approx(0.5, abs=0.15)
+    assert summary["dropped"]["teacher"] >= 0.8 * len(wrong) - summary["dropped"]["near_copies"]
+    counts = list(summary["kept_per_class"].values())
+    assert max(counts) == min(counts)  # balanced
+
+
+def test_soft_labels_sum_to_one_and_round_trip_through_the_records_and_the_folder(tmp_path: Path, real: Path):
+    images, kinds = novel_shapes(60)
+    generated = write_generated_set(tmp_path / "gen", images, [KIND_NAMES[k] for k in kinds])
+    curate(real, generated, tmp_path / "cur", labels="teacher", filter="none")
+    records = kept_records(tmp_path / "cur")
+    soft = torch.tensor([r["soft_label"] for r in records])
+    assert torch.allclose(soft.sum(1), torch.ones(len(records)), atol=1e-3)
+    assert all(r["labels"] == [NAMES[int(torch.tensor(r["soft_label"]).argmax())]] for r in records)
+    assert all(r["curation"]["teacher_agrees"] == (r["curation"]["teacher"] == r["curation"]["asked"])
+               for r in records)
+    curated = load_curated(tmp_path / "cur" / "dataset.json", NAMES)
+    assert torch.allclose(curated.targets, soft) and len(curated.data) == len(records)
+    generated_images = load_image_dataset(generated)
+    by_index = {int(r["index"]): i for i, r in enumerate(records)}
+    for index, row in by_index.items():  # the curated records point at the generated images themselves
+        assert torch.equal(curated.data.items[row], generated_images.items[index])
+    with open(tmp_path / "cur" / "folder" / "soft_labels.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file", "label", *NAMES] and len(rows) == len(records) + 1
+    for (file, label, *probs), record in zip(rows[1:], records):
+        assert file.startswith(f"{label}/") and (tmp_path / "cur" / "folder" / file).is_file()
+        assert [float(p) for p in probs] == pytest.approx(record["soft_label"])
+
+
+def test_near_copies_of_training_images_are_dropped(tmp_path: Path, real: Path):
+    train = load_image_dataset(real).split(heldout=False)
+    copies = [train.items[i, 0].numpy() for i in range(12)]
+    images, kinds = novel_shapes(30)
+    generated = write_generated_set(tmp_path / "gen", copies + images,
+                                    [train.label_names[int(train.labels[i])] for i in range(12)] +
+                                    [KIND_NAMES[k] for k in kinds])
+    summary = curate(real, generated, tmp_path / "cur", labels="asked", filter="none")
+    kept = {int(r["index"]) for r in kept_records(tmp_path / "cur")}
+    assert not kept & set(range(12)) and summary["dropped"]["near_copies"] >= 12
+    assert all("nearest training image" in r["curation"]["kept"] for r in kept_records(tmp_path / "cur"))
+
+
+def test_the_choice_is_made_on_a_validation_split_and_recorded(tmp_path: Path, real: Path):
+    images, kinds = novel_shapes(60)
+    generated = write_generated_set(tmp_path / "gen", images, [KIND_NAMES[k] for k in kinds])
+    summary = curate(real, generated, tmp_path / "cur")
+    choice = summary["choice"]
+    train_count = len(load_image_dataset(real).split(heldout=False))
+    assert choice["fit_images"] + choice["validation_images"] == train_count
+    assert choice["validation_images"] == pytest.approx(0.2 * train_count, abs=3)
+    candidates = [c for c in choice["candidates"].values() if "labels" in c]
+    best = max(candidates, key=lambda c: c["accuracy"]["mean"])
+    assert (summary["rule"]["labels"], summary["rule"]["filter"]) == (best["labels"], best["filter"])
+    assert "real alone" in choice["candidates"] and len(candidates) == 5
+
+
+def test_an_unlabelled_set_gets_no_teacher_in_one_line_and_still_loses_its_near_copies(tmp_path: Path):
+    build_dataset(write_colour_folder(tmp_path / "flat", 40), tmp_path / "real", size=16, holdout=0.25, seed=0)
+    real = tmp_path / "real" / "dataset.json"
+    train = load_image_dataset(real).split(heldout=False)
+    copies = [train.items[i].permute(1, 2, 0).numpy() for i in range(5)]
+    generated = write_generated_set(tmp_path / "gen", copies + [np.full((16, 16, 3), 90, np.uint8)] * 5, [None] * 10)
+    result = run_script("curate_images.py", "--real-path", real, "--generated-path", generated,
+                        "--out-dir", tmp_path / "cur", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert sum("no labels: no teacher" in line for line in (result.stdout + result.stderr).splitlines()) == 1
+    kept = {int(r["index"]) for r in kept_records(tmp_path / "cur")}
+    assert kept == set(range(5, 10))
+    assert not (tmp_path / "cur" / "teacher.safetensors").exists()
+
+
+def test_a_bad_label_mode_is_one_line_and_exit_2(tmp_path: Path, real: Path):
+    result = run_script("curate_images.py", "--real-path", real, "--generated-path", real,
+                        "--out-dir", tmp_path / "cur", "--labels", "guess")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--labels must be one of" in result.stderr
+
+
+def test_the_distillation_loss_with_one_hot_targets_is_cross_entropy():
+    logits, labels = torch.randn(16, 5), torch.randint(5, (16,))
+    assert soft_cross_entropy(logits, F.one_hot(labels, 5).float()) == pytest.approx(
+        float(F.cross_entropy(logits, labels)), rel=1e-6)
+
+
+def test_the_distilled_and_curated_arms_train_on_exactly_the_images_they_name(tmp_path: Path, real: Path):
+    images, kinds = novel_shapes(60)
+    generated = write_generated_set(tmp_path / "gen", images, [KIND_NAMES[k] for k in kinds])
+    curate(real, generated, tmp_path / "cur", labels="blend", filter="none")
+    curated = load_curated(tmp_path / "cur" / "dataset.json", NAMES)
+    data = load_image_dataset(real)
+    train = data.split(heldout=False)
+    teacher = train_classifier(train.items, train.labels, 3, {**vars(QUICK), "seed": 0}, torch.device("cpu"))
+    arms = {a.name: a for a in build_arms(train, load_image_dataset(generated).relabelled(NAMES), per_class=10,
+                                          seed=0, real_share=0.5, teacher=teacher, curated=curated, num_classes=3)}
+    subset = arms[SUBSET]
+    assert arms[DISTILLED].teacher is teacher and torch.equal(arms[DISTILLED].images, subset.images)
+    assert torch.equal(arms[CURATED].images, torch.cat([subset.images, curated.data.items]))
+    assert torch.equal(arms[CURATED].targets, torch.cat([F.one_hot(subset.labels, 3).float(), curated.targets]))
+    assert arms[CURATED].weights[:len(subset.images)].sum() == pytest.approx(0.5)
+    assert torch.equal(arms[CURATED_ALONE].images, curated.data.items)
+
+
+def test_the_report_adds_the_curated_arms_and_measures_the_gain_over_the_best_arm_without_a_generator(
+        tmp_path: Path, real: Path):
+    images, kinds = novel_shapes(60)
+    generated = write_generated_set(tmp_path / "gen", images, [KIND_NAMES[k] for k in kinds])
+    curate(real, generated, tmp_path / "cur", labels="teacher", filter="none")
+    report = evaluate(EvalArgs(real, generated, tmp_path / "report", num_images=30, classifier_steps=30, k=2,
+                               curated_path=tmp_path / "cur" / "dataset.json", device="cpu",
+                               downstream_config=DownstreamConfig(steps=30, batch_size=32, seeds=2)))
+    section = report["downstream"]
+    assert list(section["arms"]) == ["generated", CURATED_ALONE, "real", SUBSET, DISTILLED,
+                                     "real subset + generated", CURATED]
+    arms = section["arms"]
+    baseline = max(arms[SUBSET]["accuracy"]["mean"], arms[DISTILLED]["accuracy"]["mean"])
+    best = max(arms["real subset + generated"]["accuracy"]["mean"], arms[CURATED]["accuracy"]["mean"])
+    assert section["gain_points"] == pytest.approx(100 * (best - baseline))
+    assert section["cas_curated"] == arms[CURATED_ALONE]["accuracy"]["mean"]
+    assert "curated images, curated labels" in (tmp_path / "report" / "report.md").read_text()

@@ -99,7 +99,7 @@ record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 # a transformer's steps, epochs and batch: the base model's or the cascade models'
 model_steps = $(if $(filter $(BASE_MODELS),$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS)) $(BATCH)
 
-.PHONY: setup test demo codebooks transformers generate curate report compress export fewshot lowdata captions captions-reports bench bench-generation clean-demo FORCE
+.PHONY: setup test demo codebooks transformers generate curate sampling report compress export fewshot lowdata captions captions-reports bench bench-generation clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -206,6 +206,14 @@ $(CURATED): $(GENERATED) $$(call changed,curated,$$(CURATE_FLAGS))
 		--generated-path $(RUNS)/generated/dataset.json --out-dir $(RUNS)/curated --device $(DEVICE) $(CURATE_FLAGS)
 	$(call record,curated,$(CURATE_FLAGS))
 	touch $@
+
+# the sampling settings (guidance scale, temperature) for images that train a classifier, measured on a
+# validation split of the training images: $(RUNS)/sampling/sampling.json, and generate.json at the best one
+SAMPLING_FLAGS ?=
+sampling: $(GENERATED)
+	$(call TIMER,sampling) $(PYTHON) choose_sampling.py --config-path $(RUNS)/generate.json \
+		--decoder-path $(DECODER_ARTIFACT) --real-path $(RUNS)/data/dataset.json --out-dir $(RUNS)/sampling \
+		--device $(DEVICE) $(SAMPLING_FLAGS)
 
 $(REPORT): $(GENERATED) $(CURATED) $$(call changed,report,$$(REPORT_FLAGS))
 	rm -f $@

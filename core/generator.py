@@ -206,6 +206,17 @@ class Generator:
         generator.device = self.device
         return generator
 
+    def with_settings(self, **changes) -> "Generator":
+        """The same models with some decoding settings changed on every level (guidance_scale, temperature...)."""
+        levels = []
+        for level in self.levels:
+            settings = replace(level.settings, **changes)
+            files = {key: level.record[key] for key in ("model", "lr_codebook", "hr_codebook")}
+            levels.append(replace(level, settings=settings, record=level_record(settings, files)))
+        generator = Generator(levels, self.decoder, self.decoder_artifact, self.decoder_path)
+        generator.device = self.device
+        return generator
+
     @torch.inference_mode()
     def sample(self, indices: range, seed: int, use_cache: bool = True) -> tuple[torch.Tensor, list[int]]:
         """Images (B, C, H, W) in [-1, 1], on the CPU, and their label ids (-1: none) for the given image

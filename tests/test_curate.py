@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import build_dataset, run_script, shape_image, write_colour_folder, write_generated_set, \
     write_shape_folder
 from core.data import load_image_dataset
+from core.generator import Generator
 from core.report.downstream import (CURATED, CURATED_ALONE, DISTILLED, SUBSET, DownstreamConfig, build_arms,
                                     load_curated, soft_cross_entropy, train_classifier)
 from core.stages.curate import CurateArgs, run
@@ -173,3 +174,25 @@ def test_the_report_adds_the_curated_arms_and_measures_the_gain_over_the_best_ar
     assert section["gain_points"] == pytest.approx(100 * (best - baseline))
     assert section["cas_curated"] == arms[CURATED_ALONE]["accuracy"]["mean"]
     assert "curated images, curated labels" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_sampling_choice_measures_each_setting_on_the_validation_split_and_writes_the_config(
+        tmp_path: Path, models: dict):
+    out = tmp_path / "sampling"
+    result = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
+                        models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1,2",
+                        "--images", 24, "--seeds", 1, "--steps", 10, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "sampling.json").read_text())
+    assert [c["guidance_scale"] for c in summary["candidates"]] == [1.0, 2.0]
+    best = max(summary["candidates"], key=lambda c: c["validation_accuracy"]["mean"])
+    assert summary["chosen"] == {"guidance_scale": best["guidance_scale"], "temperature": 1.0}
+    assert summary["fit_images"] + summary["validation_images"] == len(
+        load_image_dataset(models["dataset"]).split(heldout=False))
+    config = json.loads((out / "generate.json").read_text())
+    assert all(level["guidance_scale"] == best["guidance_scale"] for level in config.values())
+    generator = Generator.load(out / "generate.json", models["autoencoder"])  # its paths resolve from anywhere
+    assert generator.levels[0].settings.guidance_scale == best["guidance_scale"]
+    bad = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
+                     models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1,x")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--guidance takes numbers" in bad.stderr

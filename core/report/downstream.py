@@ -113,6 +113,24 @@ def predict(model: FeatureClassifier, images: torch.Tensor, device: torch.device
     return torch.cat(features), torch.cat(predictions)
 
 
+@torch.no_grad()
+def probabilities(teacher: FeatureClassifier, images: torch.Tensor, device: torch.device,
+                  batch_size: int = 512) -> torch.Tensor:
+    """The classifier's class probabilities (N, K) of uint8 images."""
+    return torch.cat([teacher(to_float(images[start:start + batch_size]).to(device).contiguous(
+        memory_format=torch.channels_last)).softmax(1).float().cpu() for start in range(0, len(images), batch_size)])
+
+
+def carve_validation(train: Dataset, share: float, seed: int) -> torch.Tensor:
+    """(N,) bool: `share` of each class's training images (of all of them when unlabelled), at random."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    chosen = torch.zeros(len(train), dtype=torch.bool)
+    for c in train.labels.unique().tolist():
+        mine = order[train.labels[order] == c]
+        chosen[mine[:int(round(share * len(mine)))]] = True
+    return chosen
+
+
 # ---------------------------------------------------------------- the arms
 
 @dataclass

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from core.artifacts import atomic_path, atomic_write_json, file_record, save_artifact, state_tensors
 from core.console import console
-from core.data import (Dataset, load_image_dataset, read_image_files, read_table, record_files, to_float,
-                       write_records)
+from core.data import Dataset, load_image_dataset, read_image_files, read_table, record_files, write_records
 from core.errors import PipelineError
 from core.metrics import nearest_distances
 from core.models.classifier import FeatureClassifier
@@ -151,12 +150,6 @@ def select(scores: Scores, rule: Rule, num_classes: int) -> tuple[torch.Tensor, 
 
 # ---------------------------------------------------------------- the teacher and the scores
 
-@torch.no_grad()
-def probabilities(teacher: FeatureClassifier, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = to_float(images).to(device).contiguous(memory_format=torch.channels_last)
-    return teacher(x).softmax(1).float().cpu()
-
-
 def train_teacher(train: Dataset, real: Dataset, args: CurateArgs, device: torch.device,
                   description: str) -> FeatureClassifier:
     images, labels = downstream.labelled(train)
@@ -169,7 +162,7 @@ def train_teacher(train: Dataset, real: Dataset, args: CurateArgs, device: torch
 def score(images: torch.Tensor, asked: torch.Tensor, teacher: FeatureClassifier | None,
           reference: torch.Tensor, device: torch.device) -> Scores:
     nearest, _ = nearest_distances(pixels(images).to(device), reference)
-    probs = probabilities(teacher, images, device) if teacher is not None else None
+    probs = downstream.probabilities(teacher, images, device) if teacher is not None else None
     return Scores(asked, probs, nearest)
 
 
@@ -178,16 +171,6 @@ def near_copy_threshold(fit: Dataset, validation: Dataset, percentile: float, de
     distances to their nearest training image (of the rest of the training split)."""
     distances, _ = nearest_distances(pixels(validation.items).to(device), pixels(fit.items).to(device))
     return float(torch.quantile(distances.double(), percentile / 100))
-
-
-def carve_validation(train: Dataset, share: float, seed: int) -> torch.Tensor:
-    """(N,) bool: `share` of each class's training images (of all of them when unlabelled), at random."""
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    chosen = torch.zeros(len(train), dtype=torch.bool)
-    for c in train.labels.unique().tolist():
-        mine = order[train.labels[order] == c]
-        chosen[mine[:int(round(share * len(mine)))]] = True
-    return chosen
 
 
 # ---------------------------------------------------------------- the generated set, streamed
@@ -236,7 +219,7 @@ def choose(args: CurateArgs, real: Dataset, train: Dataset, total: int, device: 
     """Every candidate rule measured on the validation split: a teacher and the downstream classifier
     trained on the rest of the training images (the classifier with the sample of curated generated images
     mixed in, at the downstream section's real share), tested on the validation images."""
-    chosen = carve_validation(train, args.validation_share, args.seed)
+    chosen = downstream.carve_validation(train, args.validation_share, args.seed)
     fit, validation = train.take((~chosen).nonzero().flatten()), train.take(chosen.nonzero().flatten())
     k = len(real.label_names)
     teacher = train_teacher(fit, real, args, device, "curation: validation teacher")
@@ -308,7 +291,7 @@ def run(args: CurateArgs) -> dict:
     if not labelled:
         console.print(f"{args.real_path} has no labels: no teacher, near-copies are dropped and nothing else",
                       soft_wrap=True, highlight=False)
-        chosen = carve_validation(train, args.validation_share, args.seed)
+        chosen = downstream.carve_validation(train, args.validation_share, args.seed)
         rule = Rule("asked", "none", near_copy_threshold(train.take((~chosen).nonzero().flatten()),
                                                           train.take(chosen.nonzero().flatten()),
                                                           args.memorization_percentile, device))
@@ -323,7 +306,7 @@ def run(args: CurateArgs) -> dict:
             threshold = choice["near_copy_threshold"]
         else:
             labels, filter_ = args.labels, args.filter
-            chosen = carve_validation(train, args.validation_share, args.seed)
+            chosen = downstream.carve_validation(train, args.validation_share, args.seed)
             threshold = near_copy_threshold(train.take((~chosen).nonzero().flatten()),
                                             train.take(chosen.nonzero().flatten()), args.memorization_percentile,
                                             device)

@@ -121,14 +121,15 @@ def probabilities(teacher: FeatureClassifier, images: torch.Tensor, device: torc
         memory_format=torch.channels_last)).softmax(1).float().cpu() for start in range(0, len(images), batch_size)])
 
 
-def carve_validation(train: Dataset, share: float, seed: int) -> torch.Tensor:
-    """(N,) bool: `share` of each class's training images (of all of them when unlabelled), at random."""
+def validation_split(train: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    """The training split cut in two at random: the rest, and `share` of each class's images (of all of them
+    when unlabelled) for validation."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     chosen = torch.zeros(len(train), dtype=torch.bool)
     for c in train.labels.unique().tolist():
         mine = order[train.labels[order] == c]
         chosen[mine[:int(round(share * len(mine)))]] = True
-    return chosen
+    return train.take((~chosen).nonzero().flatten()), train.take(chosen.nonzero().flatten())
 
 
 # ---------------------------------------------------------------- the arms

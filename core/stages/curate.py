@@ -219,8 +219,7 @@ def choose(args: CurateArgs, real: Dataset, train: Dataset, total: int, device: 
     """Every candidate rule measured on the validation split: a teacher and the downstream classifier
     trained on the rest of the training images (the classifier with the sample of curated generated images
     mixed in, at the downstream section's real share), tested on the validation images."""
-    chosen = downstream.carve_validation(train, args.validation_share, args.seed)
-    fit, validation = train.take((~chosen).nonzero().flatten()), train.take(chosen.nonzero().flatten())
+    fit, validation = downstream.validation_split(train, args.validation_share, args.seed)
     k = len(real.label_names)
     teacher = train_teacher(fit, real, args, device, "curation: validation teacher")
     images, asked = sample_images(args.generated_path, real.label_names, args.choice_images, total,
@@ -291,9 +290,8 @@ def run(args: CurateArgs) -> dict:
     if not labelled:
         console.print(f"{args.real_path} has no labels: no teacher, near-copies are dropped and nothing else",
                       soft_wrap=True, highlight=False)
-        chosen = downstream.carve_validation(train, args.validation_share, args.seed)
-        rule = Rule("asked", "none", near_copy_threshold(train.take((~chosen).nonzero().flatten()),
-                                                          train.take(chosen.nonzero().flatten()),
+        rule = Rule("asked", "none", near_copy_threshold(*downstream.validation_split(train, args.validation_share,
+                                                                                      args.seed),
                                                           args.memorization_percentile, device))
         teacher = None
         summary["teacher"] = "none: the real images carry no labels"
@@ -306,10 +304,8 @@ def run(args: CurateArgs) -> dict:
             threshold = choice["near_copy_threshold"]
         else:
             labels, filter_ = args.labels, args.filter
-            chosen = downstream.carve_validation(train, args.validation_share, args.seed)
-            threshold = near_copy_threshold(train.take((~chosen).nonzero().flatten()),
-                                            train.take(chosen.nonzero().flatten()), args.memorization_percentile,
-                                            device)
+            threshold = near_copy_threshold(*downstream.validation_split(train, args.validation_share, args.seed),
+                                            args.memorization_percentile, device)
         teacher = train_teacher(train, real, args, device, "curation: teacher")
         config = classifier_config(real, args.teacher_steps, args.seed)
         save_artifact(args.out_dir / "teacher.safetensors", state_tensors(teacher), CLASSIFIER_KIND, config,

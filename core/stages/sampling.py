@@ -71,8 +71,7 @@ def run(args: SamplingArgs) -> dict:
                             f"label-conditioned generator")
     names = real.label_names
     train = real.split(heldout=False)
-    chosen = downstream.carve_validation(train, args.validation_share, args.seed)
-    fit, validation = train.take((~chosen).nonzero().flatten()), train.take(chosen.nonzero().flatten())
+    fit, validation = downstream.validation_split(train, args.validation_share, args.seed)
     k = len(names)
     teacher = downstream.train_classifier(fit.items, fit.labels, k, classifier_config(real, args.teacher_steps,
                                                                                       args.seed),

@@ -83,6 +83,10 @@ class Dataset:
     def split(self, heldout: bool) -> "Dataset":
         return self.take((self.is_heldout if heldout else ~self.is_heldout).nonzero().flatten())
 
+    def with_labels(self) -> "Dataset":
+        """The items that carry a label."""
+        return self.take((self.labels >= 0).nonzero().flatten())
+
     def sample(self, count: int, seed: int = 0) -> "Dataset":
         """A fixed random subset (for evaluation)."""
         return self.take(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count])

@@ -422,3 +422,15 @@ def test_train_per_class_keeps_that_many_training_images_of_each_label(tmp_path:
     assert torch.bincount(few.split(heldout=False).labels).tolist() == [5, 5, 5]
     held_out = [r["image_fpath"] for r in few.records if r["split"] == "heldout"]
     assert held_out == [r["image_fpath"] for r in everything.records if r["split"] == "heldout"]  # untouched
+
+
+def test_the_real_arm_reuses_the_subset_when_both_hold_every_real_image(shapes: Dataset):
+    train, heldout = shapes.split(heldout=False), shapes.split(heldout=True)
+    per_class = int(torch.bincount(train.labels).max())
+    arms = build_arms(train, train, per_class=per_class, seed=0)  # as many generated as real: all of them
+    assert [a.same_as for a in arms if a.name == REAL] == [SUBSET]
+    config = DownstreamConfig(steps=5, batch_size=8, seeds=1)
+    results = run_arms(arms, heldout, 3, config, 0, torch.device("cpu"), lambda items, description: iter(items))
+    assert results[REAL]["accuracy"] == results[SUBSET]["accuracy"] and results[REAL]["same_as"] == SUBSET
+    assert list(results) == [arm.name for arm in arms]
+    assert build_arms(train, train, per_class=2, seed=0)[1].same_as is None

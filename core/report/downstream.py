@@ -158,6 +158,7 @@ class Arm:
     weights: torch.Tensor | None = None  # how often each image is drawn (None: uniformly)
     targets: torch.Tensor | None = None  # (N, K) class probabilities trained against, instead of the labels
     teacher: FeatureClassifier | None = None  # distilled on mixup of the images, instead of the labels
+    same_as: str | None = None  # another arm of exactly these images and labels: its results are reused
 
 
 @dataclass
@@ -222,7 +223,10 @@ def build_arms(train: Dataset, generated: Dataset, *, per_class: int, seed: int,
     arms = [Arm(GENERATED, fake_images, fake_labels)]
     if curated is not None:
         arms.append(Arm(CURATED_ALONE, curated.data.items, curated.data.labels, targets=curated.targets))
-    arms += [Arm(REAL, real_images[same_size], real_labels[same_size]), Arm(SUBSET, sub_images, sub_labels)]
+    # when the subset and the real arm both hold every real training image, one training set serves both
+    every_image = len(subset) == len(same_size) == len(real_images)
+    arms += [Arm(REAL, real_images[same_size], real_labels[same_size], same_as=SUBSET if every_image else None),
+             Arm(SUBSET, sub_images, sub_labels)]
     if teacher is not None:
         arms.append(Arm(DISTILLED, sub_images, sub_labels, teacher=teacher))
     arms.append(Arm(AUGMENTED, torch.cat([sub_images, fake_images]), torch.cat([sub_labels, fake_labels]),
@@ -280,8 +284,13 @@ def run_arms(arms: list[Arm], test: Dataset, num_classes: int, config: Downstrea
     """Train every arm with every seed; their accuracies on the labelled test images, overall and per class."""
     test_images, test_labels = labelled(test)
     settings = classifier_settings(config)
-    results = {}
-    for arm in arms:
+    by_name, results = {arm.name: arm for arm in arms}, {}
+
+    def result(arm: Arm) -> dict:
+        if arm.name not in results and arm.same_as is not None:
+            results[arm.name] = {**result(by_name[arm.same_as]), "same_as": arm.same_as}
+        if arm.name in results:
+            return results[arm.name]
         accuracies, per_class = [], torch.zeros(num_classes)
         for s in range(config.seeds):
             description = f"downstream: {arm.name}, seed {s + 1}/{config.seeds}"
@@ -294,7 +303,8 @@ def run_arms(arms: list[Arm], test: Dataset, num_classes: int, config: Downstrea
         results[arm.name] = {"images": len(arm.images), "accuracy": spread(accuracies),
                              "per_class": (per_class / config.seeds).tolist(),
                              "class_counts": torch.bincount(arm.labels, minlength=num_classes).tolist()}
-    return results
+        return results[arm.name]
+    return {arm.name: result(arm) for arm in arms}
 
 
 def verdict(better: dict, worse: dict) -> str:
@@ -386,8 +396,8 @@ def markdown(section: dict) -> list[str]:
                     DISTILLED: "real subset, the teacher distilled on mixup (no generator)",
                     AUGMENTED: "real subset + generated images, asked labels",
                     CURATED: "real subset + curated images, curated labels"}
-    lines += [f"| {descriptions[name]} | {arm['images']:,} | {accuracy_cell(arm['accuracy'])} |"
-              for name, arm in arms.items()]
+    lines += [f"| {descriptions[name]} | {arm['images']:,} | {accuracy_cell(arm['accuracy'])}"
+              f"{' (the same images: trained once)' if 'same_as' in arm else ''} |" for name, arm in arms.items()]
     size = " at equal size" if section["equal_size"] else " (fewer real images: all there are)"
     lines += ["", f"Classification Accuracy Score: **{section['cas']:.2%}**, {section['cas_over_real']:.1%} of the "
               f"real images' accuracy{size}."]

@@ -219,7 +219,7 @@ def choose(args: CurateArgs, real: Dataset, train: Dataset, total: int, device: 
     """Every candidate rule measured on the validation split: a teacher and the downstream classifier
     trained on the rest of the training images (the classifier with the sample of curated generated images
     mixed in, at the downstream section's real share), tested on the validation images."""
-    fit, validation = downstream.validation_split(train, args.validation_share, args.seed)
+    fit, validation = downstream.validation_split(train.with_labels(), args.validation_share, args.seed)
     k = len(real.label_names)
     teacher = train_teacher(fit, real, args, device, "curation: validation teacher")
     images, asked = sample_images(args.generated_path, real.label_names, args.choice_images, total,

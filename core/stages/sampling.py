@@ -70,7 +70,7 @@ def run(args: SamplingArgs) -> dict:
         raise PipelineError(f"{args.real_path}: choosing sampling settings needs labelled real images and a "
                             f"label-conditioned generator")
     names = real.label_names
-    train = real.split(heldout=False)
+    train = real.split(heldout=False).with_labels()
     fit, validation = downstream.validation_split(train, args.validation_share, args.seed)
     k = len(names)
     teacher = downstream.train_classifier(fit.items, fit.labels, k, classifier_config(real, args.teacher_steps,

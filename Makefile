@@ -338,8 +338,10 @@ $(FEWSHOT)/report/DONE: $(FEWSHOT)/generated/DONE $(REPORT)
 LOWDATA_PER_CLASS ?= 100
 LOWDATA_IMAGES ?= 10000
 LOWDATA_RUNS ?= $(RUNS)_lowdata$(LOWDATA_PER_CLASS)
+# LOWDATA_TARGET=sampling runs the sampling choice on that chain instead of the report
+LOWDATA_TARGET ?= report
 lowdata:
-	$(MAKE) report RUNS=$(LOWDATA_RUNS) DATA_FLAGS="--train-per-class $(LOWDATA_PER_CLASS)" NUM_IMAGES=$(LOWDATA_IMAGES) \
+	$(MAKE) $(LOWDATA_TARGET) RUNS=$(LOWDATA_RUNS) DATA_FLAGS="--train-per-class $(LOWDATA_PER_CLASS)" NUM_IMAGES=$(LOWDATA_IMAGES) \
 		REPORT_FLAGS="--downstream-per-class $(LOWDATA_PER_CLASS) $(REPORT_FLAGS)"
 	@echo "low-data benchmark done: $(LOWDATA_RUNS)/report/report.md (downstream accuracy), $(LOWDATA_RUNS)/timings.log"
 

@@ -9,9 +9,9 @@ images:
   Vinyals 2019), read beside
 - real: as many real training images (all of them when there are fewer);
 - real subset: a class-balanced subset of the real training images;
-- real subset, distilled: the same subset with a teacher (a classifier trained on the real training split,
-  which is all the generator saw) distilled on mixup of real images: the strongest recipe that needs no
-  generator, so the bar that the generator's images have to clear;
+- real subset, distilled: the same subset, half of each batch with its labels and half mixup of its images
+  labelled by a teacher (a classifier trained on the real training split, which is all the generator saw):
+  the strongest recipe that needs no generator, so the bar that the generator's images have to clear;
 - real subset + generated: that subset plus every generated image with the label it was generated for,
   half of each batch drawn from each by default, and
 - real subset + curated (curate_images.py): the subset plus the curated images with the labels the
@@ -65,8 +65,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     decaying learning rate. `config`: steps, batch_size, lr, model_width, features, seed, and optionally
     shift and flip (the augmentation; none when absent). Batches are drawn uniformly, or in proportion to
     `weights` (N,). With `targets` (N, K class probabilities) the loss is against those instead of the
-    labels; with a `teacher`, every batch is mixed (mixup) and the loss is against the teacher's
-    probabilities of the mixtures."""
+    labels; with a `teacher`, half of every batch keeps its labels and the other half is mixed (mixup),
+    its loss against the teacher's probabilities of the mixtures."""
     if len(images) < 2:
         raise PipelineError(f"too few labelled images ({len(images)}) to train a classifier")
     torch.manual_seed(config["seed"])
@@ -87,9 +87,12 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         for group in optimizer.param_groups:
             group["lr"] = config["lr"] * (1 - step / config["steps"])
         x = x.contiguous(memory_format=torch.channels_last)
-        if teacher is not None:
-            x, soft = mixup_distilled(x, teacher, generator)
-            loss = soft_cross_entropy(model(x), soft)
+        if teacher is not None:  # half of the batch with its labels, half mixed and labelled by the teacher
+            half = len(x) // 2
+            mixed, soft = mixup_distilled(x[half:], teacher, generator)
+            logits = model(torch.cat([x[:half], mixed]).contiguous(memory_format=torch.channels_last))
+            loss = 0.5 * (F.cross_entropy(logits[:half], labels[batch[:half]].to(device))
+                          + soft_cross_entropy(logits[half:], soft))
         elif targets is not None:
             loss = soft_cross_entropy(model(x), targets[batch].to(device))
         else:
@@ -393,7 +396,7 @@ def markdown(section: dict) -> list[str]:
     descriptions = {GENERATED: "generated images alone (CAS)", CURATED_ALONE: "curated images alone (CAS)",
                     REAL: "real training images, as many",
                     SUBSET: f"real subset (at most {c['subset_per_class']} per class)",
-                    DISTILLED: "real subset, the teacher distilled on mixup (no generator)",
+                    DISTILLED: "real subset, half of each batch mixup labelled by the teacher (no generator)",
                     AUGMENTED: "real subset + generated images, asked labels",
                     CURATED: "real subset + curated images, curated labels"}
     lines += [f"| {descriptions[name]} | {arm['images']:,} | {accuracy_cell(arm['accuracy'])}"

@@ -14,8 +14,9 @@ The out dir:
                         the kept images as a class-folder tree (torchvision's ImageFolder, the Hugging Face
                         imagefolder loader) with their soft labels beside it
 
-It streams: the generated records are read one dataset file at a time and the images in batches; what stays in
-memory per generated image is its scores (K + 2 numbers for K classes) and one bit."""
+The generated records are read one record file at a time and the images in batches; beyond those, each generated
+image keeps its scores (K + 2 numbers for K classes) in memory. bench/curate.py measures the peak: 662 MB at
+300,000 images, but 2.4 GB at a million, so something per file is still held."""
 from __future__ import annotations
 
 import csv

@@ -120,21 +120,25 @@ def label_tensors(records: list[dict]) -> tuple[torch.Tensor, list[str], torch.T
 
 def read_records(dataset_path: str | Path) -> tuple[list[dict], dict]:
     """The records of a dataset.json (in id order), with those of its part files, and its info table."""
-    dataset_path = Path(dataset_path)
-    records, info = _read_tinydb(dataset_path)
-    for name in info.get("record_files", []):
-        records += _read_tinydb(dataset_path.parent / name)[0]
+    files = _record_files(Path(dataset_path))
+    records, info = next(files)
+    for more, _ in files:
+        records += more
     return records, info
 
 
 def record_files(dataset_path: str | Path) -> Iterator[list[dict]]:
     """The records of a dataset.json, then of each of its part files: one file's records in memory at a
     time (at most RECORDS_PER_FILE), for a pass over a set of any size."""
-    dataset_path = Path(dataset_path)
+    return (records for records, _ in _record_files(Path(dataset_path)))
+
+
+def _record_files(dataset_path: Path) -> Iterator[tuple[list[dict], dict]]:
+    """Each file's records, with the dataset's info table."""
     records, info = _read_tinydb(dataset_path)
-    yield records
+    yield records, info
     for name in info.get("record_files", []):
-        yield _read_tinydb(dataset_path.parent / name)[0]
+        yield _read_tinydb(dataset_path.parent / name)[0], info
 
 
 def read_table(dataset_path: str | Path, name: str) -> list[dict]:

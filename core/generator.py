@@ -102,6 +102,13 @@ def level_record(cfg: LevelConfig, files: dict) -> dict:
     return record
 
 
+def changed_level(level: Level, **changes) -> Level:
+    """The level with some settings changed, its provenance record with them."""
+    settings = replace(level.settings, **changes)
+    files = {key: level.record[key] for key in ("model", "lr_codebook", "hr_codebook")}
+    return replace(level, settings=settings, record=level_record(settings, files))
+
+
 def level_prompt(levels: list[Level], i: int) -> str | None:
     """The prompt level i reads: its own, or level 0's."""
     own = levels[i].settings.prompt
@@ -197,22 +204,15 @@ class Generator:
     def with_prompt(self, prompt: str, where: str) -> "Generator":
         """The same models, level 0 set to `prompt`, checked against the models that read it (an error names
         `where` the prompt came from)."""
-        base = self.levels[0]
-        settings = replace(base.settings, prompt=prompt)
-        files = {key: base.record[key] for key in ("model", "lr_codebook", "hr_codebook")}
-        levels = [replace(base, settings=settings, record=level_record(settings, files)), *self.levels[1:]]
+        levels = [changed_level(self.levels[0], prompt=prompt), *self.levels[1:]]
         check_prompts(levels, Path(where))
-        generator = Generator(levels, self.decoder, self.decoder_artifact, self.decoder_path)
-        generator.device = self.device
-        return generator
+        return self.with_levels(levels)
 
     def with_settings(self, **changes) -> "Generator":
         """The same models with some decoding settings changed on every level (guidance_scale, temperature...)."""
-        levels = []
-        for level in self.levels:
-            settings = replace(level.settings, **changes)
-            files = {key: level.record[key] for key in ("model", "lr_codebook", "hr_codebook")}
-            levels.append(replace(level, settings=settings, record=level_record(settings, files)))
+        return self.with_levels([changed_level(level, **changes) for level in self.levels])
+
+    def with_levels(self, levels: list[Level]) -> "Generator":
         generator = Generator(levels, self.decoder, self.decoder_artifact, self.decoder_path)
         generator.device = self.device
         return generator

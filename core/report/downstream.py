@@ -282,6 +282,19 @@ def train_arm(arm: Arm, num_classes: int, settings: dict, device: torch.device, 
                             arm.targets, arm.teacher)
 
 
+def accuracy_over_seeds(arm: Arm, test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
+                        settings: dict, *, seeds: int, seed: int, device: torch.device,
+                        track: Callable[[Iterable, str], Iterator] | None = None, prefix: str = "") -> dict:
+    """The arm trained with seeds seed, seed + 1, ...: the spread of its accuracies on the test images."""
+    track = track or (lambda items, _: iter(items))
+    values = []
+    for s in range(seeds):
+        model = train_arm(arm, num_classes, {**settings, "seed": seed + s}, device,
+                          lambda it: track(it, f"{prefix}{arm.name}, seed {s + 1}"))
+        values.append(accuracy_of(model, test_images, test_labels, device)[0])
+    return spread(values)
+
+
 def run_arms(arms: list[Arm], test: Dataset, num_classes: int, config: DownstreamConfig, seed: int,
              device: torch.device, track: Callable[[Iterable, str], Iterator]) -> dict:
     """Train every arm with every seed; their accuracies on the labelled test images, overall and per class."""

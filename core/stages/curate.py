@@ -141,11 +141,9 @@ def select(scores: Scores, rule: Rule, num_classes: int) -> tuple[torch.Tensor, 
     _, kept = passes(scores, rule)
     cap = balance_cap(carried, kept, num_classes)
     if cap is not None:
-        seen = torch.zeros(num_classes + 1, dtype=torch.long)
-        for i in kept.nonzero().flatten().tolist():
-            c = int(carried[i])
-            seen[c] += 1
-            kept[i] = c < 0 or bool(seen[c] <= cap)
+        for c in range(num_classes):  # the first `cap` kept images of each class stay
+            mine = kept & (carried == c)
+            kept &= ~mine | (mine.cumsum(0) <= cap)
     return kept, carried, targets
 
 
@@ -195,8 +193,13 @@ def batch_images(path: Path, batch: Batch, channels: int) -> torch.Tensor:
     return read_image_files([path.parent / r["image_fpath"] for r in batch.records], channels)
 
 
-def count_records(path: Path) -> int:
-    return sum(len(records) for records in record_files(path))
+def count_records(path: Path) -> tuple[int, dict | None]:
+    """How many records the dataset holds, and its first one."""
+    total, first = 0, None
+    for records in record_files(path):
+        first = first or (records[0] if records else None)
+        total += len(records)
+    return total, first
 
 
 def sample_images(path: Path, names: list[str], count: int, total: int, channels: int, seed: int,
@@ -216,7 +219,8 @@ def sample_images(path: Path, names: list[str], count: int, total: int, channels
 
 # ---------------------------------------------------------------- the choice on the validation split
 
-def choose(args: CurateArgs, real: Dataset, train: Dataset, total: int, device: torch.device) -> dict:
+def choose(args: CurateArgs, real: Dataset, train: Dataset, total: int, threshold: float, device: torch.device
+           ) -> dict:
     """Every candidate rule measured on the validation split: a teacher and the downstream classifier
     trained on the rest of the training images (the classifier with the sample of curated generated images
     mixed in, at the downstream section's real share), tested on the validation images."""
@@ -226,18 +230,13 @@ def choose(args: CurateArgs, real: Dataset, train: Dataset, total: int, device: 
     images, asked = sample_images(args.generated_path, real.label_names, args.choice_images, total,
                                   real.items.shape[1], args.seed, args.batch_size)
     scores = score(images, asked, teacher, pixels(fit.items).to(device), device)
-    threshold = near_copy_threshold(fit, validation, args.memorization_percentile, device)
     floors = confidence_floors(scores, k, args.confident_quantile)
     settings = downstream.classifier_settings(args.downstream)
-    track = args.progress or (lambda items, _: iter(items))
 
     def accuracy(arm: downstream.Arm) -> dict:
-        values = []
-        for s in range(args.choice_seeds):
-            model = downstream.train_arm(arm, k, {**settings, "seed": args.seed + s}, device,
-                                         lambda it: track(it, f"curation: {arm.name}, seed {s + 1}"))
-            values.append(downstream.accuracy_of(model, validation.items, validation.labels, device)[0])
-        return downstream.spread(values)
+        return downstream.accuracy_over_seeds(arm, validation.items, validation.labels, k, settings,
+                                              seeds=args.choice_seeds, seed=args.seed, device=device,
+                                              track=args.progress, prefix="curation: ")
 
     fit_hot = F.one_hot(fit.labels, k).float()
     figures = {"real alone": {"images": 0, "accuracy": accuracy(downstream.Arm("real alone", fit.items, fit.labels))}}
@@ -272,11 +271,10 @@ def run(args: CurateArgs) -> dict:
     check_args(args)
     device = pick_device(args.device)
     real_all = load_image_dataset(args.real_path)
-    total = count_records(args.generated_path)
-    if total == 0:
+    total, first = count_records(args.generated_path)
+    if first is None:
         raise PipelineError(f"{args.generated_path}: the dataset holds no images")
-    probe = next(generated_batches(args.generated_path, [], 1))
-    shape = read_image_files([args.generated_path.parent / probe.records[0]["image_fpath"]]).shape
+    shape = read_image_files([args.generated_path.parent / first["image_fpath"]]).shape
     real = at_source_size(real_all, shape[-2:])
     if real.items.shape[2:] != shape[2:]:
         raise PipelineError(f"image shapes differ: {args.real_path} has {tuple(real.items.shape[1:])} (CxHxW), "
@@ -285,30 +283,23 @@ def run(args: CurateArgs) -> dict:
     if len(train) < 4:
         raise PipelineError(f"{args.real_path}: {len(train)} training images, curation needs at least 4")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    labelled = is_labelled(real)
     summary: dict = {"real": file_record(args.real_path), "generated": {**file_record(args.generated_path),
                                                                          "images": total}}
-    if not labelled:
+    threshold = near_copy_threshold(*downstream.validation_split(train, args.validation_share, args.seed),
+                                    args.memorization_percentile, device)
+    if not is_labelled(real):
         console.print(f"{args.real_path} has no labels: no teacher, near-copies are dropped and nothing else",
                       soft_wrap=True, highlight=False)
-        rule = Rule("asked", "none", near_copy_threshold(*downstream.validation_split(train, args.validation_share,
-                                                                                      args.seed),
-                                                          args.memorization_percentile, device))
-        teacher = None
+        rule, teacher = Rule("asked", "none", threshold), None
         summary["teacher"] = "none: the real images carry no labels"
     else:
-        if "auto" in (args.labels, args.filter):
-            choice = choose(args, real, train, total, device)
-            summary["choice"] = choice
-            labels = choice["labels"] if args.labels == "auto" else args.labels
-            filter_ = choice["filter"] if args.filter == "auto" else args.filter
-            threshold = choice["near_copy_threshold"]
-        else:
-            labels, filter_ = args.labels, args.filter
-            threshold = near_copy_threshold(*downstream.validation_split(train, args.validation_share, args.seed),
-                                            args.memorization_percentile, device)
-        teacher = train_teacher(train, real, args, device, "curation: teacher")
+        labels, filter_ = args.labels, args.filter
+        if "auto" in (labels, filter_):
+            summary["choice"] = choice = choose(args, real, train, total, threshold, device)
+            labels = choice["labels"] if labels == "auto" else labels
+            filter_ = choice["filter"] if filter_ == "auto" else filter_
         config = classifier_config(real, args.teacher_steps, args.seed)
+        teacher = train_teacher(train, real, args, device, "curation: teacher")
         save_artifact(args.out_dir / "teacher.safetensors", state_tensors(teacher), CLASSIFIER_KIND, config,
                       {"stage": "curate", "real": file_record(args.real_path), "step": args.teacher_steps})
         summary["teacher"] = {"path": "teacher.safetensors", "training_images": len(train),
@@ -321,8 +312,8 @@ def run(args: CurateArgs) -> dict:
 
 def curate_all(args: CurateArgs, real: Dataset, train: Dataset, teacher: FeatureClassifier | None, rule: Rule,
                total: int, device: torch.device) -> dict:
-    """Score every generated image into a scratch file, settle the rule's thresholds and the balance, then
-    write the kept records (and the class folders)."""
+    """Score every generated image, settle the rule's thresholds and the balance, then write the kept records
+    (and the class folders)."""
     names, k = real.label_names, max(len(real.label_names), 1)
     reference = pixels(train.items).to(device)
     track = args.progress or (lambda items, _: iter(items))
@@ -353,7 +344,7 @@ def curate_all(args: CurateArgs, real: Dataset, train: Dataset, teacher: Feature
     return summary
 
 
-def reason(scores: Scores, rule: Rule, i: int, names: list[str]) -> str:
+def reason(scores: Scores, rule: Rule, i: int) -> str:
     why = [f"{float(scores.nearest[i]):.3g} from its nearest training image (near-copies under "
            f"{rule.near_copy_threshold:.3g})"]
     if scores.probs is not None and rule.filter == "agree":
@@ -388,7 +379,7 @@ def write_curated(args: CurateArgs, names: list[str], scores: Scores, rule: Rule
                "labels": [names[c]] if c >= 0 else [],
                "curation": {"asked": names[int(scores.asked[i])] if scores.asked[i] >= 0 else None,
                             "nearest_training_distance": float(scores.nearest[i]),
-                            "kept": reason(scores, rule, i, names)}}
+                            "kept": reason(scores, rule, i)}}
         if scores.probs is not None:
             p = scores.probs[i]
             out["soft_label"] = [round(float(v), 5) for v in targets[i]]

@@ -87,15 +87,14 @@ def run(args: SamplingArgs) -> dict:
             keep = asked >= 0
             images, asked = images[keep], asked[keep]
             agreement = float((downstream.probabilities(teacher, images, device).argmax(1) == asked).float().mean())
-            arm = downstream.Arm("fit + generated", torch.cat([fit.items, images]), torch.cat([fit.labels, asked]),
+            arm = downstream.Arm(f"guidance {guidance}, temperature {temperature}", torch.cat([fit.items, images]),
+                                 torch.cat([fit.labels, asked]),
                                  downstream.half_and_half(len(fit), len(images), args.downstream.real_share))
-            values = [downstream.accuracy_of(downstream.train_arm(arm, k, {**settings, "seed": args.seed + s}, device,
-                                                                  lambda it: track(it, f"sampling: guidance "
-                                                                                       f"{guidance}, seed {s + 1}")),
-                                             validation.items, validation.labels, device)[0]
-                      for s in range(args.seeds)]
+            accuracy = downstream.accuracy_over_seeds(arm, validation.items, validation.labels, k, settings,
+                                                      seeds=args.seeds, seed=args.seed, device=device,
+                                                      track=args.progress, prefix="sampling: ")
             candidates.append({"guidance_scale": guidance, "temperature": temperature, "images": len(images),
-                               "teacher_agreement": agreement, "validation_accuracy": downstream.spread(values)})
+                               "teacher_agreement": agreement, "validation_accuracy": accuracy})
     best = max(candidates, key=lambda c: c["validation_accuracy"]["mean"])
     summary = {"config": file_record(args.config_path), "real": file_record(args.real_path),
                "fit_images": len(fit), "validation_images": len(validation), "seeds": args.seeds,

@@ -42,11 +42,25 @@ coarse_cascade_label := l1
 fine_cascade_label := l2
 BASE_MODELS := base base_label
 
+# INIT=<a trained run>: tune from it instead of training from scratch. Its autoencoder and codebooks are used
+# as they are, and its transformers are fine-tuned on this run's images for TUNE_STEPS steps (a label they do
+# not know becomes a new label of theirs).
+INIT ?=
+TUNE_STEPS ?= 300
+TUNE_EPOCHS ?= 1000
+ifneq ($(INIT),)
+ifeq ($(wildcard $(INIT)/transformers/base/DONE),)
+$(error INIT=$(INIT) is not a trained run: $(INIT)/transformers/base/DONE is missing (make transformers RUNS=$(INIT) first))
+endif
+endif
+# the run whose autoencoder and codebooks this one uses: its own, or INIT's
+TOKENIZER_RUNS := $(or $(INIT),$(RUNS))
+
 DATA := $(RUNS)/data/DONE
-AUTOENCODER := $(RUNS)/autoencoder/DONE
+AUTOENCODER := $(TOKENIZER_RUNS)/autoencoder/DONE
 FMAPS := $(RUNS)/fmaps/DONE
-CODEBOOKS := $(LEVELS:%=$(RUNS)/codebooks/%/DONE)
-PRUNED := $(LEVELS:%=$(RUNS)/pruned/%/DONE)
+CODEBOOKS := $(LEVELS:%=$(TOKENIZER_RUNS)/codebooks/%/DONE)
+PRUNED := $(LEVELS:%=$(TOKENIZER_RUNS)/pruned/%/DONE)
 TRANSFORMERS := $(MODELS:%=$(RUNS)/transformers/%/DONE)
 GENERATED := $(RUNS)/generated/DONE
 CURATED := $(RUNS)/curated/DONE
@@ -66,8 +80,8 @@ COMPRESSED_REPORT_FLAGS ?= --no-downstream
 CURATE_FLAGS ?=
 # extra build_dataset.py flags (make lowdata sets --train-per-class)
 DATA_FLAGS ?=
-AE_ARTIFACT := $(RUNS)/autoencoder/autoencoder.safetensors
-codebook = $(RUNS)/pruned/$(1)/codebook.safetensors
+AE_ARTIFACT := $(TOKENIZER_RUNS)/autoencoder/autoencoder.safetensors
+codebook = $(TOKENIZER_RUNS)/pruned/$(1)/codebook.safetensors
 # the main report's classifier, for the reports that compare in its feature space: an unlabelled set has none,
 # and those reports then use the pixel-PCA space alone, as the main report did (a shell test: the file is
 # made during the run)
@@ -77,8 +91,8 @@ REPORT_CLASSIFIER = $$(test -f $(RUNS)/report/classifier.safetensors && \
 # generation decodes with it
 FINEST := $(lastword $(LEVELS))
 ifneq ($(wildcard $(PRESET_DIR)/decoder.json),)
-DECODER := $(RUNS)/decoder/DONE
-DECODER_ARTIFACT := $(RUNS)/decoder/autoencoder.safetensors
+DECODER := $(TOKENIZER_RUNS)/decoder/DONE
+DECODER_ARTIFACT := $(TOKENIZER_RUNS)/decoder/autoencoder.safetensors
 else
 DECODER := $(AUTOENCODER)
 DECODER_ARTIFACT := $(AE_ARTIFACT)
@@ -96,10 +110,10 @@ SETTINGS := $(RUNS)/settings
 same = $(and $(findstring x$(strip $(1)),x$(strip $(2))),$(findstring x$(strip $(2)),x$(strip $(1))))
 changed = $(if $(wildcard $(SETTINGS)/$(1)),$(if $(call same,$(2),$(file <$(SETTINGS)/$(1))),,FORCE))
 record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
-# a transformer's steps, epochs and batch: the base model's or the cascade models'
-model_steps = $(if $(filter $(BASE_MODELS),$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS)) $(BATCH)
+# a transformer's steps, epochs and batch: the base model's or the cascade models', or the tuning's
+model_steps = $(if $(INIT),$(TUNE_STEPS) $(TUNE_EPOCHS),$(if $(filter $(BASE_MODELS),$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS))) $(BATCH)
 
-.PHONY: setup test demo codebooks transformers generate curate sampling report compress export fewshot lowdata captions captions-reports bench bench-generation clean-demo FORCE
+.PHONY: setup test demo codebooks transformers generate curate sampling report compress export fewshot lowdata transfer captions captions-reports bench bench-generation clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -141,6 +155,7 @@ $(DATA): $$(call changed,data,$$(SOURCE) $$(SIZE) $$(CHANNELS) $$(FIT) $$(DATA_F
 	$(call record,data,$(SOURCE) $(SIZE) $(CHANNELS) $(FIT) $(DATA_FLAGS))
 	touch $@
 
+ifeq ($(INIT),)
 $(AUTOENCODER): $(DATA) $(PRESET_DIR)/autoencoder.json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS))
 	rm -f $@
 	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json \
@@ -148,8 +163,9 @@ $(AUTOENCODER): $(DATA) $(PRESET_DIR)/autoencoder.json $$(call changed,autoencod
 		--max-steps $(AE_STEPS) --max-epoch $(AE_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
 	$(call record,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
 	touch $@
+endif
 
-$(FMAPS): $(AUTOENCODER) $$(call changed,fmaps,$$(AUG_COPIES))
+$(FMAPS): $(DATA) $(AUTOENCODER) $$(call changed,fmaps,$$(AUG_COPIES))
 	$(call TIMER,fmaps) $(PYTHON) generate_fmap_dataset.py --dataset-path $(RUNS)/data/dataset.json --model-path $(AE_ARTIFACT) \
 		--out-dir $(RUNS)/fmaps --device $(DEVICE) --augment-copies $(AUG_COPIES)
 	$(call record,fmaps,$(AUG_COPIES))
@@ -179,20 +195,24 @@ $(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(PRESET_DIR)/decoder.json $
 	touch $@
 
 # base: the condition token and the first level; each cascade model: the next level from the one before
-$(RUNS)/transformers/%/DONE: $(PRUNED) $(PRESET_DIR)/transformer_%.json $$(call changed,$$*,$$(call model_steps,$$*))
+$(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $(PRESET_DIR)/transformer_%.json $(if $(INIT),$(INIT)/transformers/%/DONE) \
+		$$(call changed,$$*,$$(call model_steps,$$*) $$(INIT))
 	rm -f $@
 	$(call TIMER,$* transformer) $(PYTHON) train_transformer.py $(if $(filter $(BASE_MODELS),$*),--train-base-model) \
 		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
 		--config-path $(PRESET_DIR)/transformer_$*.json --out-dir $(RUNS)/transformers/$* --batch-size $(BATCH) \
-		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) $(TRAIN_FLAGS) $(RESTART)
-	$(call record,$*,$(call model_steps,$*))
+		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) $(TRAIN_FLAGS) $(RESTART) \
+		$(if $(INIT),--init-from $(INIT)/transformers/$*/model.safetensors)
+	$(call record,$*,$(call model_steps,$*) $(INIT))
 	touch $@
 
-# the preset's generation config, copied beside the runs so that its relative paths point into them
+# the preset's generation config, copied beside the runs so that its relative paths point into them (a tuned
+# run links to INIT's codebooks)
 $(GENERATED): $(TRANSFORMERS) $(DECODER) $(PRESET_DIR)/generate.json $$(call changed,generated,$$(NUM_IMAGES))
 	rm -f $@
 	cp $(PRESET_DIR)/generate.json $(RUNS)/generate.json
+	$(if $(INIT),ln -sfn $(abspath $(INIT))/pruned $(RUNS)/pruned)
 	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(DECODER_ARTIFACT) \
 		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
 	$(call record,generated,$(NUM_IMAGES))
@@ -344,6 +364,26 @@ lowdata:
 	$(MAKE) $(LOWDATA_TARGET) RUNS=$(LOWDATA_RUNS) DATA_FLAGS="--train-per-class $(LOWDATA_PER_CLASS)" NUM_IMAGES=$(LOWDATA_IMAGES) \
 		REPORT_FLAGS="--downstream-per-class $(LOWDATA_PER_CLASS) $(REPORT_FLAGS)"
 	@echo "low-data benchmark done: $(LOWDATA_RUNS)/report/report.md (downstream accuracy), $(LOWDATA_RUNS)/timings.log"
+
+# The transfer benchmark: the chain pre-trained on the Fashion-MNIST classes outside TRANSFER_LABELS (which
+# it never sees), then tuned (INIT) on TRANSFER_PER_CLASS training images of each of them, and beside it the
+# chain trained from scratch on those images alone; each generates TRANSFER_IMAGES images and reports on the
+# target classes only (held out: the target classes' held-out images). The targets are the three garments
+# most often confused with each other, whose relatives (T-shirt/top, Coat, Dress) the source holds, and Bag,
+# which has none.
+TRANSFER_LABELS ?= Pullover Shirt Sneaker Bag
+TRANSFER_PER_CLASS ?= 100
+TRANSFER_IMAGES ?= 4000
+TRANSFER_RUNS ?= $(RUNS)_transfer
+TRANSFER_TARGET = DATA_FLAGS="$(TRANSFER_LABELS:%=--label %) --train-per-class $(TRANSFER_PER_CLASS)" \
+	NUM_IMAGES=$(TRANSFER_IMAGES) REPORT_FLAGS="--downstream-per-class $(TRANSFER_PER_CLASS) $(REPORT_FLAGS)"
+transfer:
+	$(MAKE) transformers RUNS=$(TRANSFER_RUNS)/source DATA_FLAGS="$(TRANSFER_LABELS:%=--exclude-label %)"
+	$(MAKE) report RUNS=$(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS) INIT=$(TRANSFER_RUNS)/source $(TRANSFER_TARGET)
+	$(MAKE) report RUNS=$(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS) $(TRANSFER_TARGET)
+	$(PYTHON) bench/tables.py downstream $(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS) $(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS)
+	$(PYTHON) bench/tables.py timings $(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS)
+	$(PYTHON) bench/tables.py timings $(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS)
 
 bench: $(REPORT_COMPRESSED) $(EXPORT)
 	$(PYTHON) bench/run.py --runs $(RUNS) --out $(RUNS)/bench.json --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))

@@ -24,6 +24,7 @@ def main(
     limit: Annotated[Optional[int], typer.Option(min=1, help="keep at most N images (per split, for idx files)")] = None,
     holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="fraction held out for evaluation (folders; idx files use t10k)")] = 0.1,
     label: Annotated[Optional[list[str]], typer.Option(help="keep only images with this label (repeatable)")] = None,
+    exclude_label: Annotated[Optional[list[str]], typer.Option(help="drop the images with this label (repeatable)")] = None,
     from_split: Annotated[Optional[str], typer.Option(help="keep only images of this split of the source: train or heldout")] = None,
     train_count: Annotated[Optional[int], typer.Option(min=0, help="the first N images are the training split, the rest held out")] = None,
     train_per_class: Annotated[Optional[int], typer.Option(min=1, help="keep the first N training images of each label; held-out images are all kept (a low-data benchmark)")] = None,
@@ -38,7 +39,7 @@ def main(
     if from_split not in (None, "train", "heldout"):
         raise PipelineError("--from-split must be train or heldout")
     counts = run(DatasetArgs(source=source, out_dir=out_dir, size=size, channels=channels, fit=fit, limit=limit,
-                             holdout=holdout, seed=seed, strict=strict, overwrite=overwrite, labels=label,
+                             holdout=holdout, seed=seed, strict=strict, overwrite=overwrite, labels=label, exclude_labels=exclude_label,
                              from_split=from_split, train_count=train_count, train_per_class=train_per_class,
                              captions=captions,
                              progress=lambda items: track(items, "images")))

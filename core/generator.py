@@ -43,6 +43,7 @@ class Level:
     fine_book: SOMCodebook
     record: dict  # the level's settings with the sha256 of every file it uses
     cond_counts: torch.Tensor | None  # base level: condition tokens seen with each label in training
+    drawn_labels: list[int] | None = None  # base level of a tuned model: the labels drawn by default (its own)
 
 
 def parse_config(path: Path) -> list[LevelConfig]:
@@ -84,14 +85,24 @@ def load_levels(configs: list[LevelConfig], source: Path) -> list[Level]:
             if trained_with["sha256"] != record["sha256"]:
                 raise PipelineError(f"{where}: {cfg.model_path} was trained with {key} {trained_with['path']}, "
                                     f"which differs from {key}_path {record['path']}")
+        if levels and model.shape.label_names != levels[0].model.shape.label_names:
+            raise PipelineError(f"{where}: {cfg.model_path} knows the labels {', '.join(model.shape.label_names)}; "
+                                f"level 0's model {', '.join(levels[0].model.shape.label_names)} (tune every level "
+                                f"on the same images)")
         if levels and levels[-1].record["hr_codebook"]["sha256"] != records["lr_codebook"]["sha256"]:
             raise PipelineError(f"{where}: lr_codebook_path {cfg.lr_codebook_path} is not level {i - 1}'s "
                                 f"hr_codebook_path {levels[-1].settings.hr_codebook_path}")
         levels.append(Level(cfg, model, load_codebook(cfg.lr_codebook_path)[0], load_codebook(cfg.hr_codebook_path)[0],
                             level_record(cfg, {"model": file_record(cfg.model_path), **records}),
-                            artifact.tensors.get("cond_counts")))
+                            artifact.tensors.get("cond_counts"), tuned_label_ids(artifact, model)))
     check_prompts(levels, source)
     return levels
+
+
+def tuned_label_ids(artifact: Artifact, model: TokenTransformer) -> list[int] | None:
+    """The ids of the labels a tuned model was tuned on (its artifact's label_origin); None: every label."""
+    tuned = artifact.extra.get("label_origin", {}).get("tuned")
+    return None if tuned is None else [model.shape.label_names.index(name) for name in tuned]
 
 
 def level_record(cfg: LevelConfig, files: dict) -> dict:
@@ -235,7 +246,8 @@ class Generator:
         return images.cpu(), labels
 
     def draw_labels(self, generators: list[torch.Generator]) -> list[int]:
-        """Each image's label id: level 0's label, or drawn from the training labels' frequencies (-1: none)."""
+        """Each image's label id: level 0's label, or drawn from the training labels' frequencies (-1: none);
+        a tuned model draws among the labels it was tuned on."""
         base = self.levels[0]
         shape = base.model.shape
         wanted = resolve_label(base.settings.label, shape.label_names, "level 0")
@@ -244,6 +256,9 @@ class Generator:
         if wanted is not None or not shape.num_labels:
             return [-1 if wanted is None else wanted] * len(generators)
         frequencies = base.cond_counts.float()[:shape.num_labels].sum(1) + 1e-9
+        if base.drawn_labels is not None:  # a tuned model makes the labels it was tuned on
+            frequencies = torch.zeros_like(frequencies).index_copy(0, torch.tensor(base.drawn_labels),
+                                                                    frequencies[base.drawn_labels])
         return [int(torch.multinomial(frequencies, 1, generator=g)) for g in generators]
 
     def condition_tokens(self, labels: list[int], generators: list[torch.Generator]) -> torch.Tensor:

@@ -438,10 +438,15 @@ class Generator:
         info = self.manifest["levels"][0]
         names, num_labels, counts = info["label_names"], info["num_labels"], self.cond_counts
         wanted = resolve_label(self.settings[0]["label"], names, "level 0")
+        frequencies = counts[:num_labels].sum(1) + 1e-9
+        if info.get("drawn_labels") is not None:  # a tuned model makes the labels it was tuned on
+            mask = np.zeros(num_labels, dtype=bool)
+            mask[info["drawn_labels"]] = True
+            frequencies = np.where(mask, frequencies, 0)
         labels = []
         for row in range(count):
             if wanted is None and num_labels:
-                labels.append(draw_from_counts(counts[:num_labels].sum(1) + 1e-9, source.uniform([row])[0]))
+                labels.append(draw_from_counts(frequencies, source.uniform([row])[0]))
             else:
                 labels.append(-1 if wanted is None else wanted)
         conds = [draw_from_counts(counts[label if label >= 0 else num_labels] + 1e-9, source.uniform([row])[0])

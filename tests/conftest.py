@@ -67,12 +67,16 @@ def shape_image(kind: int, variant: int, size: int = 16) -> np.ndarray:
     return (mask * (180 + rng.integers(0, 60)) + rng.integers(0, 20, (size, size))).clip(0, 255).astype(np.uint8)
 
 
-def write_shape_folder(folder: Path, per_label: int) -> Path:
-    """Three labelled sub-folders (circle, square, bar) of `per_label` 16x16 PNGs each."""
-    for kind, name in enumerate(["circle", "square", "bar"]):
+SHAPES = {"circle": 0, "square": 1, "bar": 2}
+
+
+def write_shape_folder(folder: Path, per_label: int, labels: dict[str, int] = SHAPES, seed: int = 0) -> Path:
+    """A labelled sub-folder of `per_label` 16x16 PNGs for each label, drawn as the shape `labels` gives it
+    (by default circle, square and bar); another `seed` draws other variants."""
+    for name, kind in labels.items():
         (folder / name).mkdir(parents=True)
         for i in range(per_label):
-            Image.fromarray(shape_image(kind, kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
+            Image.fromarray(shape_image(kind, seed + kind * 1000 + i)).save(folder / name / f"{i:03d}.png")
     return folder
 
 

@@ -172,3 +172,13 @@ def test_subset_of_a_dataset(tmp_path, idx_folder):
     assert data.label_names == ["1"]
     with pytest.raises(PipelineError, match="no images labelled Dress"):
         build_dataset(full / "dataset.json", tmp_path / "x", 16, channels=1, holdout=0.0, seed=0, labels=["Dress"])
+
+
+def test_excluded_labels_are_dropped_from_both_splits(tmp_path, idx_folder):
+    counts = build_dataset(idx_folder, tmp_path / "rest", 16, channels=1, exclude_labels=["0", "2"])
+    assert counts["labels"] == 1 and counts["images"] == 13 + 3  # label 1: 13 of 40 training, 3 of 10 test
+    assert load_image_dataset(tmp_path / "rest" / "dataset.json").label_names == ["1"]
+    result = run_script("build_dataset.py", "--source", idx_folder, "--out-dir", tmp_path / "typo", "--size", "16",
+                        "--exclude-label", "Dres")
+    assert result.returncode == 2 and result.stderr.strip().endswith("no images labelled Dres (labels: 0, 1, 2)")
+    assert not (tmp_path / "typo").exists()

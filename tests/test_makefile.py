@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, TINY_AE, script_env, write_colour_folder
+from conftest import ROOT, TINY_AE, script_env, write_colour_folder, write_shape_folder
+from core.artifacts import load_artifact
 
 TINY_TRANSFORMER = {"in_dim": 32, "hidden_dim": 64, "num_dec_layers": 1, "num_enc_layers": 1,
                     "self_attn_heads": 2, "cross_attn_heads": 2, "model_lr": 0.003, "warmup_steps": 2}
@@ -30,10 +31,10 @@ def write_preset(configs: Path) -> None:
                                      "CASCADE_EPOCHS ?= 100\nBATCH ?= 8\nCHECKPOINT_STEP ?= 1000\n")
 
 
-def make(runs: Path, configs: Path, source: Path, *extra: str) -> subprocess.CompletedProcess:
-    """make demo on the small preset; `extra` flags and settings come last (a later setting wins)."""
+def make(runs: Path, configs: Path, source: Path, *extra: str, target: str = "demo") -> subprocess.CompletedProcess:
+    """make `target` on the small preset; `extra` flags and settings come last (a later setting wins)."""
     venv = Path(sys.executable).parent.parent
-    command = ["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
+    command = ["make", "-o", f"{venv}/.installed", target, f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
                "PRESET=test", f"SOURCE={source}", "SIZE=16", "DEVICE=cpu", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1",
                "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2 --downstream-steps 3 --downstream-seeds 1",
                "CURATE_FLAGS=--teacher-steps 5 --choice-steps 3 --choice-seeds 1",
@@ -41,8 +42,35 @@ def make(runs: Path, configs: Path, source: Path, *extra: str) -> subprocess.Com
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=script_env(), cwd=ROOT)
 
 
-def test_make_demo_runs_the_chain_and_resumes(tmp_path, image_folder):
-    check_demo_chain(tmp_path, image_folder)
+def test_make_demo_runs_the_chain_and_resumes_and_a_new_folder_tunes_from_it(tmp_path, image_folder):
+    runs = check_demo_chain(tmp_path, image_folder)
+    check_tuned_chain(tmp_path, runs)
+
+
+def check_tuned_chain(tmp_path: Path, init: Path) -> None:
+    """make report INIT=<the chain>: a folder with a label the chain never saw reuses its autoencoder and
+    codebooks, tunes its transformers, which learn the new label, and generates the folder's labels."""
+    source = write_shape_folder(tmp_path / "new", 16, {"stick": 2, "square": 1}, seed=9000)
+    runs = tmp_path / "tuned"
+    result = make(runs, tmp_path / "configs", source, f"INIT={init}", "TUNE_STEPS=4", target="report")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = [line.split(":")[0] for line in (runs / "timings.log").read_text().splitlines() if ": " in line]
+    assert stages == ["dataset", "fmaps", "base transformer", "cascade transformer", "generate", "curate", "report"]
+    artifact = load_artifact(runs / "transformers" / "base" / "model.safetensors")
+    assert artifact.extra["label_origin"] == {"pretrained": ["bar", "circle", "square"], "tuned": ["square", "stick"]}
+    assert artifact.provenance["step"] <= 4
+    records = json.loads((runs / "generated" / "dataset.json").read_text())["_default"].values()
+    assert {r["labels"][0] for r in records} <= {"square", "stick"}
+    assert "python" not in make(runs, tmp_path / "configs", source, f"INIT={init}", "TUNE_STEPS=4", "-n",
+                               target="report").stdout
+
+
+def test_make_with_an_init_that_is_not_a_trained_run_says_so(tmp_path):
+    venv = Path(sys.executable).parent.parent
+    result = subprocess.run(["make", "-n", "-o", f"{venv}/.installed", "report", f"VENV={venv}", f"INIT={tmp_path}"],
+                            capture_output=True, text=True, timeout=60, env=script_env(), cwd=ROOT)
+    assert result.returncode != 0
+    assert f"INIT={tmp_path} is not a trained run: {tmp_path}/transformers/base/DONE is missing" in result.stderr
 
 
 def test_make_demo_on_an_unlabelled_colour_folder_ends_with_every_report_and_the_export(tmp_path):

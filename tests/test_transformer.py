@@ -5,13 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_dataset, run_script, start_script
+from conftest import build_dataset, run_script, start_script, write_shape_folder
+from core.generator import Generator, changed_level, image_generators
 from core.artifacts import load_artifact
+from core.errors import PipelineError
 from core.model_artifacts import load_transformer
 from core.models.transformer import (TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits,
                                      window_starts)
 from core.stages import fmaps
-from core.objectives.transformer import drop_labels
+from core.objectives.transformer import drop_labels, grow_label_rows
 
 SMALL = dict(in_dim=32, hidden_dim=64, num_dec_layers=2, num_enc_layers=2, self_attn_heads=4, cross_attn_heads=2)
 
@@ -199,8 +201,53 @@ def test_fine_tuning_keeps_the_models_labels(tmp_path, models):
     assert result.returncode == 0, result.stderr
     model, artifact = load_transformer(out / "model.safetensors")
     assert model.shape.label_names == ["bar", "circle", "square"]
-    counts = artifact.tensors["cond_counts"]
-    assert counts[2].sum() == 10 and counts[:2].sum() == 0  # every training image is a square
+    counts, start_counts = artifact.tensors["cond_counts"], load_artifact(models["base"]).tensors["cond_counts"]
+    assert counts[2].sum() == 10  # every training image is a square
+    assert torch.equal(counts[:2], start_counts[:2])  # the labels without images keep what the model knew
+    assert artifact.extra["label_origin"] == {"pretrained": ["bar", "circle", "square"], "tuned": ["square"]}
+
+
+def test_grown_label_rows_keep_the_known_ones_and_start_new_ones_at_the_null_label():
+    table = torch.arange(12.0).reshape(4, 3)  # three labels and the null label
+    grown = grow_label_rows({"emb": table, "other": torch.ones(2)}, "emb", 5)
+    assert grown["emb"].shape == (6, 3)
+    assert torch.equal(grown["emb"][:3], table[:3]) and torch.equal(grown["emb"][-1], table[3])
+    assert torch.equal(grown["emb"][3], table[3]) and torch.equal(grown["emb"][4], table[3])
+    assert grow_label_rows({"emb": table}, "emb", 3)["emb"] is table
+
+
+def test_tuning_on_a_new_label_learns_it_as_its_own(tmp_path, models):
+    """Transfer: a base model tuned on images of a label it never saw grows that label, keeps its three, and
+    generation draws the labels it was tuned on unless asked for another."""
+    folder = write_shape_folder(tmp_path / "new", 12, {"stick": 2, "square": 1}, seed=7000)
+    build_dataset(folder, tmp_path / "data", 16, channels=1, holdout=0.25)
+    fmaps.run(fmaps.FmapArgs(dataset_path=tmp_path / "data" / "dataset.json", model_path=models["autoencoder"],
+                             out_dir=tmp_path / "fmaps", device="cpu", batch_size=16, shard_size=100))
+    for name, coarse, fine in (("base", "cond", "l1"), ("cascade", "l1", "l2")):
+        result = run_script("train_transformer.py", *(["--train-base-model"] if name == "base" else []),
+                            "--dataset-path", tmp_path / "fmaps" / "dataset.json", "--lr-codebook-path", models[coarse],
+                            "--hr-codebook-path", models[fine], "--out-dir", tmp_path / name, "--init-from", models[name],
+                            "--config-path", models["root"] / "tf.json", "--batch-size", "4", "--max-steps", "6",
+                            "--device", "cpu", "--max-epoch", "100")
+        assert result.returncode == 0, result.stderr
+    out = tmp_path / "base"
+    model, artifact = load_transformer(out / "model.safetensors")
+    assert model.shape.label_names == ["bar", "circle", "square", "stick"]
+    assert model.label_emb.weight.shape[0] == 5
+    assert artifact.extra["label_origin"] == {"pretrained": ["bar", "circle", "square"], "tuned": ["square", "stick"]}
+    config = json.loads(models["generate_config"].read_text())
+    config["0"]["model_path"] = str(out / "model.safetensors")
+    (tmp_path / "generate.json").write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match="level 1: .* knows the labels bar, circle, square; level 0's model "
+                                            "bar, circle, square, stick"):
+        Generator.load(tmp_path / "generate.json", models["autoencoder"])
+    config["1"]["model_path"] = str(tmp_path / "cascade" / "model.safetensors")
+    (tmp_path / "generate.json").write_text(json.dumps(config))
+    generator = Generator.load(tmp_path / "generate.json", models["autoencoder"])
+    assert {generator.label_names[i] for i in generator.draw_labels(image_generators(0, range(40)))} == {"square", "stick"}
+    circle = generator.with_levels([changed_level(generator.levels[0], label="circle"), *generator.levels[1:]])
+    images, labels = circle.sample(range(4), seed=0)
+    assert images.shape == (4, 1, 16, 16) and labels == [1] * 4
 
 
 def test_a_memorizing_run_is_called_out(tmp_path, models):

@@ -112,10 +112,35 @@ def adopt_text(tokens: TokenData, text: dict | None) -> TokenData:
 
 
 def adopt_labels(tokens: TokenData, label_names: list[str]) -> TokenData:
-    """Re-express the data's labels in another model's label list (for fine-tuning it); a label that
-    model does not know becomes no label, so that the model learns it as its unconditional output."""
-    shape = replace(tokens.shape, num_labels=len(label_names), label_names=list(label_names))
-    return replace(tokens, data=tokens.data.relabelled(label_names), shape=shape)
+    """Re-express the data's labels in another model's label list (for fine-tuning it), that list grown by
+    the data's labels it lacks: the tuned model learns each new label as a label of its own and keeps the
+    ones it knew."""
+    grown = list(label_names) + [name for name in tokens.data.label_names if name not in label_names]
+    shape = replace(tokens.shape, num_labels=len(grown), label_names=grown)
+    return replace(tokens, data=tokens.data.relabelled(grown), shape=shape)
+
+
+def grow_label_rows(tensors: dict[str, torch.Tensor], key: str, num_labels: int) -> dict[str, torch.Tensor]:
+    """The tensors with the label embedding under `key` grown to `num_labels` labels (plus the null label,
+    last): each new label starts from the null label's row, the unconditional model it is tuned from."""
+    table = tensors[key]
+    known = table.shape[0] - 1
+    if known >= num_labels:
+        return tensors
+    null = table[known:]
+    return {**tensors, key: torch.cat([table[:known], null.expand(num_labels - known, -1), null])}
+
+
+def merged_counts(counts: torch.Tensor, start_counts: torch.Tensor | None) -> torch.Tensor:
+    """A tuned base model's condition counts: for a label without training images in this run, those of the
+    model it was tuned from, so that asking for a label it knew still draws that label's condition tokens."""
+    if start_counts is None:
+        return counts
+    merged = counts.clone()
+    known = start_counts.shape[0] - 1
+    unseen = merged[:known].sum(1) == 0
+    merged[:known][unseen] = start_counts[:known][unseen]
+    return merged
 
 
 def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, device: torch.device,

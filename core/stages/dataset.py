@@ -46,6 +46,7 @@ class DatasetArgs:
     strict: bool = False  # refuse a corrupt image instead of skipping it
     overwrite: bool = False
     labels: list[str] | None = None  # keep only images with one of these labels
+    exclude_labels: list[str] | None = None  # drop the images with one of these labels
     from_split: str | None = None  # keep only images of this split of the source
     train_count: int | None = None  # the first N kept images are the training split, the rest held out
     train_per_class: int | None = None  # keep the first N training images of each label (held-out ones all)
@@ -291,6 +292,18 @@ def common_size(records: list[dict], key: str) -> list[int] | None:
     return list(values.pop()) if len(values) == 1 else None
 
 
+def filter_labels(items: list[SourceItem], source: Path, *, keep: list[str] | None,
+                  drop: list[str] | None) -> list[SourceItem]:
+    """The items with a label in `keep` (all when None) and none in `drop`; a named label the source lacks
+    is refused, so that a typo does not silently keep or drop nothing."""
+    found = {item.label for item in items}
+    missing = [label for label in (keep or []) + (drop or []) if label not in found]
+    if missing:
+        known = ", ".join(sorted(str(l) for l in found if l is not None)) or "none"
+        raise PipelineError(f"{source}: no images labelled {', '.join(missing)} (labels: {known})")
+    return [item for item in items if (not keep or item.label in keep) and item.label not in (drop or [])]
+
+
 def run(args: DatasetArgs) -> dict:
     """Write out_dir/dataset.json and out_dir/images/; returns counts. Leaves nothing half-written."""
     source, out_dir, size, channels, limit = args.source, args.out_dir, args.size, args.channels, args.limit
@@ -302,13 +315,7 @@ def run(args: DatasetArgs) -> dict:
     items = source_items(source)
     if args.captions is not None:
         items = attach_captions(items, read_captions(args.captions), args.captions)
-    if labels:
-        found = {item.label for item in items}
-        missing = [label for label in labels if label not in found]
-        if missing:
-            known = ", ".join(sorted(str(l) for l in found if l is not None)) or "none"
-            raise PipelineError(f"{source}: no images labelled {', '.join(missing)} (labels: {known})")
-        items = [item for item in items if item.label in labels]
+    items = filter_labels(items, source, keep=labels, drop=args.exclude_labels)
     if from_split is not None:
         items = [item for item in items if item.origin == from_split]
     if train_count is not None:

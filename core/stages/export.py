@@ -74,6 +74,8 @@ def export_level(index: int, level: Level) -> tuple[dict, dict[str, np.ndarray],
             "fine_vocab": shape.fine_vocab, "start_token": shape.start_token, "null_label": shape.null_label,
             "num_labels": shape.num_labels, "label_names": list(shape.label_names), "window": model.window(),
             "settings": {key: to_dict(level.settings)[key] for key in SETTINGS}, "graphs": entry_graphs}
+    if level.drawn_labels is not None:
+        info["drawn_labels"] = list(level.drawn_labels)
     return info, weights, graphs
 
 

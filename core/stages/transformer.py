@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from core.artifacts import file_record, load_artifact, load_state
+from core.artifacts import Artifact, file_record, load_artifact, load_state
 from core.config import config_from_dict, load_config
 from core.console import notice
 from core.data import load_source_images
@@ -19,8 +19,8 @@ from core.model_artifacts import TRANSFORMER, load_autoencoder, save_transformer
 from core.models.autoencoder import Autoencoder
 from core.models.sampling import DecodeSettings, condition_tokens, sample_tokens
 from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, config_record
-from core.objectives.transformer import (TokenData, adopt_labels, adopt_text, condition_counts, load_token_data,
-                                         null_labels, objective, with_captions)
+from core.objectives.transformer import (TokenData, adopt_labels, adopt_text, condition_counts, grow_label_rows,
+                                         load_token_data, merged_counts, null_labels, objective, with_captions)
 from core.pictures import save_image_grid
 from core.training import Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
 
@@ -47,13 +47,26 @@ def build_model(cfg: TransformerConfig, shape: TokenShape, args: TransformerArgs
     model = TokenTransformer(cfg, shape)
     model.use_checkpointing = args.use_checkpointing
     if start is not None:
-        load_state(model, start.tensors, args.init_from, prefix="model." if start.kind == "checkpoint" else "")
+        prefix = "model." if start.kind == "checkpoint" else ""
+        tensors = grow_label_rows(start.tensors, prefix + "label_emb.weight", shape.num_labels)
+        if args.load_optim and tensors is not start.tensors:
+            raise PipelineError(f"--load-optim: the data has labels that {args.init_from} does not know, and its "
+                                f"optimizer state has no room for them; tune without --load-optim")
+        load_state(model, tensors, args.init_from, prefix=prefix)
         if args.load_optim and start.kind != "checkpoint":
             raise PipelineError(f"--load-optim needs --model-path to be a run's checkpoint.safetensors; "
                                 f"{args.init_from} is a {start.kind} artifact, which holds no optimizer state")
     elif args.load_optim:
         raise PipelineError("--load-optim needs --model-path (a run's checkpoint.safetensors)")
     return model
+
+
+def label_origin(start: Artifact, tokens: TokenData, shape: TokenShape) -> dict:
+    """Where a tuned model's labels come from: those the model it was tuned from knew, and those of this run's
+    training images (generation draws among these by default)."""
+    trained = {int(i) for i in tokens.data.labels[~tokens.data.is_heldout] if i >= 0}
+    return {"pretrained": list(start.config["shape"]["label_names"]),
+            "tuned": [shape.label_names[i] for i in sorted(trained)]}
 
 
 def sample_grids(args: TransformerArgs, tokens: TokenData, shape: TokenShape, cond_counts: torch.Tensor | None,
@@ -113,11 +126,15 @@ def run(args: TransformerArgs) -> Path:
     train_ids = (~tokens.data.is_heldout).nonzero().flatten()
     cond_counts = (condition_counts(tokens.data.labels[train_ids], tokens.coarse_tokens[train_ids, 0], shape)
                    if args.base else None)
+    if args.base and start is not None:
+        cond_counts = merged_counts(cond_counts, start.tensors.get("cond_counts"))
     preview = sample_grids(args, tokens, shape, cond_counts, decoder, env.device)
     artifact_path = options.out_dir / "model.safetensors"
     inputs = [file_record(p) for p in (args.dataset_path, args.lr_codebook_path, args.hr_codebook_path,
                                        args.decoder_path, args.init_from) if p]
     extra = {"lr_codebook": file_record(args.lr_codebook_path), "hr_codebook": file_record(args.hr_codebook_path)}
+    if start is not None and shape.num_labels:
+        extra["label_origin"] = label_origin(start, tokens, shape)
 
     def export(net: TokenTransformer, step: int) -> None:
         save_transformer(artifact_path, net, {"stage": "train_transformer", "inputs": inputs, "step": step},

@@ -41,6 +41,12 @@ fine_base_label := l1
 coarse_cascade_label := l1
 fine_cascade_label := l2
 BASE_MODELS := base base_label
+# --set flags that point each level of the preset's generation config at $(1)/<model>/model.safetensors, one
+# model of $(2) per level (default: MODELS), and at the codebooks it reads and writes
+LEVEL_INDEX := $(shell seq 0 $$(( $(words $(MODELS)) - 1 )))
+level_paths = $(join $(LEVEL_INDEX:%=--set=%.model_path=),$(patsubst %,$(1)/%/model.safetensors,$(or $(2),$(MODELS)))) \
+	$(join $(LEVEL_INDEX:%=--set=%.lr_codebook_path=),$(foreach m,$(or $(2),$(MODELS)),$(call codebook,$(coarse_$(m))))) \
+	$(join $(LEVEL_INDEX:%=--set=%.hr_codebook_path=),$(foreach m,$(or $(2),$(MODELS)),$(call codebook,$(fine_$(m)))))
 
 # INIT=<a trained run>: tune from it instead of training from scratch. Its autoencoder and codebooks are used
 # as they are, and its transformers are fine-tuned on this run's images for TUNE_STEPS steps (a label they do
@@ -207,13 +213,12 @@ $(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $(PRESET_DIR)/transformer_%.json
 	$(call record,$*,$(call model_steps,$*) $(INIT))
 	touch $@
 
-# the preset's generation config, copied beside the runs so that its relative paths point into them (a tuned
-# run links to INIT's codebooks)
+# the preset's generation config, pointed at this run's models (generated/generate.json is the config it was
+# made with)
 $(GENERATED): $(TRANSFORMERS) $(DECODER) $(PRESET_DIR)/generate.json $$(call changed,generated,$$(NUM_IMAGES))
 	rm -f $@
-	cp $(PRESET_DIR)/generate.json $(RUNS)/generate.json
-	$(if $(INIT),ln -sfn $(abspath $(INIT))/pruned $(RUNS)/pruned)
-	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(RUNS)/generate.json --decoder-path $(DECODER_ARTIFACT) \
+	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+		$(call level_paths,$(RUNS)/transformers) --decoder-path $(DECODER_ARTIFACT) \
 		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
 	$(call record,generated,$(NUM_IMAGES))
 	touch $@
@@ -231,7 +236,7 @@ $(CURATED): $(GENERATED) $$(call changed,curated,$$(CURATE_FLAGS))
 # validation split of the training images: $(RUNS)/sampling/sampling.json, and generate.json at the best one
 SAMPLING_FLAGS ?=
 sampling: $(GENERATED)
-	$(call TIMER,sampling) $(PYTHON) choose_sampling.py --config-path $(RUNS)/generate.json \
+	$(call TIMER,sampling) $(PYTHON) choose_sampling.py --config-path $(RUNS)/generated/generate.json \
 		--decoder-path $(DECODER_ARTIFACT) --real-path $(RUNS)/data/dataset.json --out-dir $(RUNS)/sampling \
 		--device $(DEVICE) $(SAMPLING_FLAGS)
 
@@ -261,8 +266,8 @@ $(RUNS)/compressed/%/DONE: $(RUNS)/transformers/%/DONE $(PRESET_DIR)/compress_tr
 # the same generation config, pointed at the compressed models
 $(GENERATED_COMPRESSED): $(COMPRESSED) $(PRESET_DIR)/generate.json $$(call changed,generated_compressed,$$(NUM_IMAGES))
 	rm -f $@
-	sed 's#"transformers/#"compressed/#' $(PRESET_DIR)/generate.json > $(RUNS)/generate_compressed.json
-	$(call TIMER,generate compressed) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_compressed.json \
+	$(call TIMER,generate compressed) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+		$(call level_paths,$(RUNS)/compressed) \
 		--decoder-path $(RUNS)/compressed/autoencoder/autoencoder.safetensors \
 		--out-dir $(RUNS)/generated_compressed --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
 	$(call record,generated_compressed,$(NUM_IMAGES))
@@ -281,8 +286,7 @@ $(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT) $$(call changed,report_c
 # own runner (numpy and onnxruntime, no torch) and reported on like the others.
 $(EXPORT): $(COMPRESSED) $(PRESET_DIR)/generate.json
 	rm -f $@
-	sed 's#"transformers/#"compressed/#' $(PRESET_DIR)/generate.json > $(RUNS)/generate_compressed.json
-	$(call TIMER,export) $(PYTHON) export.py --config-path $(RUNS)/generate_compressed.json \
+	$(call TIMER,export) $(PYTHON) export.py --config-path $(PRESET_DIR)/generate.json $(call level_paths,$(RUNS)/compressed) \
 		--decoder-path $(RUNS)/compressed/autoencoder/autoencoder.safetensors --out-dir $(RUNS)/export --overwrite
 	touch $@
 
@@ -338,9 +342,8 @@ $(FEWSHOT)/transformers/%/DONE: $(FEWSHOT)/fmaps/DONE $(RUNS)/transformers/%/DON
 # the preset's generation config with the fine-tuned models, the main run's codebooks and the class
 $(FEWSHOT)/generated/DONE: $(MODELS:%=$(FEWSHOT)/transformers/%/DONE)
 	rm -f $@
-	sed -e 's#"pruned/#"../pruned/#' $(if $(FEWSHOT_LABEL),-e 's#"label": null#"label": "$(FEWSHOT_LABEL)"#') \
-		$(PRESET_DIR)/generate.json > $(FEWSHOT)/generate.json
-	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(FEWSHOT)/generate.json \
+	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+		$(call level_paths,$(FEWSHOT)/transformers) $(if $(FEWSHOT_LABEL),"--set=0.label=$(FEWSHOT_LABEL)") \
 		--decoder-path $(DECODER_ARTIFACT) --out-dir $(FEWSHOT)/generated --num-images $(FEWSHOT_IMAGES) --seed 0 \
 		--device $(DEVICE) $(RESTART)
 	touch $@
@@ -428,9 +431,8 @@ captions-reports: $(RUNS)/report_label/DONE $(CAPTION_REPORTS)
 
 $(RUNS)/generated_label/DONE: $(RUNS)/transformers/base_label/DONE $(RUNS)/transformers/cascade_label/DONE
 	rm -f $@
-	sed -e 's#"transformers/base/#"transformers/base_label/#' -e 's#"transformers/cascade/#"transformers/cascade_label/#' \
-		$(PRESET_DIR)/generate.json > $(RUNS)/generate_label.json
-	$(call TIMER,generate label) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_label.json \
+	$(call TIMER,generate label) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+		$(call level_paths,$(RUNS)/transformers,$(MODELS:%=%_label)) \
 		--decoder-path $(AE_ARTIFACT) --out-dir $(RUNS)/generated_label --num-images $(NUM_IMAGES) --seed 0 \
 		--device $(DEVICE) $(RESTART)
 	touch $@
@@ -447,9 +449,8 @@ guidance_g1 := 1.0
 guidance_guided = $(CAPTIONS_GUIDANCE)
 $(RUNS)/prompts_%/DONE: $(RUNS)/transformers/base/DONE $(RUNS)/transformers/cascade/DONE
 	rm -f $@
-	sed 's#"guidance_scale": 1.0#"guidance_scale": $(guidance_$(lastword $(subst _, ,$*)))#' $(PRESET_DIR)/generate.json \
-		> $(RUNS)/generate_$*.json
-	$(call TIMER,generate prompts $*) $(PYTHON) generate_images.py --config-path $(RUNS)/generate_$*.json \
+	$(call TIMER,generate prompts $*) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+		$(call level_paths,$(RUNS)/transformers) $(LEVEL_INDEX:%=--set=%.guidance_scale=$(guidance_$(lastword $(subst _, ,$*)))) \
 		--decoder-path $(AE_ARTIFACT) --out-dir $(RUNS)/prompts_$* --num-images $(CAPTIONS_PER_PROMPT) --seed 0 \
 		--prompts-file $(CAPTIONS_SOURCE)/prompts_$(firstword $(subst _, ,$*)).txt --device $(DEVICE) $(RESTART)
 	touch $@

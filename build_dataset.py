@@ -39,7 +39,8 @@ def main(
     if from_split not in (None, "train", "heldout"):
         raise PipelineError("--from-split must be train or heldout")
     counts = run(DatasetArgs(source=source, out_dir=out_dir, size=size, channels=channels, fit=fit, limit=limit,
-                             holdout=holdout, seed=seed, strict=strict, overwrite=overwrite, labels=label, exclude_labels=exclude_label,
+                             holdout=holdout, seed=seed, strict=strict, overwrite=overwrite, labels=label,
+                             exclude_labels=exclude_label,
                              from_split=from_split, train_count=train_count, train_per_class=train_per_class,
                              captions=captions,
                              progress=lambda items: track(items, "images")))

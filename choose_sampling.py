@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from core.cli import Device, OutDir, Seed, console, entry, make_app, stage, track
+from core.cli import Device, OutDir, Overrides, Seed, console, entry, make_app, stage, track
 from core.errors import PipelineError
 from core.report.downstream import DownstreamConfig
 from core.stages.sampling import SamplingArgs, run
@@ -29,6 +29,7 @@ def main(
     decoder_path: Annotated[Path, typer.Option(help="the autoencoder that decodes the finest level")],
     real_path: Annotated[Path, typer.Option(help="real dataset.json: only its training split is read")],
     out_dir: OutDir,
+    overrides: Overrides = None,
     guidance: Annotated[str, typer.Option(help="guidance scales to try, comma-separated")] = "1,1.5,2,3",
     temperature: Annotated[str, typer.Option(help="temperatures to try, comma-separated")] = "1",
     images: Annotated[int, typer.Option(min=10, help="images generated per setting")] = 2000,
@@ -38,7 +39,8 @@ def main(
     device: Device = "auto",
 ) -> None:
     summary = run(SamplingArgs(config_path=config_path, decoder_path=decoder_path, real_path=real_path,
-                               out_dir=out_dir, guidance=numbers(guidance, "--guidance"),
+                               out_dir=out_dir, overrides=tuple(overrides or ()),
+                               guidance=numbers(guidance, "--guidance"),
                                temperature=numbers(temperature, "--temperature"), images=images, seeds=seeds,
                                downstream=DownstreamConfig(steps=steps), seed=seed, device=device, progress=track))
     for c in summary["candidates"]:

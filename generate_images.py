@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from core.cli import Device, OutDir, Overwrite, Seed, console, entry, make_app, stage, track
+from core.cli import Device, OutDir, Overrides, Overwrite, Seed, console, entry, make_app, stage, track
 from core.errors import PipelineError
 from core.stages.generate import GenerateArgs, PromptsArgs, run, run_prompts
 
@@ -18,6 +18,7 @@ def main(
     config_path: Annotated[Path, typer.Option(help="JSON with one entry per cascade level: \"0\" (base), \"1\", ...")],
     decoder_path: Annotated[Path, typer.Option(help="autoencoder artifact")],
     out_dir: OutDir,
+    overrides: Overrides = None,
     num_images: Annotated[int, typer.Option(min=1, help="images to generate")] = 64,
     seed: Seed = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="images generated at once (a run that continues keeps its first)")] = 256,
@@ -32,7 +33,8 @@ def main(
 ) -> None:
     if format not in ("png", "jpg"):
         raise PipelineError("--format must be png or jpg")
-    args = GenerateArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir, num_images=num_images,
+    args = GenerateArgs(config_path=config_path, decoder_path=decoder_path, out_dir=out_dir,
+                        overrides=tuple(overrides or ()), num_images=num_images,
                         seed=seed, batch_size=batch_size, fmt=format, device=device, overwrite=overwrite,
                         use_cache=not no_cache, full_size=full_size, progress=lambda items: track(items, "batches"))
     if prompts_file is not None:

@@ -33,7 +33,7 @@ def torch_speed(runs: Path, kind: str, images: int, batch: int, threads: int) ->
     torch.set_num_threads(threads)
     int8 = kind == "int8 torch"
     fp32 = kind == "fp32 torch"
-    config = runs / ("generate.json" if fp32 else "generate_compressed.json")
+    config = runs / ("generated" if fp32 else "generated_compressed") / "generate.json"
     decoder_path = runs / ("autoencoder/autoencoder.safetensors" if fp32 else "compressed/autoencoder/autoencoder.safetensors")
     generator = Generator.load(config, decoder_path, int8=int8)
     for level in generator.levels:  # loading runs compressed transformers in int8; decode them for "compressed torch"
@@ -79,7 +79,7 @@ def tar_gz_bytes(folder: Path) -> int:
 
 def sizes(runs: Path, bundle: Path) -> dict:
     """Bytes on disk of what each way of generating needs."""
-    config = json.loads((runs / "generate.json").read_text())
+    config = json.loads((runs / "generated" / "generate.json").read_text())
     books = sorted({runs / level[key] for level in config.values() for key in ("lr_codebook_path", "hr_codebook_path")})
     fp32 = [runs / level["model_path"] for level in config.values()] + [runs / "autoencoder/autoencoder.safetensors"]
     compressed = [runs / level["model_path"].replace("transformers/", "compressed/", 1) for level in config.values()]

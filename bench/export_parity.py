@@ -2,7 +2,7 @@
 tokens and uniform numbers (each image's torch generator, replayed), the share of images whose tokens
 are identical at every level, and the largest pixel difference of the images decoded from torch's tokens.
 
-    python bench/export_parity.py --config-path runs/tiny32/generate_compressed.json \
+    python bench/export_parity.py --config-path runs/tiny32/generated_compressed/generate.json \
         --decoder-path runs/tiny32/compressed/autoencoder/autoencoder.safetensors --bundle runs/tiny32/export
 """
 import json

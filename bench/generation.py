@@ -64,7 +64,7 @@ def decoder_flops(decoder: torch.nn.Module, latent_shape: tuple[int, int, int]) 
 
 def chain_flops(runs: Path) -> dict:
     """FLOPs per image: the transformers' (bench/run.py's count) and the decoder's."""
-    generator = Generator.load(runs / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
+    generator = Generator.load(runs / "generated" / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
     levels, autoencoder = generator.levels, generator.decoder
     book = levels[-1].fine_book.cfg
     transformers = sum(flops_per_sequence(level.model, training=False) for level in levels)
@@ -84,7 +84,7 @@ def matmul_peak_per_cpu_second(size: int = 2048, repeats: int = 10) -> float:
 def one_run(runs: Path, images: int, batch: int, device: str, out_dir: Path) -> dict:
     """One generation run in this process: the stage's wall and CPU time, peak memory and output sizes."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    run(GenerateArgs(config_path=runs / "generate.json", decoder_path=runs / "autoencoder" / "autoencoder.safetensors",
+    run(GenerateArgs(config_path=runs / "generated" / "generate.json", decoder_path=runs / "autoencoder" / "autoencoder.safetensors",
                      out_dir=out_dir, num_images=images, seed=0, batch_size=batch, device=device))
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     dataset_bytes = sum(p.stat().st_size for p in out_dir.glob("dataset*.json"))
@@ -138,7 +138,7 @@ def profile_batch(runs: Path, batch: int, device: str) -> dict:
     and the PNG encoding of its images (done by the background thread in a run)."""
     from torch.profiler import ProfilerActivity, profile
 
-    generator = Generator.load(runs / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
+    generator = Generator.load(runs / "generated" / "generate.json", runs / "autoencoder" / "autoencoder.safetensors")
     generator.to(torch.device(device))
     generator.sample(range(batch), 0)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:

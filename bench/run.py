@@ -73,7 +73,7 @@ def train_throughput(runs: Path, stage: str, steps: int, device: str) -> dict:
 
 def generation_speed(runs: Path, models: str, use_cache: bool, images: int, device: str) -> dict:
     from core.generator import Generator
-    config = runs / ("generate.json" if models == "fp32" else "generate_compressed.json")
+    config = runs / ("generated" if models == "fp32" else "generated_compressed") / "generate.json"
     generator = Generator.load(config, runs / "autoencoder" / "autoencoder.safetensors").to(torch.device(device))
     levels = generator.levels
     generator.sample(range(2), 0, use_cache)  # warm-up
@@ -112,7 +112,7 @@ def main(runs: Annotated[Path, typer.Option(help="a run folder made by `make dem
                      "train": {}, "generate": {}, "artifacts_bytes": {}}
     kinds = [f"train:{s}" for s in ("autoencoder", "codebook", "base", "cascade")]
     kinds += [f"generate:{m},{c}" for m in ("fp32", "compressed") for c in ("cache", "nocache")
-              if m == "fp32" or (runs / "generate_compressed.json").exists()]
+              if m == "fp32" or (runs / "generated_compressed" / "generate.json").exists()]
     for kind in kinds:
         done = subprocess.run([sys.executable, __file__, "--one", kind, "--runs", str(runs), "--device", device],
                               capture_output=True, text=True)

@@ -64,6 +64,9 @@ OutDir = Annotated[Path, typer.Option(help="output directory (a run there with t
 ConfigPath = Annotated[Optional[Path], typer.Option(help="JSON config (defaults: the tiny preset)")]
 BatchSize = Annotated[int, typer.Option(min=1, help="items per step, over all processes")]
 Overwrite = Annotated[bool, typer.Option(help="discard the run in --out-dir and start over")]
+Overrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="LEVEL.KEY=VALUE: a generation config setting changed, checked as the file's are (repeatable; "
+                  "VALUE in JSON or a plain string, e.g. 0.guidance_scale=1.5)")]
 InitFrom = Annotated[Optional[Path], typer.Option(help="start from this artifact's weights (fine-tuning)")]
 
 # The options of every training stage, with their defaults; they reach the stage as one TrainOptions.

@@ -9,8 +9,10 @@ Each image depends only on the seed and its index, not on the batch it is made i
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -46,12 +48,18 @@ class Level:
     drawn_labels: list[int] | None = None  # base level of a tuned model: the labels drawn by default (its own)
 
 
-def parse_config(path: Path) -> list[LevelConfig]:
+def parse_config(path: Path, overrides: Sequence[str] = ()) -> list[LevelConfig]:
+    """The levels of a generation config file, with `overrides` ("LEVEL.KEY=VALUE", VALUE in JSON or a plain
+    string) applied before the settings are checked, as if the file said so."""
     raw = load_json(path)
     if not isinstance(raw, dict) or not raw:
         raise PipelineError(f"{path}: expected an object with one entry per cascade level (\"0\", \"1\", ...)")
     if sorted(raw, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(raw))]:
         raise PipelineError(f"{path}: levels must be numbered \"0\", \"1\", ... in order; found {', '.join(raw)}")
+    for override in overrides:
+        level, key, value = parse_override(override, len(raw))
+        if isinstance(raw[level], dict):  # else config_from_dict names the level that is not an object
+            raw[level][key] = value
     levels = [config_from_dict(LevelConfig, raw[str(i)], source=f"{path} level {i}") for i in range(len(raw))]
     for i, level in enumerate(levels):
         for key in ("model_path", "lr_codebook_path", "hr_codebook_path"):
@@ -59,6 +67,20 @@ def parse_config(path: Path) -> list[LevelConfig]:
                 raise PipelineError(f"{path} level {i}: '{key}' is missing")
             setattr(level, key, str(resolve_path(getattr(level, key), path)))
     return levels
+
+
+def parse_override(text: str, num_levels: int) -> tuple[str, str, object]:
+    """"1.temperature=0.8" as ("1", "temperature", 0.8); a value that is not JSON is a string."""
+    target, sep, value = text.partition("=")
+    level, dot, key = target.partition(".")
+    if not sep or not dot or not key:
+        raise PipelineError(f"--set {text}: expected LEVEL.KEY=VALUE (e.g. 0.guidance_scale=1.5)")
+    if level not in [str(i) for i in range(num_levels)]:
+        raise PipelineError(f"--set {text}: no level {level} (the config has levels 0 to {num_levels - 1})")
+    try:
+        return level, key, json.loads(value)
+    except json.JSONDecodeError:
+        return level, key, value
 
 
 def resolve_path(value: str, config_path: Path) -> Path:
@@ -180,10 +202,10 @@ class Generator:
         self.device = torch.device("cpu")
 
     @classmethod
-    def load(cls, config_path: Path, decoder_path: Path, int8: bool = True) -> "Generator":
+    def load(cls, config_path: Path, decoder_path: Path, int8: bool = True, overrides: Sequence[str] = ()) -> "Generator":
         """The levels of a generation config and the autoencoder that decodes the last level's tokens (int8
         models run in int8 unless told otherwise), checked to fit each other."""
-        levels = load_levels(parse_config(config_path), config_path)
+        levels = load_levels(parse_config(config_path, overrides), config_path)
         decoder, decoder_artifact = load_autoencoder(decoder_path, int8=int8)
         final = levels[-1].fine_book.cfg
         if final.image_C != decoder.cfg.latent_channel:
@@ -211,6 +233,16 @@ class Generator:
     def provenance(self) -> dict:
         """Every level's settings with the sha256 of each file it uses, and the decoder's."""
         return {"levels": [level.record for level in self.levels], "decoder": file_record(self.decoder_path)}
+
+    def config(self, folder: Path) -> dict:
+        """The generation config of this generator (every level's settings), its paths relative to `folder`
+        where it is written, so that it reads back from anywhere."""
+        config = {}
+        for i, level in enumerate(self.levels):
+            config[str(i)] = to_dict(level.settings)
+            for key in ("model_path", "lr_codebook_path", "hr_codebook_path"):
+                config[str(i)][key] = os.path.relpath(Path(config[str(i)][key]).resolve(), folder.resolve())
+        return config
 
     def with_prompt(self, prompt: str, where: str) -> "Generator":
         """The same models, level 0 set to `prompt`, checked against the models that read it (an error names

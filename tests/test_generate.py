@@ -2,6 +2,7 @@ import json
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,6 +239,37 @@ def test_mismatched_levels_are_refused(tmp_path, models):
                         "--out-dir", tmp_path / "out")
     assert result.returncode == 2 and "unknown key 'temprature' (did you mean 'temperature'?)" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_set_changes_a_setting_as_the_file_would_and_the_run_writes_its_config(tmp_path, models):
+    """--set 1.temperature=... gives the images of a file that says so; generate.json in the out dir reads back
+    (its paths relative to it) and makes the same images."""
+    config = json.loads(models["generate_config"].read_text())
+    config["1"]["temperature"] = 0.5
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(config))
+    assert generate_cli(models, tmp_path / "file", "--num-images", 4, config=edited).returncode == 0
+    result = generate_cli(models, tmp_path / "set", "--num-images", 4, "--set", "1.temperature=0.5")
+    assert result.returncode == 0, result.stderr
+    assert generated_files(tmp_path / "file") == generated_files(tmp_path / "set")
+    written = tmp_path / "set" / "generate.json"
+    assert json.loads(written.read_text())["1"]["temperature"] == 0.5
+    assert not Path(json.loads(written.read_text())["0"]["model_path"]).is_absolute()
+    assert generate_cli(models, tmp_path / "again", "--num-images", 4, config=written).returncode == 0
+    images = lambda out: {k: v for k, v in generated_files(out).items() if k != "dataset.json"}  # paths differ
+    assert images(tmp_path / "again") == images(tmp_path / "set")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("1.temprature=0.5", "level 1: unknown key 'temprature' (did you mean 'temperature'?)"),
+    ("2.temperature=0.5", "--set 2.temperature=0.5: no level 2 (the config has levels 0 to 1)"),
+    ("temperature=0.5", "--set temperature=0.5: expected LEVEL.KEY=VALUE (e.g. 0.guidance_scale=1.5)"),
+    ("0.top_p=2", "level 0: 'top_p' is 2.0, must be between 0.0 and 1.0"),
+])
+def test_a_bad_set_is_refused_in_one_line(tmp_path, models, override, message):
+    result = generate_cli(models, tmp_path / "out", "--set", override)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_images_come_back_at_the_source_size(tmp_path, models):

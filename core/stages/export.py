@@ -39,6 +39,7 @@ class ExportArgs:
     config_path: Path  # the generation config: one entry per cascade level
     decoder_path: Path  # the autoencoder
     out_dir: Path  # the bundle folder
+    overrides: tuple[str, ...] = ()  # LEVEL.KEY=VALUE settings changed from the config's (--set)
     overwrite: bool = False
     full_size: bool = False  # images keep the padding that the dataset build added (as generate_images.py)
 
@@ -81,7 +82,7 @@ def export_level(index: int, level: Level) -> tuple[dict, dict[str, np.ndarray],
 
 def run(args: ExportArgs) -> Path:
     """Write the bundle into out_dir and return its manifest's path."""
-    generator = Generator.load(args.config_path, args.decoder_path)
+    generator = Generator.load(args.config_path, args.decoder_path, overrides=args.overrides)
     levels, decoder = generator.levels, generator.decoder
     final = levels[-1].fine_book
     manifest_path = args.out_dir / "bundle.json"

@@ -51,6 +51,7 @@ class GenerateArgs:
     config_path: Path  # one entry per cascade level
     decoder_path: Path  # the autoencoder
     out_dir: Path
+    overrides: tuple[str, ...] = ()  # LEVEL.KEY=VALUE settings changed from the config's (--set)
     num_images: int = 64
     seed: int = 0
     batch_size: int = 256
@@ -173,7 +174,7 @@ def run(args: GenerateArgs, generator: Generator | None = None) -> Path:
     and args.decoder_path, or by `generator` when one is given (already loaded). A run stopped midway
     continues: batches already written by the same run are kept. Under torchrun, each process makes its share."""
     out_dir, num_images = args.out_dir, args.num_images
-    generator = generator or Generator.load(args.config_path, args.decoder_path)
+    generator = generator or Generator.load(args.config_path, args.decoder_path, overrides=args.overrides)
     crop = None if args.full_size else source_content_size(generator.decoder_artifact.extra)
     env = setup_run(args.device, args.seed)
     provenance = {"seed": args.seed, **generator.provenance(), **({"cropped_to": crop} if crop else {})}
@@ -201,6 +202,7 @@ def run(args: GenerateArgs, generator: Generator | None = None) -> Path:
         write_dataset(out_dir, generator.label_names, read_progress(progress_dir), batch_size,
                       {**provenance, "format": args.fmt, "num_images": num_images, "batch_size": batch_size}, args.fmt,
                       caption=generator.prompt)
+        atomic_write_json(out_dir / "generate.json", generator.config(out_dir))
     finish_run(env)
     return out_dir / "dataset.json"
 
@@ -214,7 +216,7 @@ def clear_outputs(out_dir: Path) -> None:
     """--overwrite: what an earlier run generated goes (run.json is already the new run's)."""
     for name in ("images", "progress"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
-    for path in [*out_dir.glob("dataset*.json"), out_dir / "grid.png", out_dir / "labels.json"]:
+    for path in [*out_dir.glob("dataset*.json"), out_dir / "grid.png", out_dir / "labels.json", out_dir / "generate.json"]:
         path.unlink(missing_ok=True)
 
 
@@ -283,7 +285,7 @@ def run_prompts(args: PromptsArgs) -> Path:
     are loaded once, and every prompt is checked before any image is made."""
     out_dir = args.generate.out_dir
     prompts = read_prompts(args.prompts_path)
-    generator = Generator.load(args.generate.config_path, args.generate.decoder_path)
+    generator = Generator.load(args.generate.config_path, args.generate.decoder_path, overrides=args.generate.overrides)
     prompted = [generator.with_prompt(prompt, f"{args.prompts_path} line {k + 1}") for k, prompt in enumerate(prompts)]
     sets = []
     for k, (prompt, prompt_generator) in enumerate(args.progress(list(zip(prompts, prompted)))):

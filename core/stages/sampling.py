@@ -16,7 +16,6 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from core.artifacts import atomic_write_json, file_record
-from core.config import load_json
 from core.data import crop_to_content, load_image_dataset, to_uint8
 from core.errors import PipelineError
 from core.generator import Generator
@@ -32,6 +31,7 @@ class SamplingArgs:
     decoder_path: Path
     real_path: Path
     out_dir: Path
+    overrides: tuple[str, ...] = ()  # LEVEL.KEY=VALUE settings changed from the config's (--set)
     guidance: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
     temperature: list[float] = field(default_factory=lambda: [1.0])
     images: int = 2000
@@ -61,7 +61,7 @@ def run(args: SamplingArgs) -> dict:
     out_dir. Returns the summary."""
     device = pick_device(args.device)
     track = args.progress or (lambda items, _: iter(items))
-    generator = Generator.load(args.config_path, args.decoder_path).to(device)
+    generator = Generator.load(args.config_path, args.decoder_path, overrides=args.overrides).to(device)
     real_all = load_image_dataset(args.real_path)
     content = real_all.info.get("content_size") if real_all.info.get("fit") == "pad" else None
     shape = (content[1], content[0]) if content else tuple(real_all.items.shape[-2:])
@@ -101,12 +101,6 @@ def run(args: SamplingArgs) -> dict:
                "candidates": candidates, "chosen": {"guidance_scale": best["guidance_scale"],
                                                     "temperature": best["temperature"]}}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    config = load_json(args.config_path)
-    for level in config.values():
-        level.update(summary["chosen"])
-        for key in ("model_path", "lr_codebook_path", "hr_codebook_path"):  # the new config lies elsewhere
-            level[key] = str(Path(level[key]) if Path(level[key]).is_absolute()
-                             else (args.config_path.parent / level[key]).resolve())
-    atomic_write_json(args.out_dir / "generate.json", config)
+    atomic_write_json(args.out_dir / "generate.json", generator.with_settings(**summary["chosen"]).config(args.out_dir))
     atomic_write_json(args.out_dir / "sampling.json", summary)
     return summary

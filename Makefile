@@ -385,6 +385,7 @@ transfer:
 	$(MAKE) report RUNS=$(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS) INIT=$(TRANSFER_RUNS)/source $(TRANSFER_TARGET)
 	$(MAKE) report RUNS=$(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS) $(TRANSFER_TARGET)
 	$(PYTHON) bench/tables.py downstream $(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS) $(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS)
+	$(PYTHON) bench/tables.py ceiling $(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS) $(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS)
 	$(PYTHON) bench/tables.py timings $(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS)
 	$(PYTHON) bench/tables.py timings $(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS)
 

@@ -3,10 +3,12 @@ drifts from its run:
 
     python bench/tables.py downstream runs/tiny32_lowdata100 runs/tiny32_lowdata20
     python bench/tables.py timings runs/tiny32_lowdata100
+    python bench/tables.py ceiling runs/tiny32_transfer/tuned100 runs/tiny32_transfer/scratch100
 
 downstream: one row per arm of the report's downstream section, one column per run (mean ± standard deviation
 over its seeds), then the generator's gain. timings: each stage's wall time from timings.log (the last line of
-each stage, as a rerun appends) and their sum.
+each stage, as a rerun appends) and their sum. ceiling: the report's tokenizer ceiling, one column per run, as
+multiples of the real floor's Fréchet distance in the report classifier's features (which stage loses detail).
 """
 import json
 import sys
@@ -43,6 +45,17 @@ def downstream(runs: list[Path]) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("| the generator's gain (verdict) | " + " | ".join(
         f"{s['gain_points']:+.2f} points ({s['gain_verdict']})" for s in sections) + " |")
+
+
+@app.command()
+def ceiling(runs: list[Path]) -> None:
+    reports = [json.loads((run / "report" / "report.json").read_text()) for run in runs]
+    tables = [{row["images"].split(" (")[0]: row["spaces"]["classifier"]["frechet_over_floor"]
+               for row in r["tokenizer_ceiling"]["rows"]} for r in reports]
+    print("| images (x real floor, classifier features) | " + " | ".join(f"`{run.name}`" for run in runs) + " |")
+    print("|---|" + "---:|" * len(runs))
+    for name in dict.fromkeys(name for table in tables for name in table):
+        print(f"| {name} | " + " | ".join(f"{t[name]:.1f}x" if name in t else "" for t in tables) + " |")
 
 
 @app.command()

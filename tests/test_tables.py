@@ -23,3 +23,20 @@ def test_the_downstream_and_timing_tables_come_from_the_run(tmp_path: Path):
     assert not any("as many real" in line for line in lines)
     timings = run_script("bench/tables.py", "timings", run).stdout.splitlines()
     assert "| report | 2.0 min |" in timings and timings[-1] == "| all | 2 min |"  # a rerun's line replaces the first
+
+
+def test_the_ceiling_table_gives_each_stage_as_a_multiple_of_the_floor(tmp_path: Path):
+    runs = []
+    for name, autoencoder in (("tuned", 2.0), ("scratch", 30.0)):
+        run = tmp_path / name
+        (run / "report").mkdir(parents=True)
+        rows = [{"images": images, "spaces": {"classifier": {"frechet_over_floor": value}}}
+                for images, value in (("real images as stored", 1.0), ("autoencoder", autoencoder),
+                                      ("codebook `l1` (2x2 patches: 16 tokens, 512 units)", 6.25), ("generated", 40.0))]
+        (run / "report" / "report.json").write_text(json.dumps({"tokenizer_ceiling": {"rows": rows}}))
+        runs.append(run)
+    table = run_script("bench/tables.py", "ceiling", *runs)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0] == "| images (x real floor, classifier features) | `tuned` | `scratch` |"
+    assert lines[3:] == ["| autoencoder | 2.0x | 30.0x |", "| codebook `l1` | 6.2x | 6.2x |", "| generated | 40.0x | 40.0x |"]

@@ -54,6 +54,8 @@ level_paths = $(join $(LEVEL_INDEX:%=--set=%.model_path=),$(patsubst %,$(1)/%/mo
 INIT ?=
 TUNE_STEPS ?= 300
 TUNE_EPOCHS ?= 1000
+# tuning is short: its held-out figure is taken (and the best step kept) this often
+TUNE_CHECKPOINT_STEP ?= 50
 ifneq ($(INIT),)
 ifeq ($(wildcard $(INIT)/transformers/base/DONE),)
 $(error INIT=$(INIT) is not a trained run: $(INIT)/transformers/base/DONE is missing (make transformers RUNS=$(INIT) first))
@@ -208,8 +210,9 @@ $(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $(PRESET_DIR)/transformer_%.json
 		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
 		--config-path $(PRESET_DIR)/transformer_$*.json --out-dir $(RUNS)/transformers/$* --batch-size $(BATCH) \
-		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) $(TRAIN_FLAGS) $(RESTART) \
-		$(if $(INIT),--init-from $(INIT)/transformers/$*/model.safetensors)
+		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) --device $(DEVICE) \
+		$(if $(INIT),--checkpoint-step $(TUNE_CHECKPOINT_STEP) --init-from $(INIT)/transformers/$*/model.safetensors,\
+		--checkpoint-step $(CHECKPOINT_STEP)) $(RESTART)
 	$(call record,$*,$(call model_steps,$*) $(INIT))
 	touch $@
 

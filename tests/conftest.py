@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +21,8 @@ from core.stages import autoencoder, codebook, fmaps, transformer  # noqa: E402 
 from core.data import write_dataset_json  # noqa: E402
 from core.stages.dataset import DatasetArgs, run as run_build  # noqa: E402
 from core.training import TrainOptions  # noqa: E402
+from core.models.sampling import DecodeState  # noqa: E402
+from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig  # noqa: E402
 
 TINY_AE = {"min_channel": 4, "max_channel": 8, "num_layers": 1, "latent_channel": 2, "warmup_steps": 5,
            "model_lr": 0.005}
@@ -190,3 +193,48 @@ def models(pipeline) -> dict:
     paths["generate_config"] = root / "generate.json"
     paths["generate_config"].write_text(json.dumps(levels))
     return paths
+
+
+# ---------------------------------------------------------------- helpers shared by test modules
+
+SMALL_TRANSFORMER = dict(in_dim=32, hidden_dim=64, num_dec_layers=2, num_enc_layers=2, self_attn_heads=4,
+                         cross_attn_heads=2)
+
+
+def small_transformer(kind, fine_len=12, window=None, **overrides):
+    """A small TokenTransformer of random weights (seed 0), in eval mode."""
+    cfg = TransformerConfig(**{**SMALL_TRANSFORMER, **overrides}, use_sliding_window=window is not None,
+                            sliding_window=window or 256)
+    shape = TokenShape(kind, coarse_vocab=5, fine_vocab=7, coarse_len=1 if kind == "base" else 4, fine_len=fine_len,
+                       num_labels=3)
+    torch.manual_seed(0)
+    return TokenTransformer(cfg, shape).eval()
+
+
+def random_inputs(model, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = model.shape
+    return (torch.randint(0, shape.num_labels + 1, (batch,), generator=g),
+            torch.randint(0, shape.coarse_vocab, (batch, shape.coarse_len), generator=g),
+            torch.randint(0, shape.fine_vocab, (batch, shape.fine_len), generator=g))
+
+
+def teacher_forced(model, labels, lr, hr, use_cache, scale=1.0, text=None):
+    """Logits at every position from the DecodeState, fed the given tokens (and caption ids)."""
+    dec = DecodeState(model, labels, lr, scale, use_cache, text=text)
+    rows = []
+    for p in range(hr.shape[1]):
+        rows.append(dec.logits_at(p))
+        dec.set(p, hr[:, p])
+    return torch.stack(rows, 1)
+
+
+def generate_cli(models, out, *extra, config=None, decoder=None):
+    return run_script("generate_images.py", "--config-path", config or models["generate_config"], "--decoder-path",
+                      decoder or models["autoencoder"], "--out-dir", out, "--device", "cpu", *map(str, extra))
+
+
+def generated_files(out):
+    """Every image's bytes and the dataset.json, by path relative to the out dir."""
+    paths = sorted(out.glob("images/*/*.png")) + [out / "dataset.json"]
+    return {str(p.relative_to(out)): p.read_bytes() for p in paths}

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_dataset, run_script, start_script
+from conftest import (build_dataset, generate_cli, generated_files, random_inputs, run_script, small_transformer,
+                      start_script, teacher_forced)
 from core.artifacts import load_artifact, save_artifact
 from core.data import load_image_dataset, read_records, write_records
 from core.models.sampling import DecodeSettings, DecodeState, beam_search, generate_tokens, uniform_draws
@@ -15,23 +16,12 @@ from core.stages import evaluate, fmaps
 from core.report.sets import at_source_size
 from core.stages.generate import open_log, read_progress
 from core.models.transformer import sequence_logits
-from test_transformer import make, random_inputs
-
-
-def teacher_forced(model, labels, lr, hr, use_cache, scale=1.0, text=None):
-    """Logits at every position from the DecodeState, fed the given tokens (and caption ids)."""
-    dec = DecodeState(model, labels, lr, scale, use_cache, text=text)
-    rows = []
-    for p in range(hr.shape[1]):
-        rows.append(dec.logits_at(p))
-        dec.set(p, hr[:, p])
-    return torch.stack(rows, 1)
 
 
 @pytest.mark.parametrize("kind", ["base", "cascade"])
 @pytest.mark.parametrize("window", [None, 4, 5])
 def test_cached_and_uncached_logits_agree(kind, window):
-    model = make(kind, fine_len=13, window=window)
+    model = small_transformer(kind, fine_len=13, window=window)
     labels, lr, hr = random_inputs(model)
     reference = sequence_logits(model, labels, lr, hr)
     cached = teacher_forced(model, labels, lr, hr, use_cache=True)
@@ -47,7 +37,7 @@ def sequence_logprob(model, labels, lr, tokens):
 
 @pytest.mark.parametrize("kind", ["base", "cascade"])
 def test_beam_width_one_is_greedy_and_wider_beams_score_higher(kind):
-    model = make(kind, window=5)
+    model = small_transformer(kind, window=5)
     labels, lr, _ = random_inputs(model, batch=4)
     greedy = generate_tokens(model, labels, lr, DecodeSettings(temperature=0), [None] * 4)
     beam1 = beam_search(DecodeState(model, labels, lr), beams=1)
@@ -57,7 +47,7 @@ def test_beam_width_one_is_greedy_and_wider_beams_score_higher(kind):
 
 
 def test_guidance_scale():
-    model = make("cascade")
+    model = small_transformer("cascade")
     labels, lr, hr = random_inputs(model)
     labels = labels.clamp(max=model.shape.num_labels - 1)
     plain = teacher_forced(model, labels, lr, hr, True)
@@ -70,7 +60,7 @@ def test_guidance_scale():
 
 
 def test_top_k_one_is_greedy_and_rank_search_runs():
-    model = make("base", window=5)
+    model = small_transformer("base", window=5)
     labels, lr, _ = random_inputs(model, batch=3)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     greedy = generate_tokens(model, labels, lr, DecodeSettings(temperature=0), gens)
@@ -91,22 +81,11 @@ def test_uniform_draws_are_the_draws_of_each_step():
 
 @pytest.mark.parametrize("search", [DecodeSettings(beam_width=3, search="beam"), DecodeSettings(beam_width=4, num_beam=3)])
 def test_beam_and_rank_search_same_with_and_without_cache(search):
-    model = make("cascade", fine_len=13, window=5)
+    model = small_transformer("cascade", fine_len=13, window=5)
     labels, lr, _ = random_inputs(model, batch=3)
     tokens = [generate_tokens(model, labels, lr, search, [torch.Generator().manual_seed(i) for i in range(3)], cache)
               for cache in (True, False)]
     assert torch.equal(tokens[0], tokens[1])
-
-
-def generate_cli(models, out, *extra, config=None, decoder=None):
-    return run_script("generate_images.py", "--config-path", config or models["generate_config"], "--decoder-path",
-                      decoder or models["autoencoder"], "--out-dir", out, "--device", "cpu", *map(str, extra))
-
-
-def generated_files(out):
-    """Every image's bytes and the dataset.json, by path relative to the out dir."""
-    paths = sorted(out.glob("images/*/*.png")) + [out / "dataset.json"]
-    return {str(p.relative_to(out)): p.read_bytes() for p in paths}
 
 
 def test_generation_records_and_batch_size_independence(tmp_path, models):

@@ -98,3 +98,14 @@ def test_no_import_inside_a_function():
                     if isinstance(inner, (ast.Import, ast.ImportFrom)):
                         names = [a.name for a in inner.names] if isinstance(inner, ast.Import) else [inner.module]
                         assert set(names) <= LAZY_ALLOWED, f"{path}:{inner.lineno} imports {names} inside {node.name}"
+
+
+def test_test_modules_share_helpers_through_conftest_only():
+    """A helper two test modules use lives in conftest.py, not in one of them."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.name} imports {name}" for name in names if name.startswith("test_")]
+    assert offenders == []

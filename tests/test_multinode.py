@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_AE, script_env
+from conftest import ROOT, TINY_AE, generate_cli, generated_files, script_env
 from core.artifacts import load_artifact
-from test_generate import generate_cli, generated_files
 
 
 def free_port() -> int:

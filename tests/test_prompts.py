@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import TINY_AE, build_dataset, options, run_script, shape_image
+from conftest import TINY_AE, build_dataset, options, run_script, shape_image, teacher_forced
 from core.artifacts import load_artifact
 from core.data import load_fmap_dataset, load_image_dataset, read_records, read_table, write_dataset_json
 from core.model_artifacts import load_transformer
@@ -18,7 +18,6 @@ from core.models.transformer import TokenShape, TokenTransformer, TransformerCon
 from core.report import prompt_agreement
 from core.stages import autoencoder, codebook, fmaps, transformer
 from core.objectives.transformer import drop_conditions
-from test_generate import teacher_forced
 
 SHAPES = ["circle", "square", "bar"]
 SMALL = dict(in_dim=32, hidden_dim=64, num_dec_layers=2, num_enc_layers=1, self_attn_heads=2, cross_attn_heads=2,

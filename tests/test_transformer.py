@@ -5,39 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_dataset, run_script, start_script, write_shape_folder
+from conftest import (SMALL_TRANSFORMER, build_dataset, random_inputs, run_script, small_transformer, start_script,
+                      write_shape_folder)
 from core.generator import Generator, changed_level, image_generators
 from core.artifacts import load_artifact
 from core.errors import PipelineError
 from core.model_artifacts import load_transformer
-from core.models.transformer import (TokenShape, TokenTransformer, TransformerConfig, decoder_input, sequence_logits,
-                                     window_starts)
+from core.models.transformer import decoder_input, sequence_logits, window_starts
 from core.stages import fmaps
 from core.objectives.transformer import drop_labels, grow_label_rows
-
-SMALL = dict(in_dim=32, hidden_dim=64, num_dec_layers=2, num_enc_layers=2, self_attn_heads=4, cross_attn_heads=2)
-
-
-def make(kind, fine_len=12, window=None, **overrides):
-    cfg = TransformerConfig(**{**SMALL, **overrides}, use_sliding_window=window is not None,
-                            sliding_window=window or 256)
-    shape = TokenShape(kind, coarse_vocab=5, fine_vocab=7, coarse_len=1 if kind == "base" else 4, fine_len=fine_len, num_labels=3)
-    torch.manual_seed(0)
-    return TokenTransformer(cfg, shape).eval()
-
-
-def random_inputs(model, batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = model.shape
-    return (torch.randint(0, shape.num_labels + 1, (batch,), generator=g),
-            torch.randint(0, shape.coarse_vocab, (batch, shape.coarse_len), generator=g),
-            torch.randint(0, shape.fine_vocab, (batch, shape.fine_len), generator=g))
-
 
 @pytest.mark.parametrize("kind", ["base", "cascade"])
 @pytest.mark.parametrize("window", [None, 4])
 def test_causality(kind, window):
-    model = make(kind, window=window)
+    model = small_transformer(kind, window=window)
     labels, lr, hr = random_inputs(model)
     reference = sequence_logits(model, labels, lr, hr)
     assert reference.shape == (3, 12, 7)
@@ -52,7 +33,7 @@ def test_causality(kind, window):
 
 def test_conditioning_changes_the_prediction():
     for kind in ("base", "cascade"):
-        model = make(kind)
+        model = small_transformer(kind)
         labels, lr, hr = random_inputs(model)
         other_lr = (lr + 1) % 5
         assert not torch.allclose(sequence_logits(model, labels, lr, hr), sequence_logits(model, labels, other_lr, hr))
@@ -72,7 +53,7 @@ def test_window_schedule_tiles_the_sequence():
 
 @pytest.mark.parametrize("kind", ["base", "cascade"])
 def test_tiny_model_memorises_sequences(kind):
-    model = make(kind, dropout=0.0).train()
+    model = small_transformer(kind, dropout=0.0).train()
     labels, lr, hr = random_inputs(model, batch=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     positions = torch.arange(12).expand(4, 12)
@@ -109,7 +90,7 @@ def train_cli(pipeline, out, *extra, base=False, config=None):
 def tiny_config(tmp_path):
     def write(**overrides):
         path = tmp_path / f"tf_{len(list(tmp_path.glob('tf_*')))}.json"
-        path.write_text(json.dumps({**SMALL, "model_lr": 0.003, "warmup_steps": 5, **overrides}))
+        path.write_text(json.dumps({**SMALL_TRANSFORMER, "model_lr": 0.003, "warmup_steps": 5, **overrides}))
         return path
     return write
 

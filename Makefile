@@ -121,7 +121,7 @@ record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 # a transformer's steps, epochs and batch: the base model's or the cascade models', or the tuning's
 model_steps = $(if $(INIT),$(TUNE_STEPS) $(TUNE_EPOCHS),$(if $(filter $(BASE_MODELS),$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS))) $(BATCH)
 
-.PHONY: setup test demo codebooks transformers generate curate sampling report compress export fewshot lowdata transfer captions captions-reports bench bench-generation clean-demo FORCE
+.PHONY: setup test test-all demo codebooks transformers generate curate sampling report compress export fewshot lowdata transfer captions captions-reports bench bench-generation clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -138,8 +138,13 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt
 	touch $@
 
+# the fast tier (every stage and error path); test-all adds the slow tier (end-to-end make, the seed's examples,
+# multi-node, kill-and-resume)
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+test-all: test
+	$(PYTHON) -m pytest -q -m slow tests
 
 demo: setup $(REPORT) $(REPORT_COMPRESSED) $(REPORT_EXPORT)
 	@echo "demo done: generated images in $(RUNS)/generated (grid.png), quality report in $(RUNS)/report/report.md;"
@@ -381,10 +386,13 @@ TRANSFER_LABELS ?= Pullover Shirt Sneaker Bag
 TRANSFER_PER_CLASS ?= 100
 TRANSFER_IMAGES ?= 4000
 TRANSFER_RUNS ?= $(RUNS)_transfer
+# settings of the source chain alone (e.g. TRANSFER_SOURCE_FLAGS="CASCADE_STEPS=1200")
+TRANSFER_SOURCE_FLAGS ?=
 TRANSFER_TARGET = DATA_FLAGS="$(TRANSFER_LABELS:%=--label %) --train-per-class $(TRANSFER_PER_CLASS)" \
 	NUM_IMAGES=$(TRANSFER_IMAGES) REPORT_FLAGS="--downstream-per-class $(TRANSFER_PER_CLASS) $(REPORT_FLAGS)"
 transfer:
-	$(MAKE) transformers RUNS=$(TRANSFER_RUNS)/source DATA_FLAGS="$(TRANSFER_LABELS:%=--exclude-label %)"
+	$(MAKE) transformers RUNS=$(TRANSFER_RUNS)/source DATA_FLAGS="$(TRANSFER_LABELS:%=--exclude-label %)" \
+		$(TRANSFER_SOURCE_FLAGS)
 	$(MAKE) report RUNS=$(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS) INIT=$(TRANSFER_RUNS)/source $(TRANSFER_TARGET)
 	$(MAKE) report RUNS=$(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS) $(TRANSFER_TARGET)
 	$(PYTHON) bench/tables.py downstream $(TRANSFER_RUNS)/tuned$(TRANSFER_PER_CLASS) $(TRANSFER_RUNS)/scratch$(TRANSFER_PER_CLASS)

@@ -24,6 +24,11 @@ from core.training import TrainOptions  # noqa: E402
 from core.models.sampling import DecodeState  # noqa: E402
 from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig  # noqa: E402
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: the slow tier (end-to-end make, the seed's examples, multi-node, "
+                                       "kill-and-resume), run by make test-all")
+
+
 TINY_AE = {"min_channel": 4, "max_channel": 8, "num_layers": 1, "latent_channel": 2, "warmup_steps": 5,
            "model_lr": 0.005}
 

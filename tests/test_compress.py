@@ -194,6 +194,7 @@ def test_bad_config_gives_one_line_and_writes_nothing(tmp_path, pipeline, settin
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(tmp_path, pipeline):
     config = write_config(tmp_path / "c.json", **{**FEW_STEPS, "cluster_steps": 800, "quant_steps": 2})
     out = tmp_path / "out"

@@ -127,6 +127,7 @@ def test_same_seed_same_images_other_seed_differs(tmp_path, models):
     assert not torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_equals_uninterrupted(tmp_path, models):
     flags = ["--num-images", 600, "--batch-size", 4, "--seed", 5]
     reference = tmp_path / "reference"
@@ -147,6 +148,7 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path, models):
     assert generated_files(killed) == generated_files(reference)
 
 
+@pytest.mark.slow
 def test_generation_continues_after_interruption(tmp_path, models):
     out = tmp_path / "g"
     assert generate_cli(models, out, "--num-images", 6, "--batch-size", 2).returncode == 0

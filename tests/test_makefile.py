@@ -5,8 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, TINY_AE, script_env, write_colour_folder, write_shape_folder
 from core.artifacts import load_artifact
+
+pytestmark = pytest.mark.slow  # the slow tier: make test-all
 
 TINY_TRANSFORMER = {"in_dim": 32, "hidden_dim": 64, "num_dec_layers": 1, "num_enc_layers": 1,
                     "self_attn_heads": 2, "cross_attn_heads": 2, "model_lr": 0.003, "warmup_steps": 2}

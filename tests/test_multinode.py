@@ -11,6 +11,8 @@ import pytest
 from conftest import ROOT, TINY_AE, generate_cli, generated_files, script_env
 from core.artifacts import load_artifact
 
+pytestmark = pytest.mark.slow  # the slow tier: make test-all
+
 
 def free_port() -> int:
     with socket.socket() as s:

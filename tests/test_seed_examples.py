@@ -17,9 +17,12 @@ import json
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import run_script
+
+pytestmark = pytest.mark.slow  # the slow tier: make test-all
 
 AUTOENCODER = {"model_lr": 1e-5, "image_channel": 3, "min_channel": 256, "max_channel": 512, "num_layers": 2,
                "latent_channel": 4, "hidden_activation_type": "silu", "use_final_enc_activation": True,

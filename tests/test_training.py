@@ -43,6 +43,7 @@ def slow_config(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_dataset, slow_config):
     steps = ["--max-steps", "120", "--checkpoint-step", "10"]
     reference = tmp_path / "reference"

@@ -125,6 +125,7 @@ def test_sliding_window_stage_trains(tmp_path, pipeline, tiny_config):
     assert [r["heldout_loss"] for r in records if "heldout_loss" in r][-1] < 3.4  # below uniform over 32 units
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, pipeline, tiny_config):
     config = tiny_config(num_dec_layers=4, in_dim=64, hidden_dim=256)
     steps = ["--max-steps", "150", "--checkpoint-step", "1000", "--test-num-sample", "0", "--lr-step", "50"]

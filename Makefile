@@ -111,6 +111,10 @@ TRAIN_FLAGS = --device $(DEVICE) --checkpoint-step $(CHECKPOINT_STEP)
 # a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
 # starts over
 RESTART = $(if $(wildcard $@),--overwrite)
+# a training stage also starts over when an interrupted run of it had other settings than these (its checkpoint
+# would resume those): `started` records them as the stage starts, `restart` compares
+started = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1).started
+restart = $(if $(or $(wildcard $@),$(if $(wildcard $(SETTINGS)/$(1).started),$(if $(call same,$(2),$(file <$(SETTINGS)/$(1).started)),,yes))),--overwrite)
 # A stage records the settings it was made with in $(SETTINGS); asked for other ones (make demo
 # AE_STEPS=8000), it starts over, and so does every stage after it. A stage that starts drops its stamp
 # first, so that an interrupted rerun resumes.
@@ -171,9 +175,11 @@ $(DATA): $$(call changed,data,$$(SOURCE) $$(SIZE) $$(CHANNELS) $$(FIT) $$(DATA_F
 ifeq ($(INIT),)
 $(AUTOENCODER): $(DATA) $(PRESET_DIR)/autoencoder.json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS))
 	rm -f $@
+	$(call started,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
 	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json \
 		--config-path $(PRESET_DIR)/autoencoder.json --out-dir $(RUNS)/autoencoder --batch-size $(BATCH) \
-		--max-steps $(AE_STEPS) --max-epoch $(AE_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
+		--max-steps $(AE_STEPS) --max-epoch $(AE_EPOCHS) $(TRAIN_FLAGS) \
+		$(call restart,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
 	$(call record,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
 	touch $@
 endif
@@ -186,9 +192,11 @@ $(FMAPS): $(DATA) $(AUTOENCODER) $$(call changed,fmaps,$$(AUG_COPIES))
 
 $(RUNS)/codebooks/%/DONE: $(FMAPS) $(PRESET_DIR)/codebook_%.json $$(call changed,codebook_$$*,$$(CB_BATCH) $$(CB_STEPS) $$(CB_EPOCHS))
 	rm -f $@
+	$(call started,codebook_$*,$(CB_BATCH) $(CB_STEPS) $(CB_EPOCHS))
 	$(call TIMER,codebook $*) $(PYTHON) train_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--config-path $(PRESET_DIR)/codebook_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size $(CB_BATCH) \
-		--max-steps $(CB_STEPS) --max-epoch $(CB_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
+		--max-steps $(CB_STEPS) --max-epoch $(CB_EPOCHS) $(TRAIN_FLAGS) \
+		$(call restart,codebook_$*,$(CB_BATCH) $(CB_STEPS) $(CB_EPOCHS))
 	$(call record,codebook_$*,$(CB_BATCH) $(CB_STEPS) $(CB_EPOCHS))
 	touch $@
 
@@ -201,9 +209,11 @@ $(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE $$(call changed,pruned_$$*,$$(PR
 
 $(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(PRESET_DIR)/decoder.json $$(call changed,decoder,$$(BATCH) $$(DECODER_STEPS) $$(DECODER_EPOCHS))
 	rm -f $@
+	$(call started,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
 	$(call TIMER,decoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --init-from $(AE_ARTIFACT) \
 		--codebook-path $(call codebook,$(FINEST)) --config-path $(PRESET_DIR)/decoder.json --out-dir $(RUNS)/decoder \
-		--batch-size $(BATCH) --max-steps $(DECODER_STEPS) --max-epoch $(DECODER_EPOCHS) $(TRAIN_FLAGS) $(RESTART)
+		--batch-size $(BATCH) --max-steps $(DECODER_STEPS) --max-epoch $(DECODER_EPOCHS) $(TRAIN_FLAGS) \
+		$(call restart,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
 	$(call record,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
 	touch $@
 
@@ -211,13 +221,14 @@ $(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(PRESET_DIR)/decoder.json $
 $(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $(PRESET_DIR)/transformer_%.json $(if $(INIT),$(INIT)/transformers/%/DONE) \
 		$$(call changed,$$*,$$(call model_steps,$$*) $$(INIT))
 	rm -f $@
+	$(call started,$*,$(call model_steps,$*) $(INIT))
 	$(call TIMER,$* transformer) $(PYTHON) train_transformer.py $(if $(filter $(BASE_MODELS),$*),--train-base-model) \
 		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
 		--config-path $(PRESET_DIR)/transformer_$*.json --out-dir $(RUNS)/transformers/$* --batch-size $(BATCH) \
 		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) --device $(DEVICE) \
 		$(if $(INIT),--checkpoint-step $(TUNE_CHECKPOINT_STEP) --init-from $(INIT)/transformers/$*/model.safetensors,\
-		--checkpoint-step $(CHECKPOINT_STEP)) $(RESTART)
+		--checkpoint-step $(CHECKPOINT_STEP)) $(call restart,$*,$(call model_steps,$*) $(INIT))
 	$(call record,$*,$(call model_steps,$*) $(INIT))
 	touch $@
 

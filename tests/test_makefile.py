@@ -127,6 +127,14 @@ def check_demo_chain(tmp_path: Path, source: Path) -> Path:
     planned = [line for line in dry_run.splitlines() if "python" in line]
     assert "train_transformer.py" in planned[0] and "--max-steps 12" in planned[0] and "--overwrite" in planned[0]
     assert not any(script in line for line in planned for script in ("train_autoencoder", "train_codebook", "--train-base"))
+
+    # an interrupted stage resumes its checkpoint only when it is asked for the settings it was started with
+    (runs / "transformers" / "cascade" / "DONE").unlink()
+    cascade_line = lambda *extra: next(line for line in make(runs, configs, source, "-n", *extra).stdout.replace(
+        "\\\n", " ").splitlines() if "train_transformer.py" in line)
+    assert "--overwrite" not in cascade_line()
+    assert "--overwrite" in cascade_line("CASCADE_STEPS=12")
+    (runs / "transformers" / "cascade" / "DONE").touch()  # the chain as it was: finished
     return runs
 
 

@@ -186,7 +186,8 @@ endif
 
 $(FMAPS): $(DATA) $(AUTOENCODER) $$(call changed,fmaps,$$(AUG_COPIES))
 	$(call TIMER,fmaps) $(PYTHON) generate_fmap_dataset.py --dataset-path $(RUNS)/data/dataset.json --model-path $(AE_ARTIFACT) \
-		--out-dir $(RUNS)/fmaps --device $(DEVICE) --augment-copies $(AUG_COPIES)
+		--out-dir $(RUNS)/fmaps --device $(DEVICE) --augment-copies $(AUG_COPIES) \
+		--augment-config $(PRESET_DIR)/autoencoder.json
 	$(call record,fmaps,$(AUG_COPIES))
 	touch $@
 

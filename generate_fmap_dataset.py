@@ -1,6 +1,6 @@
 """Encode an image dataset with a trained autoencoder into a feature-map dataset (safetensors shards)."""
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -23,12 +23,15 @@ def main(
     augment_copies: Annotated[str, typer.Option(help="augmented copies of each training image (with the autoencoder "
                                                      "config's augmentation) as extra training maps: a number, or "
                                                      "auto (about 8,000 training maps, at most 8 copies)")] = "0",
+    augment_config: Annotated[Optional[Path], typer.Option(help="an autoencoder config whose augment_* settings the "
+                                                               "copies use (default: the autoencoder's own)")] = None,
     seed: Seed = 0,
 ) -> None:
     if augment_copies != "auto" and not augment_copies.isdigit():
         raise PipelineError(f"--augment-copies must be a number or auto, got '{augment_copies}'")
     summary = run(FmapArgs(dataset_path=dataset_path, model_path=model_path, out_dir=out_dir, device=device,
-                           batch_size=batch_size, shard_size=num_files_folder, augment_copies=augment_copies, seed=seed,
+                           batch_size=batch_size, shard_size=num_files_folder, augment_copies=augment_copies,
+                           augment_config=augment_config, seed=seed,
                            progress=lambda items: track(items, "shards")))
     console.print(f"wrote {out_dir / 'dataset.json'}: {summary['items']} feature maps of shape "
                   f"{tuple(summary['fmap_shape'])} in {summary['shards']} shards "

@@ -6,6 +6,7 @@ import torch
 
 from conftest import TINY_AE, run_script
 from core.data import load_fmap_dataset
+from core.model_artifacts import load_autoencoder
 from core.models.augment import augment, augmentation_generator
 from core.models.autoencoder import AutoencoderConfig
 from core.stages.autoencoder import augmentation_for_run
@@ -67,3 +68,22 @@ def test_augmentation_is_off_for_a_run_of_few_passes(tmp_path):
     assert not augmentation_for_run(cfg, 60000, few).augments
     assert augmentation_for_run(cfg, 1000, few).augments  # 1,000 images: 150 passes
     assert augmentation_for_run(replace(cfg, augment_min_epochs=0), 60000, few).augments
+
+
+def test_a_small_set_through_an_autoencoder_that_did_not_augment_gets_the_configs_copies(tmp_path, tiny_dataset,
+                                                                                          pipeline):
+    """An autoencoder trained without augmentation (a large set) makes no copies of its own; a small set tuned
+    through it names the preset's config (--augment-config), whose augmentation the copies then use."""
+    assert not load_autoencoder(pipeline["autoencoder"])[0].cfg.augments
+    config = tmp_path / "ae.json"
+    config.write_text(json.dumps({**TINY_AE, "augment_flip": True, "augment_shift": 1}))
+    common = ("generate_fmap_dataset.py", "--dataset-path", tiny_dataset, "--model-path", pipeline["autoencoder"],
+              "--augment-copies", "auto")
+    assert run_script(*common, "--out-dir", tmp_path / "own").returncode == 0
+    result = run_script(*common, "--out-dir", tmp_path / "preset", "--augment-config", config)
+    assert result.returncode == 0, result.stderr
+    own, preset = (load_fmap_dataset(tmp_path / name / "dataset.json") for name in ("own", "preset"))
+    training = int((~own[0].is_heldout).sum())
+    assert len(own[0]) == 72 and "augment" not in own[1]
+    assert preset[1]["augment"] == {"copies": 8, "seed": 0, "flip": True, "shift": 1, "jitter": 0.0}
+    assert len(preset[0]) == 72 + 8 * training

@@ -15,7 +15,8 @@ from core.data import FMAP_SHARD_KIND, Dataset, load_image_dataset, to_float, wr
 from core.errors import PipelineError
 from core.model_artifacts import load_autoencoder
 from core.models.augment import augment, augmentation_generator
-from core.models.autoencoder import Autoencoder
+from core.config import load_config
+from core.models.autoencoder import Autoencoder, AutoencoderConfig
 from core.training import pick_device
 
 
@@ -28,6 +29,9 @@ class FmapArgs:
     batch_size: int = 256
     shard_size: int = 10000
     augment_copies: int | str = 0  # augmented copies of each training image as extra training maps, or "auto"
+    # an autoencoder config whose augment_* settings the copies use (None: the autoencoder's own, which a run
+    # over a large set turns off; a small set tuned through that autoencoder names the preset's config)
+    augment_config: Path | None = None
     seed: int = 0
     progress: Callable[[Iterable], Iterator] = iter
 
@@ -44,9 +48,10 @@ def run(args: FmapArgs) -> dict:
         raise PipelineError(f"{args.model_path} expects {model.cfg.image_channel}-channel images, "
                             f"{dataset_path} holds {images.items.shape[1]}-channel images")
     sources = {"autoencoder": file_record(args.model_path), "images": file_record(dataset_path)}
-    copies = copies_for(args.augment_copies, int((~images.is_heldout).sum()), model.cfg.augments)
+    settings = model.cfg if args.augment_config is None else load_config(AutoencoderConfig, args.augment_config)
+    copies = copies_for(args.augment_copies, int((~images.is_heldout).sum()), settings.augments)
     if copies:
-        sources["augment"] = {"copies": copies, "seed": args.seed, **model.cfg.augmentation}
+        sources["augment"] = {"copies": copies, "seed": args.seed, **settings.augmentation}
     items = items_to_encode(images, copies)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +63,7 @@ def run(args: FmapArgs) -> dict:
         if _shard_is_current(shard_dir / name, sources, len(chunk)):
             reused += 1
         else:
-            fmaps = encode(model, images.items, chunk, args, device)
+            fmaps = encode(model, images.items, chunk, args, device, settings.augmentation)
             save_artifact(shard_dir / name, {"fmaps": fmaps}, FMAP_SHARD_KIND, {}, {"stage": "generate_fmap_dataset", **sources})
         for offset, (index, copy) in enumerate(chunk):
             record = images.records[index]
@@ -92,7 +97,7 @@ def items_to_encode(images: Dataset, copies: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def encode(model: Autoencoder, images: torch.Tensor, chunk: list[tuple[int, int]], args: FmapArgs,
-           device: torch.device) -> torch.Tensor:
+           device: torch.device, augmentation: dict) -> torch.Tensor:
     """Feature maps of the chunk's images; copy k > 0 of image i is augmented with its own generator, so
     that it depends on the seed, the image and k only."""
     inputs = []
@@ -100,7 +105,7 @@ def encode(model: Autoencoder, images: torch.Tensor, chunk: list[tuple[int, int]
         image = to_float(images[index:index + 1])
         if copy:
             generator = augmentation_generator(args.seed, index, copy)
-            image = augment(image, generator, **model.cfg.augmentation)
+            image = augment(image, generator, **augmentation)
         inputs.append(image)
     batches = torch.cat(inputs).split(args.batch_size)
     return torch.cat([model.encoder(batch.to(device)).float().cpu() for batch in batches])

@@ -3,6 +3,7 @@ signals, data parallel (torchrun), metrics.jsonl and a progress bar. The stage s
 a batch function, a loss, an evaluation and an export."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -170,6 +171,15 @@ class Best:
 
 
 OVERFIT_SHARE = 0.02  # a held-out figure this much worse than its best, while the training loss falls
+ETA_AFTER_STEPS = 10  # the expected wall time is printed once this many steps have run
+
+
+def duration(seconds: float) -> str:
+    """A wall time as a person reads it: 45 s, 12 min, 1 h 20 min."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 @dataclass(frozen=True)
@@ -188,11 +198,12 @@ class TrainOptions:
     log_every: int = 10
 
     def for_stage(self, *, stage: str, lr: float, config: dict, warmup_steps: int = 0, weight_decay: float = 0.0,
-                  mixed_precision: bool = True) -> "TrainArgs":
+                  ema_decay: float = 0.0, patience_steps: int = 0, mixed_precision: bool = True) -> "TrainArgs":
         """The Trainer's arguments: these options, and what the stage's config decides."""
         return TrainArgs(out_dir=self.out_dir, stage=stage, batch_size=self.batch_size, max_epoch=self.max_epoch,
                          max_steps=self.max_steps, checkpoint_step=self.checkpoint_step, lr=lr,
-                         lr_step=self.lr_step, warmup_steps=warmup_steps, weight_decay=weight_decay, seed=self.seed,
+                         lr_step=self.lr_step, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                         ema_decay=ema_decay, patience_steps=patience_steps, seed=self.seed,
                          log_every=self.log_every, mixed_precision=mixed_precision, config=config)
 
 
@@ -209,6 +220,8 @@ class TrainArgs:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    ema_decay: float = 0.0  # >0: evaluate and export an exponential moving average of the weights
+    patience_steps: int = 0  # >0: stop when the held-out figure has not improved for this many steps
     seed: int = 0
     log_every: int = 10
     mixed_precision: bool = True  # bf16 autocast on CUDA
@@ -224,10 +237,35 @@ def learning_rate(args: TrainArgs, step: int, total_steps: int) -> float:
     return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The averaging decay after `step` updates: it ramps up as (1 + step) / (10 + step), so that a short
+    run's average is not held back by its starting weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, kept in a copy of the model; buffers (norm
+    statistics, codebooks attached to it) follow the trained model as they are."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        weight = 1 - ema_decay_at(self.decay, step)
+        for average, param in zip(self.model.parameters(), model.parameters()):
+            average.lerp_(param.detach(), weight)
+        for average, buffer in zip(self.model.buffers(), model.buffers()):
+            average.copy_(buffer)
+
+
 class Trainer:
     """Trains `model` on `objective`. At every checkpoint it evaluates, calls `preview(model, step)` (sample
     grids, and any figures that depend on the step, returned as a dict) and `export(model, step)` (the
-    stage's artifact), and writes checkpoint.safetensors."""
+    stage's artifact), and writes checkpoint.safetensors. With `args.ema_decay` these three see the
+    weights' moving average instead of the trained weights; with `args.patience_steps` training ends early
+    once the held-out figure has not improved for that many steps."""
 
     def __init__(self, env: RunEnv, model: torch.nn.Module, objective: Objective, args: TrainArgs, *,
                  export: Callable[[torch.nn.Module, int], None] | None = None,
@@ -252,11 +290,13 @@ class Trainer:
         self.total_steps = min(total, args.max_steps) if args.max_steps > 0 else total
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            betas=(0.9, 0.99))
+        self.average = WeightAverage(self.model, args.ema_decay) if args.ema_decay > 0 else None
         self.ddp_model = model
         if env.world_size > 1:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.step = 0
+        self.stopped_early = False
         self.best = Best()
         self.interval_losses: list[float] = []  # training losses since the last checkpoint
         self.stop_requested = False
@@ -270,6 +310,8 @@ class Trainer:
         if not self.env.is_main:
             return
         tensors = state_tensors(self.model, "model.")
+        if self.average is not None:
+            tensors.update(state_tensors(self.average.model, "ema."))
         optim = self.optimizer.state_dict()
         scalars = {}
         for index, state in optim["state"].items():
@@ -282,7 +324,7 @@ class Trainer:
         if torch.cuda.is_available() and self.env.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.env.device)
         extra = {"step": self.step, "param_groups": optim["param_groups"], "optim_scalars": scalars,
-                 "best": asdict(self.best)}
+                 "best": asdict(self.best), "stopped_early": self.stopped_early}
         save_artifact(self.out_dir / CHECKPOINT, tensors, "checkpoint", self.args.config,
                       {"stage": self.args.stage, "step": self.step}, extra)
 
@@ -294,12 +336,15 @@ class Trainer:
             return False
         ckpt = load_artifact(path, "checkpoint")
         load_state(self.model, ckpt.tensors, path, prefix="model.")
+        if self.average is not None:
+            load_state(self.average.model, ckpt.tensors, path, prefix="ema.")
         self._load_optimizer(ckpt)
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         if "rng.cuda" in ckpt.tensors and self.env.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], self.env.device)
         self.step = int(ckpt.extra["step"])
         self.best = Best(**ckpt.extra.get("best", {}))
+        self.stopped_early = bool(ckpt.extra.get("stopped_early", False))
         self._truncate_metrics()
         return True
 
@@ -346,8 +391,8 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def _should_stop(self) -> bool:
-        flag = self.stop_requested
+    def _any_process(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process."""
         if self.env.world_size > 1:
             t = torch.tensor([1.0 if flag else 0.0], device=self.env.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -367,13 +412,15 @@ class Trainer:
 
     def checkpoint(self, final: bool = False) -> None:
         """Evaluate, export the artifact if this is the best checkpoint so far (or if the objective names no
-        figure to choose by), warn when the model starts to memorize, and write the resume checkpoint."""
+        figure to choose by), warn when the model starts to memorize, decide whether patience has run out,
+        and write the resume checkpoint."""
         if self.env.is_main:
+            net = self.average.model if self.average is not None else self.model
             self.model.eval()
             with torch.no_grad():
-                record = self.objective.evaluate(self.model)
+                record = self.objective.evaluate(net)
                 if self.preview is not None:
-                    record.update(self.preview(self.model, self.step) or {})
+                    record.update(self.preview(net, self.step) or {})
             self.model.train()
             train_loss = sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else None
             self.interval_losses = []
@@ -382,12 +429,34 @@ class Trainer:
                 self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **record,
                           "train_loss": train_loss, "best_step": self.best.step})
             if keep and self.export is not None:
-                self.export(self.model, self.step)
-            if final and not keep and self.export is not None:
+                self.export(net, self.step)
+            if not final and self._out_of_patience():
+                self._stop_early()
+            elif final and not keep and self.export is not None:
                 notice(f"{self.args.stage}: the artifact keeps step {self.best.step}, whose "
                        f"{self.objective.metric} ({self.best.value:.4g}) is the best; step {self.step} has "
                        f"{record[self.objective.metric]:.4g}")
         self.save_checkpoint()
+
+    def _print_eta(self, first_step: int, elapsed: float) -> None:
+        left = self.total_steps - self.step
+        per_step = elapsed / (self.step - first_step)
+        early = " (less if it stops early)" if self.args.patience_steps > 0 else ""
+        notice(f"{self.args.stage}: {per_step:.2f} s a step; about {duration(left * per_step)} for the "
+               f"{left} steps left{early}, besides held-out evaluations")
+
+    def _out_of_patience(self) -> bool:
+        patience = self.args.patience_steps
+        return (patience > 0 and self.objective.heldout and self.best.value is not None
+                and self.step - self.best.step >= patience)
+
+    def _stop_early(self) -> None:
+        message = (f"{self.objective.metric} has not improved for {self.step - self.best.step} steps (patience "
+                   f"{self.args.patience_steps}): stopped at step {self.step} of {self.total_steps}; the artifact "
+                   f"keeps step {self.best.step} ({self.best.value:.4g})")
+        notice(f"{self.args.stage}: {message}")
+        self.log({"step": self.step, "early_stop": message, "best_step": self.best.step})
+        self.stopped_early = True
 
     def _judge(self, record: dict, train_loss: float | None) -> bool:
         """Whether this checkpoint is the best so far; warns when the held-out figure has turned worse by
@@ -420,9 +489,9 @@ class Trainer:
         self.model.train()
         try:
             with self._progress(resumed) as (progress, task):
-                seen, started = 0, time.perf_counter()
+                seen, started, first_step = 0, time.perf_counter(), self.step
                 loss_ema = None
-                while self.step < self.total_steps:
+                while self.step < self.total_steps and not self.stopped_early:
                     batch = self.objective.get_batch(self.batch_indices(self.step))
                     lr = learning_rate(self.args, self.step, self.total_steps)
                     for group in self.optimizer.param_groups:
@@ -437,6 +506,8 @@ class Trainer:
                     if self.args.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
                     self.optimizer.step()
+                    if self.average is not None:
+                        self.average.update(self.model, self.step)
                     self.step += 1
                     count = self.objective.items_per_batch
                     seen += count(batch) if count else self.args.batch_size
@@ -447,15 +518,19 @@ class Trainer:
                     if self.step % self.args.log_every == 0:
                         self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": value,
                                   **terms, "lr": lr, "items_per_s": rate})
+                    if self.step - first_step == ETA_AFTER_STEPS and self.env.is_main:
+                        self._print_eta(first_step, time.perf_counter() - started)
                     if progress is not None:
                         progress.update(task, completed=self.step, status=f"loss {loss_ema:.4f} | {rate:.0f} items/s")
                     if self.step % self.args.checkpoint_step == 0 and self.step < self.total_steps:
                         self.checkpoint()
-                    if self._should_stop():
+                        self.stopped_early = self._any_process(self.stopped_early)
+                    if self._any_process(self.stop_requested):
                         self.save_checkpoint()
                         raise Interrupted(f"stopped at step {self.step}; checkpoint written to "
                                           f"{self.out_dir / CHECKPOINT}; run the same command to resume")
-                self.checkpoint(final=True)
+                if not self.stopped_early:
+                    self.checkpoint(final=True)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

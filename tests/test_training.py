@@ -145,9 +145,10 @@ def test_torchrun_two_processes(tmp_path, tiny_dataset, tiny_ae_config):
     assert not list(out.glob(".*.tmp"))
 
 
-def fake_run(out, held_out_values, steps, exported):
+def fake_run(out, held_out_values, steps, exported, interrupt_at_call=None, **train):
     """A one-weight model whose training loss falls every step, evaluated as `held_out_values` dictates
-    (one value per checkpoint, every 5 steps); `exported` collects the steps whose artifact is written."""
+    (one value per checkpoint, every 5 steps); `exported` collects the steps whose artifact is written;
+    `interrupt_at_call` asks the run to stop (as Ctrl-C does) at that evaluation; `train` adds TrainArgs."""
     from core.training import Objective, Trainer, TrainArgs, claim_out_dir
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1, bias=False)
@@ -155,19 +156,28 @@ def fake_run(out, held_out_values, steps, exported):
 
     def evaluate(net):
         calls.append(1)
+        if len(calls) == interrupt_at_call:
+            trainer.stop_requested = True
         return {"heldout_loss": held_out_values[len(calls) - 1]}
 
     objective = Objective(num_items=8, get_batch=lambda ids: torch.ones(len(ids), 1),
                           loss_fn=lambda net, x, step: net(x).pow(2).mean(), evaluate=evaluate, metric="heldout_loss")
-    args = TrainArgs(out, "test", batch_size=4, max_epoch=100, max_steps=steps, checkpoint_step=5, lr=0.05)
+    args = TrainArgs(out, "test", batch_size=4, max_epoch=100, max_steps=steps, checkpoint_step=5, lr=0.05, **train)
     claim_out_dir(out, {"fake": 1}, resume=False, overwrite=False)
-    Trainer(RunEnv(torch.device("cpu")), model, objective, args, export=lambda net, step: exported.append(step)).fit()
+    trainer = Trainer(RunEnv(torch.device("cpu")), model, objective, args,
+                      export=lambda net, step: exported.append((step, net.weight.item())))
+    trainer.fit()
+    return trainer
+
+
+def exported_steps(exported):
+    return [step for step, _ in exported]
 
 
 def test_the_best_held_out_checkpoint_is_the_one_exported_and_memorizing_is_called_out(tmp_path):
     exported = []
     fake_run(tmp_path, [1.0, 0.8, 0.9, 0.95], steps=20, exported=exported)
-    assert exported == [5, 10]  # steps 15 and 20 are worse than step 10: the artifact stays step 10's
+    assert exported_steps(exported) == [5, 10]  # steps 15 and 20 are worse than step 10: the artifact stays step 10's
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     warnings = [r for r in records if r.get("warning") == "overfitting"]
     assert [w["step"] for w in warnings] == [15, 20]
@@ -179,4 +189,50 @@ def test_the_best_checkpoint_survives_a_resume(tmp_path):
     exported = []
     fake_run(tmp_path, [1.0, 0.8], steps=10, exported=exported)
     fake_run(tmp_path, [0.9, 0.85], steps=20, exported=exported)  # continues from step 10
-    assert exported == [5, 10]
+    assert exported_steps(exported) == [5, 10]
+
+
+def test_early_stopping_stops_at_the_patience_and_keeps_the_best(tmp_path, capsys):
+    exported = []
+    trainer = fake_run(tmp_path, [1.0, 0.8, 0.9, 0.95, 0.7], steps=40, exported=exported, patience_steps=10)
+    assert trainer.step == 20  # step 10 was the best; 15 and 20 were not, and 20 is 10 steps on
+    assert exported_steps(exported) == [5, 10]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    stops = [r for r in records if "early_stop" in r]
+    assert [r["step"] for r in stops] == [20] and stops[0]["best_step"] == 10
+    assert "stopped at step 20 of 40; the artifact keeps step 10" in capsys.readouterr().err.replace("\n", " ")
+    assert load_artifact(tmp_path / "checkpoint.safetensors").extra["step"] == 20
+
+    again = fake_run(tmp_path, [0.1], steps=40, exported=exported, patience_steps=10)  # the same command again
+    assert again.step == 20 and exported_steps(exported) == [5, 10]  # it neither trains on nor exports
+
+
+def test_without_patience_a_run_trains_to_the_end(tmp_path):
+    trainer = fake_run(tmp_path, [1.0, 0.8, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99], steps=40, exported=[])
+    assert trainer.step == 40
+
+
+def test_weight_average_is_exported_differs_from_the_trained_weights_and_resumes_exactly(tmp_path):
+    values = [1.0 - 0.01 * i for i in range(8)]
+    reference = fake_run(tmp_path / "reference", values, steps=40, exported=(ref_exported := []), ema_decay=0.9)
+    raw, average = reference.model.weight.item(), reference.average.model.weight.item()
+    assert abs(raw - average) > 1e-3  # the weight falls every step, and its average lags behind
+    assert ref_exported[-1] == (40, pytest.approx(average))  # the artifact holds the average
+
+    with pytest.raises(Exception, match="stopped at step 15"):
+        fake_run(tmp_path / "resumed", values, steps=40, exported=[], interrupt_at_call=3, ema_decay=0.9)
+    fake_run(tmp_path / "resumed", values, steps=40, exported=[], ema_decay=0.9)
+    tensors = [load_artifact(run / "checkpoint.safetensors").tensors for run in (tmp_path / "reference", tmp_path / "resumed")]
+    assert {"model.weight", "ema.weight"} <= set(tensors[0])
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in ("model.weight", "ema.weight"))
+
+
+def test_a_stage_prints_its_expected_wall_time_after_its_first_steps(tmp_path, capsys):
+    fake_run(tmp_path, [1.0] * 8, steps=40, exported=[])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "s a step; about" in line]
+    assert len(lines) == 1 and "for the 30 steps left" in lines[0]
+
+
+def test_durations_read_as_a_person_says_them():
+    from core.training import duration
+    assert [duration(s) for s in (45, 12 * 60, 80 * 60)] == ["45 s", "12 min", "1 h 20 min"]

@@ -92,7 +92,7 @@ def run(args: AutoencoderArgs) -> Path:
                                                               "step": step}, extra)
 
     train_args = options.for_stage(stage="train_autoencoder", lr=cfg.model_lr, warmup_steps=cfg.warmup_steps,
-                                   config=to_dict(cfg))
+                                   ema_decay=cfg.ema_decay, patience_steps=cfg.patience_steps, config=to_dict(cfg))
     Trainer(env, model, task, train_args, export=export, preview=preview).fit()
     finish_run(env)
     return artifact_path

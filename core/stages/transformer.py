@@ -141,7 +141,8 @@ def run(args: TransformerArgs) -> Path:
                          extra, cond_counts)
 
     train_args = options.for_stage(stage="train_transformer", lr=cfg.model_lr, warmup_steps=cfg.warmup_steps,
-                                   weight_decay=cfg.weight_decay, config=run_config)
+                                   weight_decay=cfg.weight_decay, ema_decay=cfg.ema_decay,
+                                   patience_steps=cfg.patience_steps, config=run_config)
     Trainer(env, model, task, train_args, export=export, preview=preview,
             optimizer_from=args.init_from if args.load_optim else None).fit()
     finish_run(env)

@@ -157,3 +157,26 @@ def test_make_lowdata_trains_the_chain_on_a_per_class_subset(tmp_path):
     assert f"--curated-path {runs}/curated/dataset.json" in report
     assert "--downstream-per-class 20 --k 3" in report and f"--autoencoder-path {runs}/autoencoder" in report
     assert report.count("--codebook-path") == 3 and "compress.py" not in result.stdout
+
+
+def test_make_transfer_pretrains_without_the_target_classes_and_tunes_and_trains_on_them(tmp_path):
+    """make transfer (dry run, with the source chain's stamps in place): the source dataset drops every
+    target class, the tuned and scratch runs keep N images of each, and the tuned run starts from the source."""
+    venv = Path(sys.executable).parent.parent
+    source = tmp_path / "runs_transfer" / "source"
+    for stage in ("autoencoder", "transformers/base", "transformers/cascade",
+                  *(f"{kind}/{level}" for kind in ("codebooks", "pruned") for level in ("cond", "l1", "l2"))):
+        (source / stage).mkdir(parents=True)
+        (source / stage / "DONE").touch()
+    command = ["make", "-n", "-o", f"{venv}/.installed", "transfer", f"VENV={venv}", f"RUNS={tmp_path / 'runs'}",
+               "TRANSFER_LABELS=Shirt Bag", "TRANSFER_PER_CLASS=20"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=script_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    planned = [line for line in result.stdout.replace("\\\n", " ").splitlines() if "python" in line]
+    builds = {line.split("--out-dir ")[1].split()[0]: line for line in planned if "build_dataset.py" in line}
+    assert "--exclude-label Shirt --exclude-label Bag" in builds[f"{source}/data"]
+    for run in ("tuned20", "scratch20"):
+        assert "--label Shirt --label Bag --train-per-class 20" in builds[f"{tmp_path}/runs_transfer/{run}/data"]
+    tuned = [line for line in planned if "train_transformer.py" in line and "/tuned20/" in line]
+    assert len(tuned) == 2 and all(f"--init-from {source}/transformers/" in line for line in tuned)
+    assert not any("train_autoencoder.py" in line and "/tuned20/" in line for line in planned)

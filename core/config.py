@@ -22,6 +22,18 @@ def option(default: Any, *, low: float | None = None, high: float | None = None,
     return dataclasses.field(default=default, metadata=metadata)
 
 
+
+def ema_decay_option() -> Any:
+    """The `ema_decay` key of a trained model's config (core.training.WeightAverage)."""
+    return option(0.0, low=0.0, high=0.99999, doc="exported weights: a moving average of the trained ones with "
+                                                  "this decay (0: the trained weights)")
+
+
+def patience_option() -> Any:
+    """The `patience_steps` key of a trained model's config (core.training.Trainer's early stop)."""
+    return option(0, low=0, high=10**9, doc="stop when the held-out figure has not improved for this many steps "
+                                            "(0: train to the end)")
+
 def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
     kind = expected if isinstance(expected, str) else getattr(expected, "__name__", str(expected))
     kind = kind.replace(" ", "")

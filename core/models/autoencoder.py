@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.config import option
+from core.config import ema_decay_option, option, patience_option
 
 ACTIVATIONS = ("silu", "relu", "gelu", "leaky_relu", "tanh", "sigmoid", "identity")
 
@@ -30,10 +30,8 @@ class AutoencoderConfig:
     num_res_blocks: int = option(1, low=0, high=16, doc="residual blocks at each resolution")
     loss: str = option("mse", choices=("mse", "l1", "mse+l1"))
     warmup_steps: int = option(100, low=0, high=10**7)
-    ema_decay: float = option(0.0, low=0.0, high=0.99999, doc="exported weights: a moving average of the trained "
-                                                               "ones with this decay (0: the trained weights)")
-    patience_steps: int = option(0, low=0, high=10**9, doc="stop when the held-out figure has not improved for "
-                                                           "this many steps (0: train to the end)")
+    ema_decay: float = ema_decay_option()
+    patience_steps: int = patience_option()
     disc_weight: float = option(0.0, low=0.0, high=100.0, doc="adversarial loss weight, times the adaptive "
                                                                   "balance (0: no discriminator)")
     disc_start: int = option(0, low=0, high=10**9, doc="step at which the discriminator joins")

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from core.config import option
+from core.config import ema_decay_option, option, patience_option
 from core.models.text import Tokenizer, TextEncoder
 
 ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -44,10 +44,8 @@ class TransformerConfig:
     label_dropout: float = option(0.1, low=0.0, high=1.0, doc="share of labels replaced by the null label")
     warmup_steps: int = option(100, low=0, high=10**7)
     weight_decay: float = option(0.01, low=0.0, high=1.0)
-    ema_decay: float = option(0.0, low=0.0, high=0.99999, doc="exported weights: a moving average of the trained "
-                                                               "ones with this decay (0: the trained weights)")
-    patience_steps: int = option(0, low=0, high=10**9, doc="stop when the held-out figure has not improved for "
-                                                           "this many steps (0: train to the end)")
+    ema_decay: float = ema_decay_option()
+    patience_steps: int = patience_option()
     text_encoder: str = option("scratch", choices=("scratch", "none"),
                                doc="when the data has captions: scratch (a text encoder trained with the model) "
                                    "or none (captions ignored)")

@@ -65,6 +65,12 @@ endif
 TOKENIZER_RUNS := $(or $(INIT),$(RUNS))
 
 DATA := $(RUNS)/data/DONE
+# VALIDATION_SHARE=<fraction>: the chain trains on the rest of the training images and chooses its checkpoints
+# (and stops early) on that share of them, carved into $(RUNS)/chain_data, so that the held-out split, on
+# which the report takes its figures, is seen by no choice (the low-data and transfer benchmarks set it);
+# left empty, the chain's held-out figure is taken on the held-out split
+VALIDATION_SHARE ?=
+CHAIN_DATA := $(if $(VALIDATION_SHARE),$(RUNS)/chain_data,$(RUNS)/data)
 AUTOENCODER := $(TOKENIZER_RUNS)/autoencoder/DONE
 FMAPS := $(RUNS)/fmaps/DONE
 CODEBOOKS := $(LEVELS:%=$(TOKENIZER_RUNS)/codebooks/%/DONE)
@@ -172,11 +178,19 @@ $(DATA): $$(call changed,data,$$(SOURCE) $$(SIZE) $$(CHANNELS) $$(FIT) $$(DATA_F
 	$(call record,data,$(SOURCE) $(SIZE) $(CHANNELS) $(FIT) $(DATA_FLAGS))
 	touch $@
 
+$(RUNS)/chain_data/DONE: $(DATA) $$(call changed,chain_data,$$(VALIDATION_SHARE))
+	rm -f $@
+	$(call TIMER,chain dataset) $(PYTHON) build_dataset.py --source $(RUNS)/data/dataset.json --from-split train \
+		--holdout $(VALIDATION_SHARE) --size $(SIZE) $(if $(CHANNELS),--channels $(CHANNELS)) --out-dir $(RUNS)/chain_data \
+		--overwrite
+	$(call record,chain_data,$(VALIDATION_SHARE))
+	touch $@
+
 ifeq ($(INIT),)
-$(AUTOENCODER): $(DATA) $(PRESET_DIR)/autoencoder.json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS))
+$(AUTOENCODER): $(CHAIN_DATA)/DONE $(PRESET_DIR)/autoencoder.json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS))
 	rm -f $@
 	$(call started,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
-	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json \
+	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(CHAIN_DATA)/dataset.json \
 		--config-path $(PRESET_DIR)/autoencoder.json --out-dir $(RUNS)/autoencoder --batch-size $(BATCH) \
 		--max-steps $(AE_STEPS) --max-epoch $(AE_EPOCHS) $(TRAIN_FLAGS) \
 		$(call restart,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
@@ -184,8 +198,8 @@ $(AUTOENCODER): $(DATA) $(PRESET_DIR)/autoencoder.json $$(call changed,autoencod
 	touch $@
 endif
 
-$(FMAPS): $(DATA) $(AUTOENCODER) $$(call changed,fmaps,$$(AUG_COPIES))
-	$(call TIMER,fmaps) $(PYTHON) generate_fmap_dataset.py --dataset-path $(RUNS)/data/dataset.json --model-path $(AE_ARTIFACT) \
+$(FMAPS): $(CHAIN_DATA)/DONE $(AUTOENCODER) $$(call changed,fmaps,$$(AUG_COPIES))
+	$(call TIMER,fmaps) $(PYTHON) generate_fmap_dataset.py --dataset-path $(CHAIN_DATA)/dataset.json --model-path $(AE_ARTIFACT) \
 		--out-dir $(RUNS)/fmaps --device $(DEVICE) --augment-copies $(AUG_COPIES) \
 		--augment-config $(PRESET_DIR)/autoencoder.json
 	$(call record,fmaps,$(AUG_COPIES))
@@ -211,7 +225,7 @@ $(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE $$(call changed,pruned_$$*,$$(PR
 $(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(PRESET_DIR)/decoder.json $$(call changed,decoder,$$(BATCH) $$(DECODER_STEPS) $$(DECODER_EPOCHS))
 	rm -f $@
 	$(call started,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
-	$(call TIMER,decoder) $(PYTHON) train_autoencoder.py --dataset-path $(RUNS)/data/dataset.json --init-from $(AE_ARTIFACT) \
+	$(call TIMER,decoder) $(PYTHON) train_autoencoder.py --dataset-path $(CHAIN_DATA)/dataset.json --init-from $(AE_ARTIFACT) \
 		--codebook-path $(call codebook,$(FINEST)) --config-path $(PRESET_DIR)/decoder.json --out-dir $(RUNS)/decoder \
 		--batch-size $(BATCH) --max-steps $(DECODER_STEPS) --max-epoch $(DECODER_EPOCHS) $(TRAIN_FLAGS) \
 		$(call restart,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
@@ -272,7 +286,7 @@ $(REPORT): $(GENERATED) $(CURATED) $$(call changed,report,$$(REPORT_FLAGS))
 $(RUNS)/compressed/autoencoder/DONE: $(DECODER) $(PRESET_DIR)/compress_autoencoder.json
 	rm -f $@
 	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(DECODER_ARTIFACT) \
-		--dataset-path $(RUNS)/data/dataset.json --config-path $(PRESET_DIR)/compress_autoencoder.json \
+		--dataset-path $(CHAIN_DATA)/dataset.json --config-path $(PRESET_DIR)/compress_autoencoder.json \
 		--out-dir $(RUNS)/compressed/autoencoder --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
@@ -377,7 +391,9 @@ $(FEWSHOT)/report/DONE: $(FEWSHOT)/generated/DONE $(REPORT)
 # The low-data benchmark: the whole chain trained from scratch on LOWDATA_PER_CLASS real training images of
 # each class (the held-out split untouched), LOWDATA_IMAGES images generated, and the report, whose
 # downstream section adds them to those same real images: the generator never sees more real images than
-# the classifier it helps. Any setting passes on (make lowdata PRESET=... AE_STEPS=...).
+# the classifier it helps, and chooses its checkpoints on BENCH_VALIDATION_SHARE of them (the held-out split,
+# where the accuracy is taken, is seen by no choice). Any setting passes on (make lowdata AE_STEPS=...).
+BENCH_VALIDATION_SHARE ?= 0.1
 LOWDATA_PER_CLASS ?= 100
 LOWDATA_IMAGES ?= 10000
 LOWDATA_RUNS ?= $(RUNS)_lowdata$(LOWDATA_PER_CLASS)
@@ -385,13 +401,15 @@ LOWDATA_RUNS ?= $(RUNS)_lowdata$(LOWDATA_PER_CLASS)
 LOWDATA_TARGET ?= report
 lowdata:
 	$(MAKE) $(LOWDATA_TARGET) RUNS=$(LOWDATA_RUNS) DATA_FLAGS="--train-per-class $(LOWDATA_PER_CLASS)" NUM_IMAGES=$(LOWDATA_IMAGES) \
+		VALIDATION_SHARE=$(BENCH_VALIDATION_SHARE) \
 		REPORT_FLAGS="--downstream-per-class $(LOWDATA_PER_CLASS) $(REPORT_FLAGS)"
 	@echo "low-data benchmark done: $(LOWDATA_RUNS)/report/report.md (downstream accuracy), $(LOWDATA_RUNS)/timings.log"
 
 # The transfer benchmark: the chain pre-trained on the Fashion-MNIST classes outside TRANSFER_LABELS (which
 # it never sees), then tuned (INIT) on TRANSFER_PER_CLASS training images of each of them, and beside it the
 # chain trained from scratch on those images alone; each generates TRANSFER_IMAGES images and reports on the
-# target classes only (held out: the target classes' held-out images). The targets are the three garments
+# target classes only (held out: the target classes' held-out images; checkpoints chosen on
+# BENCH_VALIDATION_SHARE of the training images, as in lowdata). The targets are the three garments
 # most often confused with each other, whose relatives (T-shirt/top, Coat, Dress) the source holds, and Bag,
 # which has none.
 TRANSFER_LABELS ?= Pullover Shirt Sneaker Bag
@@ -401,7 +419,7 @@ TRANSFER_RUNS ?= $(RUNS)_transfer
 # settings of the source chain alone (e.g. TRANSFER_SOURCE_FLAGS="CASCADE_STEPS=1200")
 TRANSFER_SOURCE_FLAGS ?=
 TRANSFER_TARGET = DATA_FLAGS="$(TRANSFER_LABELS:%=--label %) --train-per-class $(TRANSFER_PER_CLASS)" \
-	NUM_IMAGES=$(TRANSFER_IMAGES) REPORT_FLAGS="--downstream-per-class $(TRANSFER_PER_CLASS) $(REPORT_FLAGS)"
+	NUM_IMAGES=$(TRANSFER_IMAGES) VALIDATION_SHARE=$(BENCH_VALIDATION_SHARE) REPORT_FLAGS="--downstream-per-class $(TRANSFER_PER_CLASS) $(REPORT_FLAGS)"
 transfer:
 	$(MAKE) transformers RUNS=$(TRANSFER_RUNS)/source DATA_FLAGS="$(TRANSFER_LABELS:%=--exclude-label %)" \
 		$(TRANSFER_SOURCE_FLAGS)

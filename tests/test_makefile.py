@@ -150,6 +150,8 @@ def test_make_lowdata_trains_the_chain_on_a_per_class_subset(tmp_path):
     runs = f"{tmp_path / 'runs'}_lowdata20"
     build = next(line for line in planned if "build_dataset.py" in line)
     assert "--train-per-class 20" in build and f"--out-dir {runs}/data" in build
+    trainers = [line for line in planned if "train_autoencoder.py" in line or "generate_fmap_dataset.py" in line]
+    assert trainers and all(f"--dataset-path {runs}/chain_data/dataset.json" in line for line in trainers)
     assert "--num-images 300" in next(line for line in planned if "generate_images.py" in line)
     curate = next(line for line in planned if "curate_images.py" in line)
     assert f"--real-path {runs}/data/dataset.json" in curate and f"--out-dir {runs}/curated" in curate
@@ -172,11 +174,18 @@ def test_make_transfer_pretrains_without_the_target_classes_and_tunes_and_trains
                "TRANSFER_LABELS=Shirt Bag", "TRANSFER_PER_CLASS=20"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=script_env(), cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    planned = [line for line in result.stdout.replace("\\\n", " ").splitlines() if "python" in line]
+    planned = [" ".join(line.split()) for line in result.stdout.replace("\\\n", " ").splitlines() if "python" in line]
     builds = {line.split("--out-dir ")[1].split()[0]: line for line in planned if "build_dataset.py" in line}
     assert "--exclude-label Shirt --exclude-label Bag" in builds[f"{source}/data"]
     for run in ("tuned20", "scratch20"):
-        assert "--label Shirt --label Bag --train-per-class 20" in builds[f"{tmp_path}/runs_transfer/{run}/data"]
+        run_dir = f"{tmp_path}/runs_transfer/{run}"
+        assert "--label Shirt --label Bag --train-per-class 20" in builds[f"{run_dir}/data"]
+        # the chain chooses its checkpoints on a share of the training images, not on the report's held-out split
+        assert f"--source {run_dir}/data/dataset.json --from-split train --holdout 0.1" in builds[f"{run_dir}/chain_data"]
+        fmaps = [line for line in planned if "generate_fmap_dataset.py" in line and f"{run_dir}/" in line]
+        assert len(fmaps) == 1 and f"--dataset-path {run_dir}/chain_data/dataset.json" in fmaps[0]
+        report = [line for line in planned if "evaluate.py" in line and f"{run_dir}/" in line]
+        assert f"--real-path {run_dir}/data/dataset.json" in report[0]
     tuned = [line for line in planned if "train_transformer.py" in line and "/tuned20/" in line]
     assert len(tuned) == 2 and all(f"--init-from {source}/transformers/" in line for line in tuned)
     assert not any("train_autoencoder.py" in line and "/tuned20/" in line for line in planned)

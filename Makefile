@@ -9,12 +9,19 @@ CHANNELS ?=
 FIT ?= pad
 DEVICE ?= auto
 CONFIGS ?= configs
-# a preset is a folder of configs for one image size, with its steps in steps.mk
+# a preset is a folder of configs for one image size, with its steps in steps.mk. A preset whose file `base`
+# names another one takes from it (and from its base in turn) every config file it does not hold itself, and a
+# config file whose "base" key names another file holds only the settings that differ from that file's
 PRESET_DIR := $(CONFIGS)/$(PRESET)$(SIZE)
 ifeq ($(wildcard $(PRESET_DIR)/steps.mk),)
 $(error no preset '$(PRESET)' for SIZE=$(SIZE): $(PRESET_DIR) does not exist (presets: $(notdir $(wildcard $(CONFIGS)/*))))
 endif
 include $(PRESET_DIR)/steps.mk
+preset_chain = $(1) $(if $(wildcard $(CONFIGS)/$(1)/base),$(call preset_chain,$(strip $(file <$(CONFIGS)/$(1)/base))))
+PRESET_DIRS := $(addprefix $(CONFIGS)/,$(call preset_chain,$(PRESET)$(SIZE)))
+# the preset's config file named $(1), and (for a stage's prerequisites) with the file its "base" key names
+config = $(or $(firstword $(wildcard $(addsuffix /$(1),$(PRESET_DIRS)))),$(PRESET_DIR)/$(1))
+config_deps = $(foreach f,$(call config,$(1)),$(f) $(wildcard $(addprefix $(dir $(f)),$(filter %.json,$(subst ", ,$(file <$(f)))))))
 RUNS ?= runs/$(PRESET)$(SIZE)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -25,21 +32,15 @@ AUG_COPIES ?= auto
 # each stage's wall time and peak memory are appended to $(RUNS)/timings.log
 TIMER = $(if $(wildcard /usr/bin/time),/usr/bin/time -a -o $(RUNS)/timings.log -f "$(1): %e s wall; %M KB peak")
 
-# the token levels, coarse to fine (a codebook config each), and the transformer that predicts each level
-# after the first from the one before it
-LEVELS := $(patsubst codebook_%.json,%,$(notdir $(wildcard $(PRESET_DIR)/codebook_*.json)))
-MODELS := $(wordlist 2,$(words $(LEVELS)),x base cascade cascade2)
-coarse_base := cond
-fine_base := l1
-coarse_cascade := l1
-fine_cascade := l2
-coarse_cascade2 := l2
-fine_cascade2 := l3
-# the captions loop's label-only reference models (make captions)
-coarse_base_label := cond
-fine_base_label := l1
-coarse_cascade_label := l1
-fine_cascade_label := l2
+# the token levels, coarse to fine (a codebook config each: cond, l1, l2, ...), and the transformer that
+# predicts each level after the first from the one before it (base, cascade, cascade2, ...): coarse_<model> and
+# fine_<model> name the two levels a model reads
+LEVELS := $(sort $(patsubst codebook_%.json,%,$(notdir $(wildcard $(addsuffix /codebook_*.json,$(PRESET_DIRS))))))
+MODELS := $(wordlist 2,$(words $(LEVELS)),x base cascade $(patsubst %,cascade%,$(shell seq 2 $(words $(LEVELS)))))
+MODEL_NUMBERS := $(shell seq $(words $(MODELS)))
+# the captions loop's label-only reference models (make captions) read the levels of their namesakes
+$(foreach n,$(MODEL_NUMBERS),$(foreach m,$(word $(n),$(MODELS)),$(foreach name,$(m) $(m)_label,\
+	$(eval coarse_$(name) := $(word $(n),$(LEVELS)))$(eval fine_$(name) := $(word $(n),$(wordlist 2,99,$(LEVELS)))))))
 BASE_MODELS := base base_label
 # --set flags that point each level of the preset's generation config at $(1)/<model>/model.safetensors, one
 # model of $(2) per level (default: MODELS), and at the codebooks it reads and writes
@@ -104,7 +105,7 @@ REPORT_CLASSIFIER = $$(test -f $(RUNS)/report/classifier.safetensors && \
 # a preset with a decoder.json fine-tunes the decoder to decode the finest codebook's quantized maps, and
 # generation decodes with it
 FINEST := $(lastword $(LEVELS))
-ifneq ($(wildcard $(PRESET_DIR)/decoder.json),)
+ifneq ($(wildcard $(call config,decoder.json)),)
 DECODER := $(TOKENIZER_RUNS)/decoder/DONE
 DECODER_ARTIFACT := $(TOKENIZER_RUNS)/decoder/autoencoder.safetensors
 else
@@ -187,11 +188,11 @@ $(RUNS)/chain_data/DONE: $(DATA) $$(call changed,chain_data,$$(VALIDATION_SHARE)
 	touch $@
 
 ifeq ($(INIT),)
-$(AUTOENCODER): $(CHAIN_DATA)/DONE $(PRESET_DIR)/autoencoder.json $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS))
+$(AUTOENCODER): $(CHAIN_DATA)/DONE $(call config_deps,autoencoder.json) $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS))
 	rm -f $@
 	$(call started,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
 	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(CHAIN_DATA)/dataset.json \
-		--config-path $(PRESET_DIR)/autoencoder.json --out-dir $(RUNS)/autoencoder --batch-size $(BATCH) \
+		--config-path $(call config,autoencoder.json) --out-dir $(RUNS)/autoencoder --batch-size $(BATCH) \
 		--max-steps $(AE_STEPS) --max-epoch $(AE_EPOCHS) $(TRAIN_FLAGS) \
 		$(call restart,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
 	$(call record,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
@@ -201,15 +202,15 @@ endif
 $(FMAPS): $(CHAIN_DATA)/DONE $(AUTOENCODER) $$(call changed,fmaps,$$(AUG_COPIES))
 	$(call TIMER,fmaps) $(PYTHON) generate_fmap_dataset.py --dataset-path $(CHAIN_DATA)/dataset.json --model-path $(AE_ARTIFACT) \
 		--out-dir $(RUNS)/fmaps --device $(DEVICE) --augment-copies $(AUG_COPIES) \
-		--augment-config $(PRESET_DIR)/autoencoder.json
+		--augment-config $(call config,autoencoder.json)
 	$(call record,fmaps,$(AUG_COPIES))
 	touch $@
 
-$(RUNS)/codebooks/%/DONE: $(FMAPS) $(PRESET_DIR)/codebook_%.json $$(call changed,codebook_$$*,$$(CB_BATCH) $$(CB_STEPS) $$(CB_EPOCHS))
+$(RUNS)/codebooks/%/DONE: $(FMAPS) $$(call config_deps,codebook_$$*.json) $$(call changed,codebook_$$*,$$(CB_BATCH) $$(CB_STEPS) $$(CB_EPOCHS))
 	rm -f $@
 	$(call started,codebook_$*,$(CB_BATCH) $(CB_STEPS) $(CB_EPOCHS))
 	$(call TIMER,codebook $*) $(PYTHON) train_codebook.py --dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
-		--config-path $(PRESET_DIR)/codebook_$*.json --out-dir $(RUNS)/codebooks/$* --batch-size $(CB_BATCH) \
+		--config-path $(call config,codebook_$*.json) --out-dir $(RUNS)/codebooks/$* --batch-size $(CB_BATCH) \
 		--max-steps $(CB_STEPS) --max-epoch $(CB_EPOCHS) $(TRAIN_FLAGS) \
 		$(call restart,codebook_$*,$(CB_BATCH) $(CB_STEPS) $(CB_EPOCHS))
 	$(call record,codebook_$*,$(CB_BATCH) $(CB_STEPS) $(CB_EPOCHS))
@@ -222,25 +223,25 @@ $(RUNS)/pruned/%/DONE: $(RUNS)/codebooks/%/DONE $$(call changed,pruned_$$*,$$(PR
 	$(call record,pruned_$*,$(PRUNE_THRESHOLD))
 	touch $@
 
-$(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(PRESET_DIR)/decoder.json $$(call changed,decoder,$$(BATCH) $$(DECODER_STEPS) $$(DECODER_EPOCHS))
+$(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(call config_deps,decoder.json) $$(call changed,decoder,$$(BATCH) $$(DECODER_STEPS) $$(DECODER_EPOCHS))
 	rm -f $@
 	$(call started,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
 	$(call TIMER,decoder) $(PYTHON) train_autoencoder.py --dataset-path $(CHAIN_DATA)/dataset.json --init-from $(AE_ARTIFACT) \
-		--codebook-path $(call codebook,$(FINEST)) --config-path $(PRESET_DIR)/decoder.json --out-dir $(RUNS)/decoder \
+		--codebook-path $(call codebook,$(FINEST)) --config-path $(call config,decoder.json) --out-dir $(RUNS)/decoder \
 		--batch-size $(BATCH) --max-steps $(DECODER_STEPS) --max-epoch $(DECODER_EPOCHS) $(TRAIN_FLAGS) \
 		$(call restart,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
 	$(call record,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
 	touch $@
 
 # base: the condition token and the first level; each cascade model: the next level from the one before
-$(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $(PRESET_DIR)/transformer_%.json $(if $(INIT),$(INIT)/transformers/%/DONE) \
+$(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $$(call config_deps,transformer_$$*.json) $(if $(INIT),$(INIT)/transformers/%/DONE) \
 		$$(call changed,$$*,$$(call model_steps,$$*) $$(INIT))
 	rm -f $@
 	$(call started,$*,$(call model_steps,$*) $(INIT))
 	$(call TIMER,$* transformer) $(PYTHON) train_transformer.py $(if $(filter $(BASE_MODELS),$*),--train-base-model) \
 		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
-		--config-path $(PRESET_DIR)/transformer_$*.json --out-dir $(RUNS)/transformers/$* --batch-size $(BATCH) \
+		--config-path $(call config,transformer_$*.json) --out-dir $(RUNS)/transformers/$* --batch-size $(BATCH) \
 		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) --device $(DEVICE) \
 		$(if $(INIT),--checkpoint-step $(TUNE_CHECKPOINT_STEP) --init-from $(INIT)/transformers/$*/model.safetensors,\
 		--checkpoint-step $(CHECKPOINT_STEP)) $(call restart,$*,$(call model_steps,$*) $(INIT))
@@ -249,9 +250,9 @@ $(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $(PRESET_DIR)/transformer_%.json
 
 # the preset's generation config, pointed at this run's models (generated/generate.json is the config it was
 # made with)
-$(GENERATED): $(TRANSFORMERS) $(DECODER) $(PRESET_DIR)/generate.json $$(call changed,generated,$$(NUM_IMAGES))
+$(GENERATED): $(TRANSFORMERS) $(DECODER) $(call config_deps,generate.json) $$(call changed,generated,$$(NUM_IMAGES))
 	rm -f $@
-	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(call config,generate.json) \
 		$(call level_paths,$(RUNS)/transformers) --decoder-path $(DECODER_ARTIFACT) \
 		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
 	$(call record,generated,$(NUM_IMAGES))
@@ -283,24 +284,24 @@ $(REPORT): $(GENERATED) $(CURATED) $$(call changed,report,$$(REPORT_FLAGS))
 	$(call record,report,$(REPORT_FLAGS))
 	touch $@
 
-$(RUNS)/compressed/autoencoder/DONE: $(DECODER) $(PRESET_DIR)/compress_autoencoder.json
+$(RUNS)/compressed/autoencoder/DONE: $(DECODER) $(call config_deps,compress_autoencoder.json)
 	rm -f $@
 	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(DECODER_ARTIFACT) \
-		--dataset-path $(CHAIN_DATA)/dataset.json --config-path $(PRESET_DIR)/compress_autoencoder.json \
+		--dataset-path $(CHAIN_DATA)/dataset.json --config-path $(call config,compress_autoencoder.json) \
 		--out-dir $(RUNS)/compressed/autoencoder --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
-$(RUNS)/compressed/%/DONE: $(RUNS)/transformers/%/DONE $(PRESET_DIR)/compress_transformer.json
+$(RUNS)/compressed/%/DONE: $(RUNS)/transformers/%/DONE $(call config_deps,compress_transformer.json)
 	rm -f $@
 	$(call TIMER,compress $*) $(PYTHON) compress.py --model-path $(RUNS)/transformers/$*/model.safetensors \
-		--dataset-path $(RUNS)/fmaps/dataset.json --config-path $(PRESET_DIR)/compress_transformer.json \
+		--dataset-path $(RUNS)/fmaps/dataset.json --config-path $(call config,compress_transformer.json) \
 		--out-dir $(RUNS)/compressed/$* --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
 # the same generation config, pointed at the compressed models
-$(GENERATED_COMPRESSED): $(COMPRESSED) $(PRESET_DIR)/generate.json $$(call changed,generated_compressed,$$(NUM_IMAGES))
+$(GENERATED_COMPRESSED): $(COMPRESSED) $(call config_deps,generate.json) $$(call changed,generated_compressed,$$(NUM_IMAGES))
 	rm -f $@
-	$(call TIMER,generate compressed) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+	$(call TIMER,generate compressed) $(PYTHON) generate_images.py --config-path $(call config,generate.json) \
 		$(call level_paths,$(RUNS)/compressed) \
 		--decoder-path $(RUNS)/compressed/autoencoder/autoencoder.safetensors \
 		--out-dir $(RUNS)/generated_compressed --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
@@ -318,9 +319,9 @@ $(REPORT_COMPRESSED): $(GENERATED_COMPRESSED) $(REPORT) $$(call changed,report_c
 
 # The compressed generator exported as one bundle for onnxruntime, then images generated by the bundle's
 # own runner (numpy and onnxruntime, no torch) and reported on like the others.
-$(EXPORT): $(COMPRESSED) $(PRESET_DIR)/generate.json
+$(EXPORT): $(COMPRESSED) $(call config_deps,generate.json)
 	rm -f $@
-	$(call TIMER,export) $(PYTHON) export.py --config-path $(PRESET_DIR)/generate.json $(call level_paths,$(RUNS)/compressed) \
+	$(call TIMER,export) $(PYTHON) export.py --config-path $(call config,generate.json) $(call level_paths,$(RUNS)/compressed) \
 		--decoder-path $(RUNS)/compressed/autoencoder/autoencoder.safetensors --out-dir $(RUNS)/export --overwrite
 	touch $@
 
@@ -368,7 +369,7 @@ $(FEWSHOT)/transformers/%/DONE: $(FEWSHOT)/fmaps/DONE $(RUNS)/transformers/%/DON
 	$(call TIMER,fewshot $*) $(PYTHON) train_transformer.py $(if $(filter base,$*),--train-base-model) \
 		--dataset-path $(FEWSHOT)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
-		--init-from $(RUNS)/transformers/$*/model.safetensors --config-path $(PRESET_DIR)/transformer_$*.json \
+		--init-from $(RUNS)/transformers/$*/model.safetensors --config-path $(call config,transformer_$*.json) \
 		--out-dir $(FEWSHOT)/transformers/$* --batch-size 16 --max-steps $(FEWSHOT_STEPS) --max-epoch 1000 \
 		$(TRAIN_FLAGS) $(RESTART)
 	touch $@
@@ -376,7 +377,7 @@ $(FEWSHOT)/transformers/%/DONE: $(FEWSHOT)/fmaps/DONE $(RUNS)/transformers/%/DON
 # the preset's generation config with the fine-tuned models, the main run's codebooks and the class
 $(FEWSHOT)/generated/DONE: $(MODELS:%=$(FEWSHOT)/transformers/%/DONE)
 	rm -f $@
-	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+	$(call TIMER,fewshot generate) $(PYTHON) generate_images.py --config-path $(call config,generate.json) \
 		$(call level_paths,$(FEWSHOT)/transformers) $(if $(FEWSHOT_LABEL),"--set=0.label=$(FEWSHOT_LABEL)") \
 		--decoder-path $(DECODER_ARTIFACT) --out-dir $(FEWSHOT)/generated --num-images $(FEWSHOT_IMAGES) --seed 0 \
 		--device $(DEVICE) $(RESTART)
@@ -473,7 +474,7 @@ captions-reports: $(RUNS)/report_label/DONE $(CAPTION_REPORTS)
 
 $(RUNS)/generated_label/DONE: $(RUNS)/transformers/base_label/DONE $(RUNS)/transformers/cascade_label/DONE
 	rm -f $@
-	$(call TIMER,generate label) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+	$(call TIMER,generate label) $(PYTHON) generate_images.py --config-path $(call config,generate.json) \
 		$(call level_paths,$(RUNS)/transformers,$(MODELS:%=%_label)) \
 		--decoder-path $(AE_ARTIFACT) --out-dir $(RUNS)/generated_label --num-images $(NUM_IMAGES) --seed 0 \
 		--device $(DEVICE) $(RESTART)
@@ -491,7 +492,7 @@ guidance_g1 := 1.0
 guidance_guided = $(CAPTIONS_GUIDANCE)
 $(RUNS)/prompts_%/DONE: $(RUNS)/transformers/base/DONE $(RUNS)/transformers/cascade/DONE
 	rm -f $@
-	$(call TIMER,generate prompts $*) $(PYTHON) generate_images.py --config-path $(PRESET_DIR)/generate.json \
+	$(call TIMER,generate prompts $*) $(PYTHON) generate_images.py --config-path $(call config,generate.json) \
 		$(call level_paths,$(RUNS)/transformers) $(LEVEL_INDEX:%=--set=%.guidance_scale=$(guidance_$(lastword $(subst _, ,$*)))) \
 		--decoder-path $(AE_ARTIFACT) --out-dir $(RUNS)/prompts_$* --num-images $(CAPTIONS_PER_PROMPT) --seed 0 \
 		--prompts-file $(CAPTIONS_SOURCE)/prompts_$(firstword $(subst _, ,$*)).txt --device $(DEVICE) $(RESTART)

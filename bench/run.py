@@ -44,6 +44,14 @@ def flops_per_sequence(model, training: bool) -> float:
     return per_weight * (encoder * (model.shape.coarse_len + 1) + rest * model.shape.fine_len)
 
 
+def run_config(stage_dir: Path, work: Path) -> Path:
+    """The config a stage of the benchmarked run trained with (its run.json), as a config file in `work`."""
+    path = work / f"{stage_dir.name}.json"
+    config = json.loads((stage_dir / "run.json").read_text())["config"]
+    path.write_text(json.dumps(config.get("transformer", config)))  # a transformer's holds its shape beside it
+    return path
+
+
 def train_throughput(runs: Path, stage: str, steps: int, device: str) -> dict:
     """items/s (tokens/s for transformers) of `steps` training steps, from the stage's own metrics."""
     from core.stages import autoencoder, codebook, transformer
@@ -55,17 +63,17 @@ def train_throughput(runs: Path, stage: str, steps: int, device: str) -> dict:
     book = lambda name: runs / "pruned" / name / "codebook.safetensors"
     if stage == "autoencoder":
         autoencoder.run(autoencoder.AutoencoderArgs(dataset_path=runs / "data" / "dataset.json", options=options,
-                                                    config_path=ROOT / "configs" / "autoencoder_tiny.json",
+                                                    config_path=run_config(runs / "autoencoder", work),
                                                     eval_images=16))
     elif stage == "codebook":
         codebook.run(codebook.CodebookArgs(dataset_path=fmaps, options=options, eval_items=16,
-                                           config_path=ROOT / "configs" / "codebook_tiny_l2.json"))
+                                           config_path=run_config(runs / "codebooks" / "l2", work)))
     else:
         base = stage == "base"
         transformer.run(transformer.TransformerArgs(
             dataset_path=fmaps, lr_codebook_path=book("cond" if base else "l1"),
             hr_codebook_path=book("l1" if base else "l2"), options=options, base=base, test_num_sample=0,
-            config_path=ROOT / "configs" / f"transformer_tiny_{stage}.json", eval_items=16))
+            config_path=run_config(runs / "transformers" / stage, work), eval_items=16))
     record = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()
               if "items_per_s" in json.loads(line)][-1]
     return {"items_per_s": round(record["items_per_s"], 1)}

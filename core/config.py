@@ -112,11 +112,46 @@ def load_json(path: str | Path) -> Any:
         raise PipelineError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
 
 
+# a config file's key naming the file (a path relative to it) whose settings it starts from
+BASE_KEY = "base"
+
+
+def load_config_file(path: str | Path) -> Any:
+    """A config file's settings: with a "base" key, its own keys over those of the file that key names,
+    merged object by object (so a preset's file holds only what differs from another preset's)."""
+    return _load_with_bases(Path(path), seen=())
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> Any:
+    data = load_json(path)
+    if not isinstance(data, dict) or BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise PipelineError(f"{path}: \"{BASE_KEY}\" must name another config file (a path relative to this one)")
+    base_path = path.parent / base
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise PipelineError(f"{path}: its \"{BASE_KEY}\" {base} leads back to itself")
+    if not base_path.is_file():
+        raise PipelineError(f"{path}: its \"{BASE_KEY}\" {base_path} is not a file")
+    return _merged(_load_with_bases(base_path, seen + (path.resolve(),)), data)
+
+
+def _merged(base: Any, own: dict) -> dict:
+    if not isinstance(base, dict):
+        return own
+    merged = dict(base)
+    for key, value in own.items():
+        both_objects = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_objects else value
+    return merged
+
+
 def load_config(cls: type[T], path: str | Path | None) -> T:
-    """Read a config file into `cls`; no path gives the defaults."""
+    """Read a config file (and its base) into `cls`; no path gives the defaults."""
     if path is None:
         return cls()
-    return config_from_dict(cls, load_json(path), source=str(path))
+    return config_from_dict(cls, load_config_file(path), source=str(path))
 
 
 def to_dict(config: Any) -> dict:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from core.artifacts import Artifact, file_record
-from core.config import config_from_dict, load_json, option, to_dict
+from core.config import config_from_dict, load_config_file, option, to_dict
 from core.errors import PipelineError
 from core.model_artifacts import load_autoencoder, load_codebook, load_transformer
 from core.models.autoencoder import Autoencoder
@@ -51,7 +51,7 @@ class Level:
 def parse_config(path: Path, overrides: Sequence[str] = ()) -> list[LevelConfig]:
     """The levels of a generation config file, with `overrides` ("LEVEL.KEY=VALUE", VALUE in JSON or a plain
     string) applied before the settings are checked, as if the file said so."""
-    raw = load_json(path)
+    raw = load_config_file(path)
     if not isinstance(raw, dict) or not raw:
         raise PipelineError(f"{path}: expected an object with one entry per cascade level (\"0\", \"1\", ...)")
     if sorted(raw, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(raw))]:

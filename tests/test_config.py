@@ -1,12 +1,17 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 from core.models.autoencoder import AutoencoderConfig
-from core.config import config_from_dict, load_config
+from core.models.codebook import CodebookConfig
+from core.models.transformer import TransformerConfig
+from core.config import config_from_dict, load_config, load_config_file
+from core.generator import parse_config
+from core.stages.compress import CompressConfig
 from core.errors import PipelineError
 from core.training import claim_out_dir
 
@@ -112,3 +117,66 @@ def test_a_threshold_that_keeps_nothing_names_one_that_keeps_90_percent():
     with pytest.raises(PipelineError, match="--prune-threshold 10 would keep 3 units, which serve 90% of the 100"):
         prune(codebook, counts, 1000)
     assert prune(codebook, counts, 10)[0].cfg.num_embeddings == 3
+
+
+def test_a_config_file_holds_only_what_differs_from_its_base(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "autoencoder.json").write_text(json.dumps({"min_channel": 8, "max_channel": 32}))
+    (tmp_path / "b.json").write_text(json.dumps({"base": "a/autoencoder.json", "max_channel": 64}))
+    (tmp_path / "c.json").write_text(json.dumps({"base": "b.json", "num_layers": 1}))
+    cfg = load_config(AutoencoderConfig, tmp_path / "c.json")
+    assert (cfg.min_channel, cfg.max_channel, cfg.num_layers) == (8, 64, 1)
+
+
+def test_a_generation_config_overrides_one_setting_of_one_level(tmp_path):
+    levels = {str(i): {"model_path": f"m{i}", "lr_codebook_path": "c", "hr_codebook_path": "f", "top_p": 1.0}
+              for i in range(2)}
+    (tmp_path / "generate.json").write_text(json.dumps(levels))
+    (tmp_path / "child.json").write_text(json.dumps({"base": "generate.json", "1": {"top_p": 0.9}}))
+    assert load_config_file(tmp_path / "child.json") == {**levels, "1": {**levels["1"], "top_p": 0.9}}
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"c.json": {"base": "gone.json"}}, r"c\.json: its \"base\" .*gone\.json is not a file"),
+    ({"c.json": {"base": "d.json"}, "d.json": {"base": "c.json"}}, r"d\.json: its \"base\" c\.json leads back"),
+    ({"c.json": {"base": 3}}, r"c\.json: \"base\" must name another config file"),
+])
+def test_a_bad_base_is_refused_in_one_line(tmp_path, files, message):
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    with pytest.raises(PipelineError, match=message):
+        load_config(AutoencoderConfig, tmp_path / "c.json")
+
+
+def preset_file(preset: Path, name: str) -> Path | None:
+    """The file `name` of a preset as the Makefile finds it: the preset's own, or its base preset's."""
+    while not (preset / name).is_file():
+        if not (preset / "base").is_file():
+            return None
+        preset = preset.parent / (preset / "base").read_text().strip()
+    return preset / name
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").iterdir()))
+def test_every_preset_resolves_into_valid_configs(preset):
+    folder = ROOT / "configs" / preset
+    names = {p.name for p in folder.glob("*.json")}
+    while (folder / "base").is_file():
+        folder = folder.parent / (folder / "base").read_text().strip()
+        names |= {p.name for p in folder.glob("*.json")}
+    kinds = {"autoencoder": AutoencoderConfig, "decoder": AutoencoderConfig, "codebook": CodebookConfig,
+             "transformer": TransformerConfig, "compress": CompressConfig}
+    for name in names:
+        path = preset_file(ROOT / "configs" / preset, name)
+        kind = next((cls for prefix, cls in kinds.items() if name.startswith(prefix)), None)
+        if kind is not None:
+            load_config(kind, path)
+        else:
+            assert len(parse_config(path)) == sum(n.startswith("codebook_") for n in names) - 1
+
+
+def test_no_config_file_is_repeated_across_presets():
+    texts = {}
+    for path in sorted((ROOT / "configs").glob("*/*.json")):
+        texts.setdefault(json.dumps(json.loads(path.read_text()), sort_keys=True), []).append(path.relative_to(ROOT))
+    assert [paths for paths in texts.values() if len(paths) > 1] == []

@@ -189,3 +189,33 @@ def test_make_transfer_pretrains_without_the_target_classes_and_tunes_and_trains
     tuned = [line for line in planned if "train_transformer.py" in line and "/tuned20/" in line]
     assert len(tuned) == 2 and all(f"--init-from {source}/transformers/" in line for line in tuned)
     assert not any("train_autoencoder.py" in line and "/tuned20/" in line for line in planned)
+
+
+def test_a_preset_takes_what_it_lacks_from_its_base_and_restarts_a_stage_when_a_base_file_changes(tmp_path):
+    """A preset folder naming a base holds only its own files; make plans the base's for the rest, and a stage
+    whose config names a base file in its "base" key is stale once that file changes."""
+    configs = tmp_path / "configs"
+    write_preset(configs)
+    child = configs / "child16"
+    child.mkdir()
+    (child / "base").write_text("test16\n")
+    shutil.copy(configs / "test16" / "steps.mk", child / "steps.mk")
+    (child / "codebook_l2.json").write_text(json.dumps({"base": "../test16/codebook_l2.json", "num_embeddings": 24}))
+    runs = tmp_path / "runs"
+    for stage in ("data", "autoencoder", "fmaps", *(f"codebooks/{level}" for level in ("cond", "l1", "l2"))):
+        (runs / stage).mkdir(parents=True)
+        (runs / stage / "DONE").touch()
+    venv = Path(sys.executable).parent.parent
+    plan = lambda: subprocess.run(
+        ["make", "-n", "-o", f"{venv}/.installed", "codebooks", f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
+         "PRESET=child", "SIZE=16"], capture_output=True, text=True, timeout=60, env=script_env(), cwd=ROOT)
+    planned = plan()
+    assert planned.returncode == 0, planned.stderr
+    assert "train_codebook.py" not in planned.stdout  # every codebook is newer than its config
+    (configs / "test16" / "codebook_l2.json").touch()
+    trained = [" ".join(line.split()) for line in plan().stdout.replace("\\\n", " ").splitlines()
+               if "train_codebook.py" in line]
+    assert len(trained) == 1 and f"--config-path {child}/codebook_l2.json" in trained[0]
+    (configs / "test16" / "codebook_l1.json").touch()
+    trained = [line for line in plan().stdout.replace("\\\n", " ").splitlines() if "train_codebook.py" in line]
+    assert any(f"--config-path {configs}/test16/codebook_l1.json" in line for line in trained)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from core.artifacts import Artifact, file_record, load_artifact, load_state
-from core.config import config_from_dict, load_json, to_dict
+from core.config import config_from_dict, load_config_file, to_dict
 from core.data import to_float
 from core.console import notice
 from core.errors import PipelineError
@@ -34,7 +34,7 @@ class AutoencoderArgs:
 def stage_config(config_path: Path | None, start: Artifact | None) -> AutoencoderConfig:
     """The config file's settings; when fine-tuning, over those of the model it starts from (so that a
     fine-tuning config needs to name only what it changes, such as the learning rate)."""
-    given = load_json(config_path) if config_path is not None else {}
+    given = load_config_file(config_path) if config_path is not None else {}
     if not isinstance(given, dict):
         raise PipelineError(f"{config_path}: expected a JSON object of settings")
     return config_from_dict(AutoencoderConfig, {**(start.config if start else {}), **given},

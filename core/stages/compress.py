@@ -23,7 +23,7 @@ from core.training import Objective, Trainer, TrainArgs, TrainOptions, claim_out
 
 @dataclass
 class CompressConfig:
-    """Defaults: the tiny preset's transformers (configs/compress_tiny_*.json hold both stages' settings)."""
+    """Defaults: the tiny preset's transformers (a preset's compress_*.json hold both stages' settings)."""
     clusters: int = option(16, low=2, high=256, doc="shared values per clustered tensor")
     include: list[str] = option(["*"], doc="fnmatch patterns of the tensors to cluster; each must match one")
     exclude: list[str] = option(["*bias", "*ln*", "*norm*"], doc="patterns of tensors left as they are")

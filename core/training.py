@@ -172,6 +172,18 @@ class Best:
 
 OVERFIT_SHARE = 0.02  # a held-out figure this much worse than its best, while the training loss falls
 ETA_AFTER_STEPS = 10  # the expected wall time is printed once this many steps have run
+# For tests: QARIG_PAUSE_AT=N stops the process (SIGSTOP) once, when a training stage has run N steps or
+# generation has logged N batches, so that a test signals it at a chosen point instead of racing it.
+PAUSE_ENV = "QARIG_PAUSE_AT"
+_paused = False
+
+
+def pause_point(done: int) -> None:
+    global _paused
+    at = os.environ.get(PAUSE_ENV)
+    if at and not _paused and done >= int(at):
+        _paused = True
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def duration(seconds: float) -> str:
@@ -525,6 +537,7 @@ class Trainer:
                     if self.step % self.args.checkpoint_step == 0 and self.step < self.total_steps:
                         self.checkpoint()
                         self.stopped_early = self._any_process(self.stopped_early)
+                    pause_point(self.step)
                     if self._any_process(self.stop_requested):
                         self.save_checkpoint()
                         raise Interrupted(f"stopped at step {self.step}; checkpoint written to "

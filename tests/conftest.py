@@ -4,9 +4,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.stages import autoencoder, codebook, fmaps, transformer  # noqa: E402 (after the path is set)
+from core.training import PAUSE_ENV  # noqa: E402
 from core.data import write_dataset_json  # noqa: E402
 from core.stages.dataset import DatasetArgs, run as run_build  # noqa: E402
 from core.training import TrainOptions  # noqa: E402
@@ -54,10 +57,28 @@ def run_script(script: str, *args: str, timeout: float = 300, **popen) -> subpro
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=script_env(), cwd=ROOT)
 
 
-def start_script(script: str, *args: str) -> subprocess.Popen:
+def start_script(script: str, *args: str, pause_at: int | None = None) -> subprocess.Popen:
+    """The script running in the background; with `pause_at`, it stops itself at that step or batch
+    (core.training.pause_point), for wait_paused."""
     command = [sys.executable, str(ROOT / script), *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=script_env(), cwd=ROOT)
+    env = script_env() if pause_at is None else {**script_env(), PAUSE_ENV: str(pause_at)}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def wait_paused(proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Wait until a script started with `pause_at` has stopped itself there."""
+    deadline = time.time() + timeout
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the script did not reach its pause point"
+        time.sleep(0.02)
+
+
+def interrupt_paused(proc: subprocess.Popen, sig: int = signal.SIGINT) -> tuple[str, str]:
+    """Send `sig` to a paused script, let it go on to handle it, and wait for its exit."""
+    proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
+    return proc.communicate(timeout=120)
 
 
 def shape_image(kind: int, variant: int, size: int = 16) -> np.ndarray:

@@ -1,8 +1,6 @@
 """Compression: clustering keeps N shared values, int8 codes, the artifact's round trip, every stage
 reading compressed models (generation end to end), one-line errors, and Ctrl-C / resume."""
 import json
-import signal
-import time
 import zlib
 
 import numpy as np
@@ -12,7 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from conftest import options, run_script, start_script
+from conftest import interrupt_paused, options, run_script, start_script, wait_paused
 from core.artifacts import load_artifact
 from core.codec import pack_bits, unpack_bits
 from core.model_artifacts import load_model
@@ -200,15 +198,12 @@ def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(tmp_path, pipeline):
     out = tmp_path / "out"
     args = ("--model-path", pipeline["autoencoder"], "--dataset-path", pipeline["dataset"], "--config-path", config,
             "--out-dir", out, "--device", "cpu", "--batch-size", "8", "--checkpoint-step", "1000000")
-    proc = start_script("compress.py", *args)
-    deadline = time.time() + 60
-    while not (out / "cluster" / "metrics.jsonl").exists() and time.time() < deadline:  # training has begun
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    proc = start_script("compress.py", *args, pause_at=10)  # the clustering stage's 10th step
+    wait_paused(proc)
+    _, stderr = interrupt_paused(proc)
     assert proc.returncode == 130, stderr
     step = load_artifact(out / "cluster" / "checkpoint.safetensors", "checkpoint").extra["step"]
-    assert 0 < step < 800 and not (out / "autoencoder.safetensors").exists()
+    assert step == 10 and not (out / "autoencoder.safetensors").exists()
     result = run_script("compress.py", *args)
     assert result.returncode == 0, result.stderr
     assert load_artifact(out / "autoencoder.safetensors", "autoencoder").provenance["step"] == 802

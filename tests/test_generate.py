@@ -1,6 +1,5 @@
 import json
 import signal
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from conftest import (build_dataset, generate_cli, generated_files, random_inputs, run_script, small_transformer,
-                      start_script, teacher_forced)
+                      start_script, teacher_forced, wait_paused)
 from core.artifacts import load_artifact, save_artifact
 from core.data import load_image_dataset, read_records, write_records
 from core.models.sampling import DecodeSettings, DecodeState, beam_search, generate_tokens, uniform_draws
@@ -134,12 +133,8 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path, models):
     assert generate_cli(models, reference, *flags).returncode == 0
     killed = tmp_path / "killed"
     proc = start_script("generate_images.py", "--config-path", models["generate_config"], "--decoder-path",
-                        models["autoencoder"], "--out-dir", killed, "--device", "cpu", *map(str, flags))
-    log = killed / "progress" / "0.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().count("\n") >= 3):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.01)
+                        models["autoencoder"], "--out-dir", killed, "--device", "cpu", *map(str, flags), pause_at=3)
+    wait_paused(proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert 3 <= len(read_progress(killed / "progress")) < 150 and not (killed / "dataset.json").exists()

@@ -4,12 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_AE, run_script, script_env, start_script
+from conftest import ROOT, TINY_AE, interrupt_paused, run_script, script_env, start_script, wait_paused
 from core.artifacts import load_artifact
 from core.training import RunEnv
 
@@ -17,14 +16,6 @@ from core.training import RunEnv
 def train_args(dataset, config, out, *extra):
     return ["--dataset-path", dataset, "--config-path", config, "--out-dir", out, "--device", "cpu",
             "--batch-size", "8", "--max-epoch", "1000", *extra]
-
-
-def wait_for(predicate, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def checkpoint_step(out):
@@ -50,12 +41,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_dataset, slow_c
     assert run_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, reference, *steps)).returncode == 0
 
     killed = tmp_path / "killed"
-    proc = start_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, killed, *steps))
-    wait_for(lambda: checkpoint_step(killed) >= 30, proc)
+    proc = start_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, killed, *steps), pause_at=35)
+    wait_paused(proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert 30 <= checkpoint_step(killed) < 120
+    assert checkpoint_step(killed) == 30  # steps 31 to 35 are replayed
 
     resumed = run_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, killed, *steps))
     assert resumed.returncode == 0, resumed.stderr
@@ -70,13 +61,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_dataset, slow_c
 
 def test_ctrl_c_writes_checkpoint_and_exits_130(tmp_path, tiny_dataset, slow_config):
     out = tmp_path / "run"
-    proc = start_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, out, "--max-steps", "100000"))
-    wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    proc = start_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, out, "--max-steps", "100000"),
+                        pause_at=7)
+    wait_paused(proc)
+    _, stderr = interrupt_paused(proc)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert checkpoint_step(out) > 0
+    assert checkpoint_step(out) == 7
     assert load_artifact(out / "checkpoint.safetensors", "checkpoint").tensors["rng.torch"].dtype == torch.uint8
 
 

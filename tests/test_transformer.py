@@ -1,12 +1,11 @@
 import json
-import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (SMALL_TRANSFORMER, build_dataset, random_inputs, run_script, small_transformer, start_script,
-                      write_shape_folder)
+from conftest import (SMALL_TRANSFORMER, build_dataset, interrupt_paused, random_inputs, run_script,
+                     small_transformer, start_script, wait_paused, write_shape_folder)
 from core.generator import Generator, changed_level, image_generators
 from core.artifacts import load_artifact
 from core.errors import PipelineError
@@ -132,15 +131,11 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, pipeline, tiny_confi
     reference = tmp_path / "reference"
     assert run_script("train_transformer.py", *train_cli(pipeline, reference, *steps, config=config)).returncode == 0
     out = tmp_path / "interrupted"
-    proc = start_script("train_transformer.py", *train_cli(pipeline, out, *steps, config=config))
-    import time
-    while not (out / "metrics.jsonl").exists():
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    proc = start_script("train_transformer.py", *train_cli(pipeline, out, *steps, config=config), pause_at=60)
+    wait_paused(proc)
+    interrupt_paused(proc)
     assert proc.returncode == 130
-    assert load_artifact(out / "checkpoint.safetensors").extra["step"] < 150
+    assert load_artifact(out / "checkpoint.safetensors").extra["step"] == 60
     assert run_script("train_transformer.py", *train_cli(pipeline, out, *steps, config=config)).returncode == 0
     a = load_artifact(reference / "model.safetensors").tensors
     b = load_artifact(out / "model.safetensors").tensors

@@ -39,7 +39,7 @@ from core.data import (crop_to_content, read_image_files, read_records, read_tab
 from core.errors import PipelineError
 from core.generator import Generator
 from core.pictures import picture_bytes, save_image_grid, to_picture
-from core.training import RUN_FILE, RunEnv, claim_out_dir, finish_run, setup_run
+from core.training import RUN_FILE, RunEnv, claim_out_dir, finish_run, pause_point, setup_run
 
 IMAGES_PER_FOLDER = 1000
 GRID_COLUMNS = 8  # images per prompt in the grid of a prompts run
@@ -94,6 +94,7 @@ class BatchWriter:
         self.pending: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.folders: set[Path] = set()
+        self.logged = 0  # batches this process has logged
         self.thread = threading.Thread(target=self._work, name="image-writer", daemon=True)
         self.thread.start()
 
@@ -139,6 +140,8 @@ class BatchWriter:
             log.write("".join(json.dumps({"batch": b.number, "labels": b.labels}) + "\n" for b in batches))
             log.flush()
             os.fsync(log.fileno())
+        self.logged += len(batches)
+        pause_point(self.logged)
 
 
 def read_progress(progress_dir: Path) -> dict[int, list[int]]:

@@ -25,6 +25,8 @@ def main(
     num_images: Annotated[int, typer.Option(min=2, help="images compared per set, at most")] = 1000,
     classifier_steps: Annotated[int, typer.Option(min=1, help="training steps of the feature classifier")] = 500,
     classifier_path: Annotated[Optional[Path], typer.Option(help="reuse this classifier artifact")] = None,
+    prompt_classifier_steps: Annotated[int, typer.Option(
+        min=1, help="training steps of the word classifier (prompt agreement, captioned sets)")] = 600,
     k: Annotated[int, typer.Option(min=1, help="neighbours for precision/recall and density/coverage")] = 5,
     autoencoder_path: Annotated[Optional[Path], typer.Option(
         help="the generator's autoencoder: the tokenizer ceiling section (real images reconstructed)")] = None,
@@ -53,6 +55,7 @@ def main(
                               flip=downstream_flip, real_share=0.5 if downstream_mix == "equal" else None)
     report = run(EvalArgs(real_path=real_path, generated_path=generated_path, out_dir=out_dir, num_images=num_images,
                           seed=seed, classifier_steps=classifier_steps, classifier_path=classifier_path, k=k,
+                          prompt_classifier_steps=prompt_classifier_steps,
                           downstream=downstream, downstream_config=config,
                           curated_path=curated_path, autoencoder_path=autoencoder_path,
                           codebook_paths=list(codebook_path or []), device=device, progress=track))

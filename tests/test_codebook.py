@@ -1,9 +1,10 @@
 import json
+import shutil
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import TINY_AE, build_dataset, run_script, write_shape_folder
 from core.data import load_fmap_dataset
 from core.model_artifacts import load_codebook
 from core.models.codebook import CodebookConfig, SOMCodebook, patchify, unpatchify, usage_counts, usage_stats
@@ -122,24 +123,29 @@ def test_patch_must_tile_the_map():
         config_from_dict(CodebookConfig, {"image_H": 8, "image_W": 8, "patch_H": 3, "patch_W": 3})
 
 
-@pytest.fixture
-def fmap_dataset(tmp_path, tiny_dataset, tiny_ae_config):
-    """A tiny autoencoder, and its feature maps of the shapes dataset: (2, 8, 8) each."""
-    ae = tmp_path / "ae"
-    result = run_script("train_autoencoder.py", "--dataset-path", tiny_dataset, "--config-path", tiny_ae_config,
+@pytest.fixture(scope="module")
+def fmap_dataset(tmp_path_factory):
+    """The shapes dataset at 16x16, a tiny autoencoder, and its feature maps: (2, 8, 8) each, made once for the
+    module's tests, which only read them."""
+    root = tmp_path_factory.mktemp("fmaps")
+    build_dataset(write_shape_folder(root / "shapes", 24), root / "data", size=16, holdout=0.15)
+    dataset = root / "data" / "dataset.json"
+    (root / "ae.json").write_text(json.dumps(TINY_AE))
+    ae = root / "ae"
+    result = run_script("train_autoencoder.py", "--dataset-path", dataset, "--config-path", root / "ae.json",
                         "--out-dir", ae, "--max-steps", "30", "--batch-size", "8", "--max-epoch", "100")
     assert result.returncode == 0, result.stderr
-    out = tmp_path / "fmaps"
-    result = run_script("generate_fmap_dataset.py", "--dataset-path", tiny_dataset, "--model-path",
+    out = root / "fmaps"
+    result = run_script("generate_fmap_dataset.py", "--dataset-path", dataset, "--model-path",
                         ae / "autoencoder.safetensors", "--out-dir", out, "--num-files-folder", "25", "--batch-size", "7")
     assert result.returncode == 0, result.stderr
-    return out / "dataset.json", ae / "autoencoder.safetensors"
+    return out / "dataset.json", ae / "autoencoder.safetensors", dataset
 
 
-def test_fmap_dataset_matches_encoder(fmap_dataset, tiny_dataset):
+def test_fmap_dataset_matches_encoder(fmap_dataset):
     from core.model_artifacts import load_autoencoder
     from core.data import load_image_dataset, to_float
-    path, ae_path = fmap_dataset
+    path, ae_path, tiny_dataset = fmap_dataset
     data, info = load_fmap_dataset(path)
     images = load_image_dataset(tiny_dataset)
     assert info["fmap_shape"] == [2, 8, 8] and data.items.shape == (72, 2, 8, 8)
@@ -151,8 +157,10 @@ def test_fmap_dataset_matches_encoder(fmap_dataset, tiny_dataset):
     assert torch.equal(data.labels, images.labels) and torch.equal(data.is_heldout, images.is_heldout)
 
 
-def test_fmap_generation_resumes(fmap_dataset, tiny_dataset):
-    path, ae_path = fmap_dataset
+def test_fmap_generation_resumes(tmp_path, fmap_dataset):
+    shared, ae_path, tiny_dataset = fmap_dataset
+    path = tmp_path / "fmaps" / "dataset.json"
+    shutil.copytree(shared.parent, path.parent)
     (path.parent / "shards" / "shard_00002.safetensors").unlink()  # as if killed before the last shard
     result = run_script("generate_fmap_dataset.py", "--dataset-path", tiny_dataset, "--model-path", ae_path,
                         "--out-dir", path.parent, "--num-files-folder", "25")
@@ -161,7 +169,7 @@ def test_fmap_generation_resumes(fmap_dataset, tiny_dataset):
 
 
 def test_codebook_and_prune_stages(tmp_path, fmap_dataset):
-    path, ae_path = fmap_dataset
+    path, ae_path, _ = fmap_dataset
     config = tmp_path / "cb.json"
     config.write_text(json.dumps({"image_H": 8, "image_W": 8, "image_C": 2, "patch_H": 4, "patch_W": 4,
                                   "num_embeddings": 16, "neighbourhood_step": 10, "model_lr": 0.01}))
@@ -188,7 +196,7 @@ def test_codebook_and_prune_stages(tmp_path, fmap_dataset):
 
 
 def test_codebook_for_other_maps_is_refused(tmp_path, fmap_dataset):
-    path, _ = fmap_dataset
+    path, _, _ = fmap_dataset
     other = SOMCodebook(CodebookConfig(image_H=4, image_W=4, image_C=2, patch_H=2, patch_W=2, num_embeddings=4))
     from core.model_artifacts import save_codebook
     save_codebook(tmp_path / "other.safetensors", other, {})
@@ -207,7 +215,7 @@ def test_image_dataset_is_not_a_fmap_dataset(tmp_path, tiny_dataset):
 
 
 def test_a_config_without_shape_keys_takes_the_maps_shape(tmp_path, fmap_dataset):
-    path, _ = fmap_dataset
+    path, _, _ = fmap_dataset
     config = tmp_path / "cb.json"
     for name, patch, tokens in (("cond", "map", 1), ("fine", 2, 16)):
         config.write_text(json.dumps({"patch_H": patch, "patch_W": patch, "num_embeddings": 8}))
@@ -220,7 +228,7 @@ def test_a_config_without_shape_keys_takes_the_maps_shape(tmp_path, fmap_dataset
 
 
 def test_a_wrong_shape_given_explicitly_fails_in_one_line(tmp_path, fmap_dataset):
-    path, _ = fmap_dataset
+    path, _, _ = fmap_dataset
     config = tmp_path / "cb.json"
     config.write_text(json.dumps({"image_H": 32, "image_W": 32, "image_C": 4, "patch_H": 8, "patch_W": 8}))
     result = run_script("train_codebook.py", "--dataset-path", path, "--config-path", config, "--out-dir", tmp_path / "c")

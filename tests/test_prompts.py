@@ -300,7 +300,8 @@ def test_the_report_measures_prompt_agreement(tmp_path, text_models):
                     "--prompts-file", tmp_path / "prompts.txt").returncode == 0
     result = run_script("evaluate.py", "--real-path", text_models["data"], "--generated-path",
                         tmp_path / "gen" / "dataset.json", "--out-dir", tmp_path / "report", "--num-images", 12,
-                        "--classifier-steps", 5, "--k", 2, "--device", "cpu")
+                        "--classifier-steps", 5, "--prompt-classifier-steps", 60, "--k", 2, "--no-downstream",
+                        "--device", "cpu")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     prompts = report["prompts"]

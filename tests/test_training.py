@@ -59,6 +59,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_dataset, slow_c
     assert metric_steps == sorted(metric_steps), "steps replayed after the kill are not logged twice"
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_checkpoint_and_exits_130(tmp_path, tiny_dataset, slow_config):
     out = tmp_path / "run"
     proc = start_script("train_autoencoder.py", *train_args(tiny_dataset, slow_config, out, "--max-steps", "100000"),
@@ -114,6 +115,7 @@ def test_init_from_wrong_kind(tmp_path, tiny_dataset, tiny_ae_config):
     assert "expected a autoencoder artifact, found kind 'checkpoint'" in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, tiny_dataset, tiny_ae_config):
     out = tmp_path / "ddp"
     # --local-addr: a host whose name does not resolve (as on some CI machines) hangs the rendezvous

@@ -25,6 +25,7 @@ class EvalArgs:
     seed: int = 0
     classifier_steps: int = 500
     classifier_path: Path | None = None
+    prompt_classifier_steps: int = 600  # the word classifier of the prompt agreement section (captioned sets)
     k: int = 5
     pca_components: int = 64
     memorization_percentile: float = 5.0

@@ -33,6 +33,7 @@ def run(args: EvalArgs) -> dict:
                                               generated=sets.all_generated, seed=args.seed, device=device, track=track,
                                               teacher=features.classifier, curated_path=args.curated_path)
     prompts = prompt_agreement.section(sets.real, args.generated_path, args.out_dir, device, args.seed,
+                                       steps=args.prompt_classifier_steps,
                                        progress=lambda it: track(it, "prompt classifier"))
     if prompts is not None:  # captioned real and generated images
         report["prompts"] = prompts

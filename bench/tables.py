@@ -1,16 +1,24 @@
-"""Markdown tables for the docs, written from runs' report.json and timings.log, so that no figure in them
-drifts from its run:
+"""Markdown tables for the docs, written from runs' report.json, timings.log and metrics, so that no figure in
+them drifts from its run:
 
     python bench/tables.py downstream runs/tiny32_lowdata100 runs/tiny32_lowdata20
-    python bench/tables.py timings runs/tiny32_lowdata100
-    python bench/tables.py ceiling runs/tiny32_transfer/tuned100 runs/tiny32_transfer/scratch100
+    python bench/tables.py record runs/tiny32 docs/runs/tiny32       # the run's figures, kept in the repository
+    python bench/tables.py check README.md docs/*.md                 # every marked table still what its runs say
+    python bench/tables.py refresh README.md docs/*.md               # rewrite them
 
-downstream: one row per arm of the report's downstream section, one column per run (mean ± standard deviation
-over its seeds), then the generator's gain. timings: each stage's wall time from timings.log (the last line of
-each stage, as a rerun appends) and their sum. ceiling: the report's tokenizer ceiling, one column per run, as
-multiples of the real floor's Fréchet distance in the report classifier's features (which stage loses detail).
+Tables: downstream (one row per arm of the report's downstream section, one column per run, mean ± standard
+deviation over its seeds, then the generator's gain); ceiling (the tokenizer ceiling as multiples of the real
+floor's Fréchet distance in the report classifier's features); timings (each stage's wall time, the last line of
+each stage in timings.log as a rerun appends, and their sum); stages (the timings with each training stage's
+best held-out figure); summary (one row per run: time, distance, near-copies, downstream); quality (the fp32,
+compressed and exported models' reports of one run).
+
+A run is a run folder or its record (`record`: its reports, timings.log and the stages' best held-out figures,
+a few tens of KB). In a markdown file, a line `<!-- tables: KIND RUN... -->` marks the table below it as that
+table of those runs (paths from the repository root); `check` fails naming every table that differs.
 """
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,51 +33,211 @@ ROWS = {GENERATED: "generated images alone (CAS)", CURATED_ALONE: "curated image
         REAL: "as many real images", SUBSET: "real images (the subset)",
         DISTILLED: "real images, half of each batch mixup labelled by a teacher (no generator)",
         AUGMENTED: "real + generated, asked labels", CURATED: "real + curated, curated labels"}
+REPORTS = {"report": "fp32 models", "report_compressed": "compressed models (torch, int8 weights)",
+           "report_export": "export bundle (onnxruntime, no torch)"}
+STAGES_FILE = "stages.json"
+MARKER = "<!-- tables: "
 app = typer.Typer(add_completion=False)
 
 
-def downstream_of(run: Path) -> dict:
-    return json.loads((run / "report" / "report.json").read_text())["downstream"]
+# ---------------------------------------------------------------- what a run holds
+
+def report_of(run: Path, name: str = "report") -> dict:
+    return json.loads((run / name / "report.json").read_text())
 
 
-@app.command()
-def downstream(runs: list[Path]) -> None:
-    sections = [downstream_of(run) for run in runs]
-    print("| training set | " + " | ".join(f"`{run.name}`" for run in runs) + " |")
-    print("|---|" + "---:|" * len(runs))
-    for name, label in ROWS.items():
-        if name == REAL or not any(name in s["arms"] for s in sections):
-            continue
-        cells = [(f"{s['arms'][name]['accuracy']['mean']:.2%} ± {100 * s['arms'][name]['accuracy']['std']:.2f} "
-                  f"({s['arms'][name]['images']:,})") if name in s["arms"] else "" for s in sections]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    print("| the generator's gain (verdict) | " + " | ".join(
-        f"{s['gain_points']:+.2f} points ({s['gain_verdict']})" for s in sections) + " |")
-
-
-@app.command()
-def ceiling(runs: list[Path]) -> None:
-    reports = [json.loads((run / "report" / "report.json").read_text()) for run in runs]
-    tables = [{row["images"].split(" (")[0]: row["spaces"]["classifier"]["frechet_over_floor"]
-               for row in r["tokenizer_ceiling"]["rows"]} for r in reports]
-    print("| images (x real floor, classifier features) | " + " | ".join(f"`{run.name}`" for run in runs) + " |")
-    print("|---|" + "---:|" * len(runs))
-    for name in dict.fromkeys(name for table in tables for name in table):
-        print(f"| {name} | " + " | ".join(f"{t[name]:.1f}x" if name in t else "" for t in tables) + " |")
-
-
-@app.command()
-def timings(run: Path) -> None:
+def stage_times(run: Path) -> dict[str, float]:
     last: dict[str, float] = {}
     for line in (run / "timings.log").read_text().splitlines():
         if ": " in line and " s wall" in line:
             stage, rest = line.split(": ", 1)
             last[stage] = float(rest.split(" s wall")[0])
-    print("| stage | wall time |\n|---|---:|")
-    for stage, seconds in last.items():
-        print(f"| {stage} | {seconds / 60:.1f} min |")
-    print(f"| all | {sum(last.values()) / 60:.0f} min |")
+    return last
 
+
+def best_figures(run: Path) -> dict[str, dict]:
+    """Each training stage's metrics at its kept (best) step, by the stage's timings.log name."""
+    if (run / STAGES_FILE).exists():
+        return json.loads((run / STAGES_FILE).read_text())
+    figures = {}
+    for metrics in sorted(run.glob("*/metrics.jsonl")) + sorted(run.glob("*/*/metrics.jsonl")):
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        evaluated = [r for r in records if "best_step" in r]
+        if not evaluated:
+            continue
+        best = next((r for r in evaluated if r["step"] == evaluated[-1]["best_step"]), evaluated[-1])
+        folder = metrics.parent.relative_to(run)
+        kind, _, level = str(folder).partition("/")
+        name = {"autoencoder": "autoencoder", "decoder": "decoder", "codebooks": f"codebook {level}",
+                "transformers": f"{level} transformer"}.get(kind)
+        if name:
+            figures[name] = {k: v for k, v in best.items() if k not in ("epoch", "train_loss")}
+    return figures
+
+
+def names(runs: list[Path]) -> list[str]:
+    """Each run's folder name, with its parent's where two runs share a name."""
+    short = [run.name for run in runs]
+    return [f"{run.parent.name}/{run.name}" if short.count(run.name) > 1 else run.name for run in runs]
+
+
+def held_out(figures: dict) -> str:
+    if "heldout_psnr" in figures:
+        return f"held-out PSNR {figures['heldout_psnr']:.1f} dB"
+    if "decoded_psnr" in figures:
+        return f"decoded PSNR {figures['decoded_psnr']:.1f} dB, {figures['used_units']:,} units used"
+    if "heldout_loss" in figures:
+        return f"held-out loss {figures['heldout_loss']:.3f}"
+    return ""
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+# ---------------------------------------------------------------- the tables
+
+def downstream_table(runs: list[Path]) -> list[str]:
+    sections = [report_of(run)["downstream"] for run in runs]
+    lines = ["| training set | " + " | ".join(f"`{name}`" for name in names(runs)) + " |",
+             "|---|" + "---:|" * len(runs)]
+    for name, label in ROWS.items():
+        if name == REAL or not any(name in s["arms"] for s in sections):
+            continue
+        cells = [(f"{s['arms'][name]['accuracy']['mean']:.2%} ± {100 * s['arms'][name]['accuracy']['std']:.2f} "
+                  f"({s['arms'][name]['images']:,})") if name in s["arms"] else "" for s in sections]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| the generator's gain (verdict) | " + " | ".join(
+        f"{s['gain_points']:+.2f} points ({s['gain_verdict']})" for s in sections) + " |")
+    return lines
+
+
+def ceiling_table(runs: list[Path]) -> list[str]:
+    tables = [{row["images"].split(" (")[0]: row["spaces"]["classifier"]["frechet_over_floor"]
+               for row in report_of(run)["tokenizer_ceiling"]["rows"]} for run in runs]
+    lines = ["| images (x real floor, classifier features) | " + " | ".join(f"`{n}`" for n in names(runs)) + " |",
+             "|---|" + "---:|" * len(runs)]
+    for name in dict.fromkeys(name for table in tables for name in table):
+        lines.append(f"| {name} | " + " | ".join(f"{t[name]:.1f}x" if name in t else "" for t in tables) + " |")
+    return lines
+
+
+def timings_table(run: Path) -> list[str]:
+    times = stage_times(run)
+    return (["| stage | wall time |", "|---|---:|"] + [f"| {stage} | {minutes(s)} |" for stage, s in times.items()]
+            + [f"| all | {sum(times.values()) / 60:.0f} min |"])
+
+
+def stages_table(run: Path) -> list[str]:
+    times, figures = stage_times(run), best_figures(run)
+    lines = ["| stage | wall time | kept step: held-out figure |", "|---|---:|---|"]
+    for stage, seconds in times.items():
+        best = figures.get(stage)
+        kept = f"step {best['step']:,}: {held_out(best)}" if best else ""
+        lines.append(f"| {stage} | {minutes(seconds)} | {kept} |")
+    return lines + [f"| all | {sum(times.values()) / 60:.0f} min | |"]
+
+
+def summary_table(runs: list[Path]) -> list[str]:
+    lines = ["| run | wall time | Fréchet distance, classifier (real floor) | near-copies (real) "
+             "| CAS / as many real | the generator's gain (verdict) |", "|---|---:|---:|---:|---:|---|"]
+    for name, run in zip(names(runs), runs):
+        report = report_of(run)
+        space = "classifier" if "classifier" in report["spaces"] else "pixel_pca"
+        distance = report["spaces"][space]["frechet_distance"]
+        copies = report["memorization"]
+        down = report["downstream"]
+        cas = f"{down['cas_over_real']:.0%}" if down.get("cas_over_real") is not None else "-"
+        gain = f"{down['gain_points']:+.2f} points ({down['gain_verdict']})" if "gain_points" in down else "-"
+        lines.append(f"| `{name}` | {sum(stage_times(run).values()) / 60:.0f} min | {distance['value']:.1f} "
+                     f"({distance['real_floor']:.2f}){'' if space == 'classifier' else ' pixel PCA'} | "
+                     f"{copies['generated_rate']:.1%} ({copies['heldout_rate']:.0%}) | {cas} | {gain} |")
+    return lines
+
+
+def quality_table(run: Path) -> list[str]:
+    lines = ["| images from | Fréchet distance, classifier (real floor) | recall (real floor) "
+             "| Fréchet distance, pixel PCA (real floor) | near-copies |", "|---|---:|---:|---:|---:|"]
+    for folder, label in REPORTS.items():
+        if not (run / folder / "report.json").exists():
+            continue
+        report = report_of(run, folder)
+        classifier = report["spaces"].get("classifier", {})
+        pixels = report["spaces"]["pixel_pca"]
+        cell = lambda m: f"{m['value']:.3g} ({m['real_floor']:.3g})" if m else "-"
+        lines.append(f"| {label} | {cell(classifier.get('frechet_distance'))} | {cell(classifier.get('recall'))} | "
+                     f"{cell(pixels['frechet_distance'])} | {report['memorization']['generated_rate']:.1%} |")
+    return lines
+
+
+TABLES = {"downstream": downstream_table, "ceiling": ceiling_table, "summary": summary_table,
+          "timings": lambda runs: timings_table(*runs), "stages": lambda runs: stages_table(*runs),
+          "quality": lambda runs: quality_table(*runs)}
+
+
+# ---------------------------------------------------------------- marked tables in markdown files
+
+def marked_tables(text: str) -> list[tuple[int, int, list[str]]]:
+    """(first, end, the marker's words) of each marked table: lines[first:end] are the table's lines."""
+    lines, found = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.startswith(MARKER) and line.rstrip().endswith("-->"):
+            end = i + 1
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            found.append((i + 1, end, line[len(MARKER):].rstrip()[:-3].split()))
+    return found
+
+
+def expected(words: list[str]) -> list[str]:
+    kind, runs = words[0], [ROOT / w for w in words[1:]]
+    if kind not in TABLES or not runs:
+        raise SystemExit(f"a marker names table '{kind}' with {len(runs)} runs; tables: {', '.join(TABLES)}")
+    return TABLES[kind](runs)
+
+
+@app.command()
+def check(files: list[Path]) -> None:
+    stale = []
+    for path in files:
+        for first, end, words in marked_tables(path.read_text()):
+            if path.read_text().splitlines()[first:end] != expected(words):
+                stale.append(f"{path}:{first + 1}: the {words[0]} table differs from {' '.join(words[1:])}")
+    if stale:
+        print("\n".join(stale + ["(python bench/tables.py refresh FILES rewrites them)"]), file=sys.stderr)
+        raise SystemExit(1)
+
+
+@app.command()
+def refresh(files: list[Path]) -> None:
+    for path in files:
+        lines = path.read_text().splitlines()
+        for first, end, words in reversed(marked_tables(path.read_text())):
+            lines[first:end] = expected(words)
+        path.write_text("\n".join(lines) + "\n")
+
+
+@app.command()
+def record(run: Path, dest: Path) -> None:
+    """Keep a run's figures: its reports' report.json, its timings.log and its stages' best figures."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for folder in REPORTS:
+        if (run / folder / "report.json").exists():
+            (dest / folder).mkdir(exist_ok=True)
+            shutil.copy(run / folder / "report.json", dest / folder / "report.json")
+    shutil.copy(run / "timings.log", dest / "timings.log")
+    (dest / STAGES_FILE).write_text(json.dumps(best_figures(run), indent=1) + "\n")
+
+
+def printer(kind: str):
+    def show(runs: list[Path]) -> None:
+        print("\n".join(TABLES[kind](runs)))
+    show.__name__ = kind
+    return show
+
+
+for kind in TABLES:
+    app.command(name=kind)(printer(kind))
 
 if __name__ == "__main__":
     app()

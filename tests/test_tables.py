@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from core.report.downstream import AUGMENTED, GENERATED, REAL, SUBSET, compare, spread
 
 
@@ -40,3 +40,38 @@ def test_the_ceiling_table_gives_each_stage_as_a_multiple_of_the_floor(tmp_path:
     lines = table.stdout.splitlines()
     assert lines[0] == "| images (x real floor, classifier features) | `tuned` | `scratch` |"
     assert lines[3:] == ["| autoencoder | 2.0x | 30.0x |", "| codebook `l1` | 6.2x | 6.2x |", "| generated | 40.0x | 40.0x |"]
+
+
+def test_every_marked_table_in_the_docs_is_what_its_run_records_say():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    result = run_script("bench/tables.py", "check", *docs)
+    assert result.returncode == 0, result.stderr
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200 and readme.count("<!-- tables: ") >= 2
+
+
+def test_a_stale_table_is_named_and_refresh_rewrites_it(tmp_path: Path):
+    marker = "<!-- tables: downstream docs/runs/tiny32_lowdata100 -->"
+    page = tmp_path / "page.md"
+    page.write_text(f"# Results\n\n{marker}\n| training set | `tiny32_lowdata100` |\n|---|---:|\n| edited | 99% |\n\nafter\n")
+    stale = run_script("bench/tables.py", "check", page)
+    assert stale.returncode == 1 and f"{page}:4: the downstream table differs" in stale.stderr
+    assert run_script("bench/tables.py", "refresh", page).returncode == 0
+    assert run_script("bench/tables.py", "check", page).returncode == 0
+    text = page.read_text()
+    assert "| edited |" not in text and "| the generator's gain (verdict) | -2.10 points (loss) |" in text
+    assert text.startswith(f"# Results\n\n{marker}\n| training set |") and text.endswith("\n\nafter\n")
+
+
+def test_the_stage_table_gives_each_stage_its_time_and_kept_figure(tmp_path: Path):
+    run = tmp_path / "run"
+    (run / "transformers" / "base").mkdir(parents=True)
+    (run / "timings.log").write_text("dataset: 6.0 s wall; 1 KB peak\nbase transformer: 90.0 s wall; 1 KB peak\n")
+    metrics = [{"step": 50, "heldout_loss": 2.5, "best_step": 50}, {"step": 100, "heldout_loss": 2.7, "best_step": 50}]
+    (run / "transformers" / "base" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    lines = run_script("bench/tables.py", "stages", run).stdout.splitlines()
+    assert lines[2:] == ["| dataset | 0.1 min |  |", "| base transformer | 1.5 min | step 50: held-out loss 2.500 |",
+                         "| all | 2 min | |"]
+    record = tmp_path / "record"
+    assert run_script("bench/tables.py", "record", run, record).returncode == 0
+    assert run_script("bench/tables.py", "stages", record).stdout.splitlines() == lines

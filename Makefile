@@ -113,7 +113,7 @@ DECODER := $(AUTOENCODER)
 DECODER_ARTIFACT := $(AE_ARTIFACT)
 endif
 # the report's tokenizer ceiling: real images reconstructed through an autoencoder and every pruned codebook
-ceiling = --autoencoder-path $(1) $(foreach level,$(LEVELS),--codebook-path $(call codebook,$(level)))
+ceiling = --autoencoder-path $(1) $(foreach level,$(LEVELS),--ceiling-codebook $(call codebook,$(level)))
 TRAIN_FLAGS = --device $(DEVICE) --checkpoint-step $(CHECKPOINT_STEP)
 # a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
 # starts over
@@ -227,7 +227,7 @@ $(RUNS)/decoder/DONE: $(RUNS)/pruned/$(FINEST)/DONE $(call config_deps,decoder.j
 	rm -f $@
 	$(call started,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
 	$(call TIMER,decoder) $(PYTHON) train_autoencoder.py --dataset-path $(CHAIN_DATA)/dataset.json --init-from $(AE_ARTIFACT) \
-		--codebook-path $(call codebook,$(FINEST)) --config-path $(call config,decoder.json) --out-dir $(RUNS)/decoder \
+		--decode-codebook $(call codebook,$(FINEST)) --config-path $(call config,decoder.json) --out-dir $(RUNS)/decoder \
 		--batch-size $(BATCH) --max-steps $(DECODER_STEPS) --max-epoch $(DECODER_EPOCHS) $(TRAIN_FLAGS) \
 		$(call restart,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))
 	$(call record,decoder,$(BATCH) $(DECODER_STEPS) $(DECODER_EPOCHS))

@@ -30,7 +30,7 @@ def main(
     k: Annotated[int, typer.Option(min=1, help="neighbours for precision/recall and density/coverage")] = 5,
     autoencoder_path: Annotated[Optional[Path], typer.Option(
         help="the generator's autoencoder: the tokenizer ceiling section (real images reconstructed)")] = None,
-    codebook_path: Annotated[Optional[list[Path]], typer.Option(
+    ceiling_codebook: Annotated[Optional[list[Path]], typer.Option(
         help="a codebook of that autoencoder's feature maps, for the ceiling section (repeatable)")] = None,
     downstream: Annotated[bool, typer.Option(
         help="train classifiers on the generated images and on real ones, test them on the real held-out "
@@ -58,7 +58,7 @@ def main(
                           prompt_classifier_steps=prompt_classifier_steps,
                           downstream=downstream, downstream_config=config,
                           curated_path=curated_path, autoencoder_path=autoencoder_path,
-                          codebook_paths=list(codebook_path or []), device=device, progress=track))
+                          codebook_paths=list(ceiling_codebook or []), device=device, progress=track))
     for line in summary_lines(report):
         console.print(f"[bold red]{line}[/bold red]" if line.startswith("WARNING") else line, highlight=False)
     for space, metrics in report["spaces"].items():

@@ -19,13 +19,13 @@ def main(
     out_dir: OutDir,
     config_path: ConfigPath = None,
     init_from: InitFrom = None,
-    codebook_path: Annotated[Optional[Path], typer.Option(help="fine-tune the decoder of --init-from (encoder "
+    decode_codebook: Annotated[Optional[Path], typer.Option(help="fine-tune the decoder of --init-from (encoder "
                                                                "frozen) to decode this codebook's quantized maps")] = None,
     *,
     options: TrainOptions,
 ) -> None:
     path = run(AutoencoderArgs(dataset_path=dataset_path, config_path=config_path, init_from=init_from,
-                               codebook_path=codebook_path, options=options))
+                               codebook_path=decode_codebook, options=options))
     console.print(f"wrote {path}")
 
 

@@ -19,13 +19,12 @@ def main(
     out_dir: OutDir,
     config_path: ConfigPath = None,
     decoder_path: Annotated[Optional[Path], typer.Option(help="autoencoder artifact, for decoded previews and PSNR")] = None,
-    codebook_path: Annotated[Optional[Path], typer.Option("--codebook-path", "--init-from",
-                                                          help="start from this codebook's units")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="start from this codebook's units")] = None,
     *,
     options: TrainOptions,
 ) -> None:
     path = run(CodebookArgs(dataset_path=dataset_path, config_path=config_path, decoder_path=decoder_path,
-                            init_from=codebook_path, options=options))
+                            init_from=init_from, options=options))
     console.print(f"wrote {path}")
 
 

@@ -118,7 +118,7 @@ def test_a_decoder_fine_tuned_on_quantized_maps_decodes_them_better(tmp_path, pi
 
 def test_decoder_fine_tuning_needs_the_autoencoder(tmp_path, pipeline):
     from conftest import run_script
-    result = run_script("train_autoencoder.py", "--dataset-path", pipeline["dataset"], "--codebook-path",
+    result = run_script("train_autoencoder.py", "--dataset-path", pipeline["dataset"], "--decode-codebook",
                         pipeline["l2"], "--out-dir", tmp_path / "x")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: --codebook-path fine-tunes a trained decoder: give the autoencoder with --init-from"]
+        "error: --decode-codebook fine-tunes a trained decoder: give the autoencoder with --init-from"]

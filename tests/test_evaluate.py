@@ -405,7 +405,7 @@ def test_the_ceiling_section_reconstructs_the_floor_through_every_codebook(tmp_p
         load_tokenizer(pipeline["autoencoder"], [other], (1, 16, 16), torch.device("cpu"))
     # bad tokenizer flags fail at once, in one line
     for flags, message in ((["--autoencoder-path", tmp_path / "missing.safetensors"], "missing.safetensors"),
-                           (["--codebook-path", books[0]], "--codebook-path needs --autoencoder-path")):
+                           (["--ceiling-codebook", books[0]], "--ceiling-codebook needs --autoencoder-path")):
         result = run_script("evaluate.py", "--real-path", data, "--generated-path", data, "--out-dir", tmp_path / "bad",
                             "--k", 2, "--device", "cpu", *flags)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -158,7 +158,7 @@ def test_make_lowdata_trains_the_chain_on_a_per_class_subset(tmp_path):
     report = next(line for line in planned if "evaluate.py" in line)
     assert f"--curated-path {runs}/curated/dataset.json" in report
     assert "--downstream-per-class 20 --k 3" in report and f"--autoencoder-path {runs}/autoencoder" in report
-    assert report.count("--codebook-path") == 3 and "compress.py" not in result.stdout
+    assert report.count("--ceiling-codebook") == 3 and "compress.py" not in result.stdout
 
 
 def test_make_transfer_pretrains_without_the_target_classes_and_tunes_and_trains_on_them(tmp_path):

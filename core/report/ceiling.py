@@ -28,7 +28,7 @@ class Tokenizer:
 def tokenizer_for(args: EvalArgs, real: Dataset, device: torch.device) -> Tokenizer | None:
     """The report's tokenizer (None without --autoencoder-path), checked against the images as stored."""
     if args.codebook_paths and args.autoencoder_path is None:
-        raise PipelineError("--codebook-path needs --autoencoder-path (the autoencoder whose maps it tokenizes)")
+        raise PipelineError("--ceiling-codebook needs --autoencoder-path (the autoencoder whose maps it tokenizes)")
     if args.autoencoder_path is None:
         return None
     stored_shape = (real.items.shape[1], *[real.info.get("size", side) for side in real.items.shape[-2:]])
@@ -113,7 +113,7 @@ def section(args: EvalArgs, tokenizer: Tokenizer | None, floor: Dataset, spaces:
 def markdown(ceiling: dict) -> list[str]:
     lines = ["## Tokenizer ceiling", ""]
     if "skipped" in ceiling:
-        return lines + [f"Skipped: {ceiling['skipped']} (evaluate.py --autoencoder-path, --codebook-path).", ""]
+        return lines + [f"Skipped: {ceiling['skipped']} (evaluate.py --autoencoder-path, --ceiling-codebook).", ""]
     lines += [f"The {ceiling['images']} real images of the floor, as stored and passed through the autoencoder "
               f"`{ceiling['autoencoder']['path']}` and each codebook (encode, tokenize, look up, decode), against the "
               "same reference as the generated images. A perfect tokenizer scores the real floor (1.0x); no "

@@ -59,7 +59,7 @@ def run(args: AutoencoderArgs) -> Path:
     """Train an autoencoder on the dataset's training split; returns the artifact's path."""
     options = args.options
     if args.codebook_path is not None and args.init_from is None:
-        raise PipelineError("--codebook-path fine-tunes a trained decoder: give the autoencoder with --init-from")
+        raise PipelineError("--decode-codebook fine-tunes a trained decoder: give the autoencoder with --init-from")
     start = load_artifact(args.init_from, AUTOENCODER) if args.init_from is not None else None
     cfg = stage_config(args.config_path, start)
     data = load_images(args.dataset_path, cfg)

@@ -29,6 +29,16 @@ PRUNE_THRESHOLD ?= 5
 # augmented copies of each training image for the codebooks and transformers (auto: enough for about
 # 8,000 training maps, none for a large dataset)
 AUG_COPIES ?= auto
+# Independent stages (the codebooks, the transformers, the compressions, the reports) run side by side, one
+# job per core (JOBS=1: one at a time). The stages running at once share the cores (core/cores.py: one alone
+# takes them all), and print a line per held-out evaluation instead of live progress bars.
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+ifeq ($(MAKELEVEL),0)
+MAKEFLAGS += -j$(JOBS)
+endif
+ifneq ($(JOBS),1)
+export QARIG_PROGRESS := lines
+endif
 # each stage's wall time and peak memory are appended to $(RUNS)/timings.log
 TIMER = $(if $(wildcard /usr/bin/time),/usr/bin/time -a -o $(RUNS)/timings.log -f "$(1): %e s wall; %M KB peak")
 

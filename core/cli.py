@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from core.console import console, errors
+from core.cores import adjust_threads, share
 from core.errors import Interrupted, PipelineError
 from core.training import TrainOptions
 
@@ -28,7 +29,8 @@ def stage(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             check_out_dir(kwargs.get("out_dir"))
-            return fn(*args, **kwargs)
+            with share:
+                return fn(*args, **kwargs)
         except PipelineError as e:
             errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
@@ -53,7 +55,9 @@ def track(items, description: str):
     """A rich progress bar over a sized iterable."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        yield from progress.track(items, description=description)
+        for item in progress.track(items, description=description):
+            adjust_threads()
+            yield item
 
 
 # Options shared by the stages, declared once.

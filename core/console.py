@@ -6,7 +6,11 @@ import os
 
 from rich.console import Console
 
-console = Console(stderr=True, soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0")
+# QARIG_PROGRESS=lines: no live progress bars (the Makefile's choice when stages run side by side, whose bars
+# would overwrite each other); the training stages print a line per held-out evaluation instead
+LIVE = os.environ.get("QARIG_PROGRESS", "live") != "lines"
+console = Console(stderr=True, soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0",
+                  force_interactive=None if LIVE else False)
 errors = Console(stderr=True, soft_wrap=True)
 
 

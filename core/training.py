@@ -19,7 +19,8 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from core.artifacts import atomic_write_bytes, atomic_write_json, load_artifact, load_state, save_artifact, state_tensors
-from core.console import notice
+from core.console import console, notice
+from core.cores import adjust_threads
 from core.errors import Interrupted, PipelineError
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -440,6 +441,7 @@ class Trainer:
             if record:
                 self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **record,
                           "train_loss": train_loss, "best_step": self.best.step})
+                self._print_checkpoint(record, keep)
             if keep and self.export is not None:
                 self.export(net, self.step)
             if not final and self._out_of_patience():
@@ -449,6 +451,14 @@ class Trainer:
                        f"{self.objective.metric} ({self.best.value:.4g}) is the best; step {self.step} has "
                        f"{record[self.objective.metric]:.4g}")
         self.save_checkpoint()
+
+    def _print_checkpoint(self, record: dict, best: bool) -> None:
+        """Without a live progress bar (make -j, a log file), one line per held-out evaluation."""
+        metric = self.objective.metric
+        if console.is_interactive or metric not in record:
+            return
+        console.print(f"{self.args.stage}: step {self.step}/{self.total_steps}, {metric} {record[metric]:.4g}"
+                      f"{' (best so far)' if best else ''}", highlight=False)
 
     def _print_eta(self, first_step: int, elapsed: float) -> None:
         left = self.total_steps - self.step
@@ -504,6 +514,7 @@ class Trainer:
                 seen, started, first_step = 0, time.perf_counter(), self.step
                 loss_ema = None
                 while self.step < self.total_steps and not self.stopped_early:
+                    adjust_threads()
                     batch = self.objective.get_batch(self.batch_indices(self.step))
                     lr = learning_rate(self.args, self.step, self.total_steps)
                     for group in self.optimizer.param_groups:

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_AE, script_env, write_colour_folder, write_shape_folder
 from core.artifacts import load_artifact
@@ -36,12 +38,13 @@ def write_preset(configs: Path) -> None:
 
 
 def make(runs: Path, configs: Path, source: Path, *extra: str, target: str = "demo") -> subprocess.CompletedProcess:
-    """make `target` on the small preset; `extra` flags and settings come last (a later setting wins)."""
+    """make `target` on the small preset, one stage at a time (JOBS=1: the stage order is checked); `extra`
+    flags and settings come last (a later setting wins)."""
     venv = Path(sys.executable).parent.parent
     command = ["make", "-o", f"{venv}/.installed", target, f"VENV={venv}", f"RUNS={runs}", f"CONFIGS={configs}",
                "PRESET=test", f"SOURCE={source}", "SIZE=16", "DEVICE=cpu", "NUM_IMAGES=6", "PRUNE_THRESHOLD=1",
                "REPORT_FLAGS=--num-images 6 --classifier-steps 5 --k 2 --downstream-steps 3 --downstream-seeds 1",
-               "CURATE_FLAGS=--teacher-steps 5 --choice-steps 3 --choice-seeds 1",
+               "CURATE_FLAGS=--teacher-steps 5 --choice-steps 3 --choice-seeds 1", "JOBS=1",
                *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=script_env(), cwd=ROOT)
 
@@ -49,6 +52,34 @@ def make(runs: Path, configs: Path, source: Path, *extra: str, target: str = "de
 def test_make_demo_runs_the_chain_and_resumes_and_a_new_folder_tunes_from_it(tmp_path, image_folder):
     runs = check_demo_chain(tmp_path, image_folder)
     check_tuned_chain(tmp_path, runs)
+
+
+def test_stages_side_by_side_make_what_one_at_a_time_makes(tmp_path, image_folder):
+    """make demo with JOBS=2 runs independent stages at once (one thread each here) and ends with the same
+    artifacts and images as JOBS=1; no stamp is older than what its stage wrote."""
+    write_preset(tmp_path / "configs")
+    chains = {}
+    for jobs in (1, 2):
+        runs = tmp_path / f"jobs{jobs}"
+        result = make(runs, tmp_path / "configs", image_folder, f"JOBS={jobs}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        chains[jobs] = runs
+    files = sorted(p.relative_to(chains[1]) for p in chains[1].rglob("*")
+                   if p.suffix in (".safetensors", ".png") and p.parent.name != "samples")
+    assert len(files) > 50 and files == sorted(p.relative_to(chains[2]) for p in chains[2].rglob("*")
+                                               if p.suffix in (".safetensors", ".png") and p.parent.name != "samples")
+    for name in files:
+        one, two = chains[1] / name, chains[2] / name
+        if name.suffix == ".png":
+            assert one.read_bytes() == two.read_bytes(), name
+        else:
+            a, b = load_file(one), load_file(two)  # the tensors (the metadata names each run's paths)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for stamp in chains[2].rglob("DONE"):
+        written = [p.stat().st_mtime for p in stamp.parent.rglob("*") if p.is_file() and p != stamp]
+        assert stamp.stat().st_mtime >= max(written, default=0), stamp
+    timings = (chains[2] / "timings.log").read_text()
+    assert timings.index("codebook l2") < timings.index("base transformer")  # the order of what depends
 
 
 def check_tuned_chain(tmp_path: Path, init: Path) -> None:

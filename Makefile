@@ -162,10 +162,10 @@ $(VENV)/.installed: requirements.txt
 # the fast tier (every stage and error path); test-all adds the slow tier (end-to-end make, the seed's examples,
 # multi-node, kill-and-resume)
 test: setup
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q -n $(JOBS) -m "not slow" tests
 
 test-all: test
-	$(PYTHON) -m pytest -q -m slow tests
+	$(PYTHON) -m pytest -q -n $(JOBS) -m slow tests
 
 demo: setup $(REPORT) $(REPORT_COMPRESSED) $(REPORT_EXPORT)
 	@echo "demo done: generated images in $(RUNS)/generated (grid.png), quality report in $(RUNS)/report/report.md;"

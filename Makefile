@@ -142,7 +142,7 @@ record = mkdir -p $(SETTINGS) && echo '$(strip $(2))' > $(SETTINGS)/$(1)
 # a transformer's steps, epochs and batch: the base model's or the cascade models', or the tuning's
 model_steps = $(if $(INIT),$(TUNE_STEPS) $(TUNE_EPOCHS),$(if $(filter $(BASE_MODELS),$(1)),$(BASE_STEPS) $(BASE_EPOCHS),$(CASCADE_STEPS) $(CASCADE_EPOCHS))) $(BATCH)
 
-.PHONY: setup test test-all demo codebooks transformers generate curate sampling report compress export fewshot lowdata transfer captions captions-reports bench bench-generation clean-demo FORCE
+.PHONY: setup test test-all demo codebooks transformers generate curate sampling report compress export fewshot lowdata transfer captions captions-reports bench bench-generation bench-chain clean-demo FORCE
 .SECONDEXPANSION:
 
 setup: $(VENV)/.installed
@@ -448,6 +448,15 @@ bench: $(REPORT_COMPRESSED) $(EXPORT)
 # generation's images/s and share of the matmul peak per batch size, and runs of 10,000 and 100,000 images
 bench-generation: $(GENERATED)
 	$(PYTHON) bench/generation.py --runs $(RUNS) --out $(RUNS)/bench_generation.json --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
+
+# every stage of a small chain (2,000 training images, about a tenth of the preset's steps) timed from a clean
+# folder, so that a stage that got slower shows: its stage table, from $(BENCH_CHAIN_RUNS)/timings.log
+BENCH_CHAIN_RUNS ?= $(RUNS)_bench_chain
+bench-chain:
+	rm -rf $(BENCH_CHAIN_RUNS)
+	$(MAKE) demo RUNS=$(BENCH_CHAIN_RUNS) DATA_FLAGS="--limit 2000" AE_STEPS=400 CB_STEPS=100 BASE_STEPS=300 \
+		CASCADE_STEPS=300 NUM_IMAGES=200 REPORT_FLAGS="--downstream-steps 100 --downstream-seeds 1"
+	$(PYTHON) bench/tables.py stages $(BENCH_CHAIN_RUNS)
 
 clean-demo:
 	rm -rf $(RUNS)

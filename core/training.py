@@ -447,24 +447,29 @@ class Trainer:
             if not final and self._out_of_patience():
                 self._stop_early()
             elif final and not keep and self.export is not None:
-                notice(f"{self.args.stage}: the artifact keeps step {self.best.step}, whose "
+                notice(f"{self.label}: the artifact keeps step {self.best.step}, whose "
                        f"{self.objective.metric} ({self.best.value:.4g}) is the best; step {self.step} has "
                        f"{record[self.objective.metric]:.4g}")
         self.save_checkpoint()
+
+    @property
+    def label(self) -> str:
+        """The stage and its out dir's name in what it prints (two transformers may train side by side)."""
+        return f"{self.args.stage} {self.out_dir.name}"
 
     def _print_checkpoint(self, record: dict, best: bool) -> None:
         """Without a live progress bar (make -j, a log file), one line per held-out evaluation."""
         metric = self.objective.metric
         if console.is_interactive or metric not in record:
             return
-        console.print(f"{self.args.stage}: step {self.step}/{self.total_steps}, {metric} {record[metric]:.4g}"
+        console.print(f"{self.label}: step {self.step}/{self.total_steps}, {metric} {record[metric]:.4g}"
                       f"{' (best so far)' if best else ''}", highlight=False)
 
     def _print_eta(self, first_step: int, elapsed: float) -> None:
         left = self.total_steps - self.step
         per_step = elapsed / (self.step - first_step)
         early = " (less if it stops early)" if self.args.patience_steps > 0 else ""
-        notice(f"{self.args.stage}: {per_step:.2f} s a step; about {duration(left * per_step)} for the "
+        notice(f"{self.label}: {per_step:.2f} s a step; about {duration(left * per_step)} for the "
                f"{left} steps left{early}, besides held-out evaluations")
 
     def _out_of_patience(self) -> bool:
@@ -476,7 +481,7 @@ class Trainer:
         message = (f"{self.objective.metric} has not improved for {self.step - self.best.step} steps (patience "
                    f"{self.args.patience_steps}): stopped at step {self.step} of {self.total_steps}; the artifact "
                    f"keeps step {self.best.step} ({self.best.value:.4g})")
-        notice(f"{self.args.stage}: {message}")
+        notice(f"{self.label}: {message}")
         self.log({"step": self.step, "early_stop": message, "best_step": self.best.step})
         self.stopped_early = True
 
@@ -496,7 +501,7 @@ class Trainer:
             message = (f"{metric} went from {self.best.value:.4g} at step {self.best.step} to {value:.4g} at step "
                        f"{self.step} ({worse:.0%} worse) while the training loss fell from "
                        f"{self.best.train_loss:.4g} to {train_loss:.4g}: the model is memorizing its training set")
-            notice(f"{self.args.stage}: {message}; the artifact keeps step {self.best.step}")
+            notice(f"{self.label}: {message}; the artifact keeps step {self.best.step}")
             self.log({"step": self.step, "warning": "overfitting", "message": message})
         return False
 
@@ -505,7 +510,7 @@ class Trainer:
         resumed = self.restore_checkpoint()
         self._record_batch_size()
         if not self.objective.heldout and self.objective.metric and self.env.is_main and not resumed:
-            notice(f"{self.args.stage}: the data has no held-out split, so {self.objective.metric} is measured on "
+            notice(f"{self.label}: the data has no held-out split, so {self.objective.metric} is measured on "
                    "training items and memorization cannot be seen")
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()

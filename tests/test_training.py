@@ -226,6 +226,12 @@ def test_a_stage_prints_its_expected_wall_time_after_its_first_steps(tmp_path, c
     assert len(lines) == 1 and "for the 30 steps left" in lines[0]
 
 
+def test_without_a_live_bar_each_held_out_evaluation_prints_a_line_naming_the_run(tmp_path, capsys):
+    fake_run(tmp_path / "cascade", [3.0, 2.0, 2.5] + [2.5] * 5, steps=40, exported=[])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "step 1" in line and "/40, " in line]
+    assert lines[0].endswith(" cascade: step 10/40, heldout_loss 2 (best so far)") and "best" not in lines[1], lines
+
+
 def test_durations_read_as_a_person_says_them():
     from core.training import duration
     assert [duration(s) for s in (45, 12 * 60, 80 * 60)] == ["45 s", "12 min", "1 h 20 min"]

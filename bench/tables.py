@@ -21,6 +21,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -36,6 +37,7 @@ ROWS = {GENERATED: "generated images alone (CAS)", CURATED_ALONE: "curated image
 REPORTS = {"report": "fp32 models", "report_compressed": "compressed models (torch, int8 weights)",
            "report_export": "export bundle (onnxruntime, no torch)"}
 STAGES_FILE = "stages.json"
+ELAPSED_FILE = "elapsed.json"  # a record's wall time from start to end, when its stages ran side by side
 MARKER = "<!-- tables: "
 app = typer.Typer(add_completion=False)
 
@@ -53,6 +55,13 @@ def stage_times(run: Path) -> dict[str, float]:
             stage, rest = line.split(": ", 1)
             last[stage] = float(rest.split(" s wall")[0])
     return last
+
+
+def wall_time(run: Path) -> str:
+    """The run's wall time: as recorded, or its stages' times added up (one at a time, that is the same)."""
+    if (run / ELAPSED_FILE).exists():
+        return f"{json.loads((run / ELAPSED_FILE).read_text())['elapsed_s'] / 60:.0f} min"
+    return f"{sum(stage_times(run).values()) / 60:.0f} min"
 
 
 def best_figures(run: Path) -> dict[str, dict]:
@@ -135,7 +144,10 @@ def stages_table(run: Path) -> list[str]:
         best = figures.get(stage)
         kept = f"step {best['step']:,}: {held_out(best)}" if best else ""
         lines.append(f"| {stage} | {minutes(seconds)} | {kept} |")
-    return lines + [f"| all | {sum(times.values()) / 60:.0f} min | |"]
+    lines.append(f"| all stages, added up | {sum(times.values()) / 60:.0f} min | |")
+    if (run / ELAPSED_FILE).exists():
+        lines.append(f"| start to end (stages side by side) | {wall_time(run)} | |")
+    return lines
 
 
 def summary_table(runs: list[Path]) -> list[str]:
@@ -149,7 +161,7 @@ def summary_table(runs: list[Path]) -> list[str]:
         down = report["downstream"]
         cas = f"{down['cas_over_real']:.0%}" if down.get("cas_over_real") is not None else "-"
         gain = f"{down['gain_points']:+.2f} points ({down['gain_verdict']})" if "gain_points" in down else "-"
-        lines.append(f"| `{name}` | {sum(stage_times(run).values()) / 60:.0f} min | {distance['value']:.1f} "
+        lines.append(f"| `{name}` | {wall_time(run)} | {distance['value']:.1f} "
                      f"({distance['real_floor']:.2f}){'' if space == 'classifier' else ' pixel PCA'} | "
                      f"{copies['generated_rate']:.1%} ({copies['heldout_rate']:.0%}) | {cas} | {gain} |")
     return lines
@@ -218,9 +230,12 @@ def refresh(files: list[Path]) -> None:
 
 
 @app.command()
-def record(run: Path, dest: Path) -> None:
+def record(run: Path, dest: Path, elapsed_s: Annotated[Optional[float], typer.Option(
+        help="the run's wall time from start to end, when its stages ran side by side")] = None) -> None:
     """Keep a run's figures: its reports' report.json, its timings.log and its stages' best figures."""
     dest.mkdir(parents=True, exist_ok=True)
+    if elapsed_s is not None:
+        (dest / ELAPSED_FILE).write_text(json.dumps({"elapsed_s": elapsed_s}) + "\n")
     for folder in REPORTS:
         if (run / folder / "report.json").exists():
             (dest / folder).mkdir(exist_ok=True)

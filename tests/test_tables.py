@@ -71,7 +71,7 @@ def test_the_stage_table_gives_each_stage_its_time_and_kept_figure(tmp_path: Pat
     (run / "transformers" / "base" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     lines = run_script("bench/tables.py", "stages", run).stdout.splitlines()
     assert lines[2:] == ["| dataset | 0.1 min |  |", "| base transformer | 1.5 min | step 50: held-out loss 2.500 |",
-                         "| all | 2 min | |"]
+                         "| all stages, added up | 2 min | |"]
     record = tmp_path / "record"
     assert run_script("bench/tables.py", "record", run, record).returncode == 0
     assert run_script("bench/tables.py", "stages", record).stdout.splitlines() == lines

@@ -212,8 +212,9 @@ def expected(words: list[str]) -> list[str]:
 def check(files: list[Path]) -> None:
     stale = []
     for path in files:
-        for first, end, words in marked_tables(path.read_text()):
-            if path.read_text().splitlines()[first:end] != expected(words):
+        text = path.read_text()
+        for first, end, words in marked_tables(text):
+            if text.splitlines()[first:end] != expected(words):
                 stale.append(f"{path}:{first + 1}: the {words[0]} table differs from {' '.join(words[1:])}")
     if stale:
         print("\n".join(stale + ["(python bench/tables.py refresh FILES rewrites them)"]), file=sys.stderr)

@@ -129,12 +129,12 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> Any:
     base = data.pop(BASE_KEY)
     if not isinstance(base, str) or not base:
         raise PipelineError(f"{path}: \"{BASE_KEY}\" must name another config file (a path relative to this one)")
-    base_path = path.parent / base
-    if base_path.resolve() in seen + (path.resolve(),):
+    base_path, seen = path.parent / base, seen + (path.resolve(),)
+    if base_path.resolve() in seen:
         raise PipelineError(f"{path}: its \"{BASE_KEY}\" {base} leads back to itself")
     if not base_path.is_file():
         raise PipelineError(f"{path}: its \"{BASE_KEY}\" {base_path} is not a file")
-    return _merged(_load_with_bases(base_path, seen + (path.resolve(),)), data)
+    return _merged(_load_with_bases(base_path, seen), data)
 
 
 def _merged(base: Any, own: dict) -> dict:

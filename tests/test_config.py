@@ -148,26 +148,22 @@ def test_a_bad_base_is_refused_in_one_line(tmp_path, files, message):
         load_config(AutoencoderConfig, tmp_path / "c.json")
 
 
-def preset_file(preset: Path, name: str) -> Path | None:
-    """The file `name` of a preset as the Makefile finds it: the preset's own, or its base preset's."""
-    while not (preset / name).is_file():
-        if not (preset / "base").is_file():
-            return None
-        preset = preset.parent / (preset / "base").read_text().strip()
-    return preset / name
+def preset_chain(preset: Path) -> list[Path]:
+    """A preset's folder and its bases' folders, nearest first, as the Makefile walks them."""
+    chain = [preset]
+    while (chain[-1] / "base").is_file():
+        chain.append(chain[-1].parent / (chain[-1] / "base").read_text().strip())
+    return chain
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").iterdir()))
 def test_every_preset_resolves_into_valid_configs(preset):
-    folder = ROOT / "configs" / preset
-    names = {p.name for p in folder.glob("*.json")}
-    while (folder / "base").is_file():
-        folder = folder.parent / (folder / "base").read_text().strip()
-        names |= {p.name for p in folder.glob("*.json")}
+    chain = preset_chain(ROOT / "configs" / preset)
+    names = {p.name for folder in chain for p in folder.glob("*.json")}
     kinds = {"autoencoder": AutoencoderConfig, "decoder": AutoencoderConfig, "codebook": CodebookConfig,
              "transformer": TransformerConfig, "compress": CompressConfig}
     for name in names:
-        path = preset_file(ROOT / "configs" / preset, name)
+        path = next(folder / name for folder in chain if (folder / name).is_file())
         kind = next((cls for prefix, cls in kinds.items() if name.startswith(prefix)), None)
         if kind is not None:
             load_config(kind, path)

@@ -59,8 +59,8 @@ def main(runs: Annotated[Path, typer.Option(help="a run folder with data/, curat
             print(f"{name:>34}: {a['mean']:.2%} ± {100 * a['std']:.2f} (the report's)", flush=True)
     for ratio, share in grid:
         arm = curated_arm(subset, curated, ratio, share, 0)
-        result = downstream.accuracy_over_seeds(arm, test_images, test_labels, len(real.label_names), settings,
-                                                seeds=seeds, seed=0, device=torch.device("cpu"))
+        result = downstream.accuracy_over_seeds([arm], test_images, test_labels, len(real.label_names), settings,
+                                                seeds=seeds, seed=0, device=torch.device("cpu"))[arm.name]
         rows.append({"per_real": ratio, "real_share": share, "curated_images": len(arm.images) - len(subset.images),
                      "accuracy": result})
         print(f"{ratio:>5g} curated per real, real share {share:.2f} ({rows[-1]['curated_images']:,} images): "

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 from conftest import build_dataset, run_script, shape_image, write_colour_folder, write_generated_set, \
     write_shape_folder
+from core.artifacts import load_artifact
 from core.data import load_image_dataset
 from core.generator import Generator
 from core.report.downstream import (CURATED, CURATED_ALONE, DISTILLED, SUBSET, DownstreamConfig, build_arms,
                                     load_curated, soft_cross_entropy, train_classifier)
 from core.stages.curate import CurateArgs, run
+from core.report.sets import TEACHER_FILE
 from core.stages.evaluate import EvalArgs, run as evaluate
 
 NAMES = ["bar", "circle", "square"]  # the label names, sorted; shape_image's kinds are circle, square, bar
@@ -162,9 +164,14 @@ def test_the_report_adds_the_curated_arms_and_measures_the_gain_over_the_best_ar
     images, kinds = novel_shapes(60)
     generated = write_generated_set(tmp_path / "gen", images, [KIND_NAMES[k] for k in kinds])
     curate(real, generated, tmp_path / "cur", labels="teacher", filter="none")
-    report = evaluate(EvalArgs(real, generated, tmp_path / "report", num_images=30, classifier_steps=30, k=2,
+    report = evaluate(EvalArgs(real, generated, tmp_path / "report", num_images=30, classifier_steps=80, k=2,
                                curated_path=tmp_path / "cur" / "dataset.json", device="cpu",
                                downstream_config=DownstreamConfig(steps=30, batch_size=32, seeds=2)))
+    # the feature classifier is the curation's teacher (the same recipe on the same images), kept beside the report
+    assert report["classifier"]["reused"] and report["classifier"]["path"] == str(tmp_path / "cur" / TEACHER_FILE)
+    teacher = load_artifact(tmp_path / "cur" / TEACHER_FILE)
+    kept = load_artifact(tmp_path / "report" / "classifier.safetensors")
+    assert kept.config == teacher.config and all(torch.equal(kept.tensors[k], v) for k, v in teacher.tensors.items())
     section = report["downstream"]
     assert list(section["arms"]) == ["generated", CURATED_ALONE, "real", SUBSET, DISTILLED,
                                      "real subset + generated", CURATED]

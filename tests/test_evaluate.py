@@ -325,6 +325,22 @@ def test_cas_of_real_images_matches_the_real_arm_and_shuffled_labels_score_chanc
     assert results[REAL]["class_counts"] == torch.bincount(train.labels).tolist()
 
 
+def test_classifiers_trained_side_by_side_equal_those_trained_one_after_another(shapes: Dataset):
+    train, heldout = shapes.split(heldout=False), shapes.split(heldout=True)
+    arms = build_arms(train, train, per_class=10, seed=0)[:2]
+    config = DownstreamConfig(steps=30, batch_size=16, seeds=2)
+    quiet = lambda items, description: iter(items)  # noqa: E731
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one core: in turn
+        in_turn = run_arms(arms, heldout, 3, config, 0, torch.device("cpu"), quiet)
+        torch.set_num_threads(2)  # two cores: four classifiers two at a time, each on one thread
+        side_by_side = run_arms(arms, heldout, 3, config, 0, torch.device("cpu"), quiet)
+    finally:
+        torch.set_num_threads(before)
+    assert side_by_side == in_turn
+
+
 def test_batches_follow_the_weights(shapes: Dataset):
     """Images of weight 0 are never drawn: here, copies with wrong labels that would otherwise confuse it."""
     train, heldout = shapes.split(heldout=False), shapes.split(heldout=True)

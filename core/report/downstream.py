@@ -21,6 +21,7 @@ The generator's gain is the better of the two generated arms minus the better no
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -28,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from core.cores import in_parallel
 from core.data import Dataset, load_image_dataset, to_float
 from core.errors import PipelineError
 from core.models.classifier import FeatureClassifier, shift_and_flip
@@ -36,6 +38,9 @@ Progress = Callable[[Iterable], Iterator]
 GENERATED, REAL, SUBSET, AUGMENTED = "generated", "real", "real subset", "real subset + generated"
 CURATED_ALONE, DISTILLED, CURATED = "curated", "real subset, distilled", "real subset + curated"
 NO_GENERATOR = (SUBSET, DISTILLED)
+# classifiers train side by side on threads (core.cores.in_parallel); torch's global generator, which gives a
+# model its initial weights, is theirs to share
+INIT_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------- one classifier
@@ -69,8 +74,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     its loss against the teacher's probabilities of the mixtures."""
     if len(images) < 2:
         raise PipelineError(f"too few labelled images ({len(images)}) to train a classifier")
-    torch.manual_seed(config["seed"])
-    model = FeatureClassifier(images.shape[1], num_classes, config["model_width"], config["features"])
+    with INIT_LOCK:
+        torch.manual_seed(config["seed"])
+        model = FeatureClassifier(images.shape[1], num_classes, config["model_width"], config["features"])
     model = model.to(device, memory_format=torch.channels_last)  # a third faster on a CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     generator = torch.Generator().manual_seed(config["seed"])
@@ -276,51 +282,56 @@ def accuracy_of(model: FeatureClassifier, test_images: torch.Tensor, test_labels
     return float(right.mean()), right
 
 
-def train_arm(arm: Arm, num_classes: int, settings: dict, device: torch.device, progress: Progress = iter
-              ) -> FeatureClassifier:
-    return train_classifier(arm.images, arm.labels, num_classes, settings, device, progress, arm.weights,
-                            arm.targets, arm.teacher)
+def train_arm(arm: Arm, num_classes: int, settings: dict, device: torch.device) -> FeatureClassifier:
+    return train_classifier(arm.images, arm.labels, num_classes, settings, device, weights=arm.weights,
+                            targets=arm.targets, teacher=arm.teacher)
 
 
-def accuracy_over_seeds(arm: Arm, test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
-                        settings: dict, *, seeds: int, seed: int, device: torch.device,
-                        track: Callable[[Iterable, str], Iterator] | None = None, prefix: str = "") -> dict:
-    """The arm trained with seeds seed, seed + 1, ...: the spread of its accuracies on the test images."""
+def train_and_test(arms: list[Arm], test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
+                   settings: dict, *, seeds: int, seed: int, device: torch.device,
+                   track: Callable[[Iterable, str], Iterator] | None = None,
+                   description: str = "downstream") -> dict[str, list[tuple[float, torch.Tensor]]]:
+    """Every arm trained with seeds seed, seed + 1, ... (side by side, one per core) and tested: per arm, each
+    seed's accuracy on the test images and which of them it got right."""
     track = track or (lambda items, _: iter(items))
-    values = []
-    for s in range(seeds):
-        model = train_arm(arm, num_classes, {**settings, "seed": seed + s}, device,
-                          lambda it: track(it, f"{prefix}{arm.name}, seed {s + 1}"))
-        values.append(accuracy_of(model, test_images, test_labels, device)[0])
-    return spread(values)
+    jobs = [(arm, s) for arm in arms for s in range(seeds)]
+
+    def outcome(job: tuple[Arm, int]) -> tuple[float, torch.Tensor]:
+        arm, s = job
+        model = train_arm(arm, num_classes, {**settings, "seed": seed + s}, device)
+        return accuracy_of(model, test_images, test_labels, device)
+    outcomes = iter(in_parallel(outcome, jobs, lambda it: track(it, f"{description}: {len(jobs)} classifiers")))
+    return {arm.name: [next(outcomes) for _ in range(seeds)] for arm in arms}
+
+
+def accuracy_over_seeds(arms: list[Arm], test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
+                        settings: dict, *, seeds: int, seed: int, device: torch.device,
+                        track: Callable[[Iterable, str], Iterator] | None = None,
+                        description: str = "downstream") -> dict[str, dict]:
+    """Per arm, the spread of its seeds' accuracies on the test images."""
+    outcomes = train_and_test(arms, test_images, test_labels, num_classes, settings, seeds=seeds, seed=seed,
+                              device=device, track=track, description=description)
+    return {name: spread([accuracy for accuracy, _ in runs]) for name, runs in outcomes.items()}
 
 
 def run_arms(arms: list[Arm], test: Dataset, num_classes: int, config: DownstreamConfig, seed: int,
              device: torch.device, track: Callable[[Iterable, str], Iterator]) -> dict:
     """Train every arm with every seed; their accuracies on the labelled test images, overall and per class."""
     test_images, test_labels = labelled(test)
-    settings = classifier_settings(config)
-    by_name, results = {arm.name: arm for arm in arms}, {}
-
-    def result(arm: Arm) -> dict:
-        if arm.name not in results and arm.same_as is not None:
-            results[arm.name] = {**result(by_name[arm.same_as]), "same_as": arm.same_as}
-        if arm.name in results:
-            return results[arm.name]
-        accuracies, per_class = [], torch.zeros(num_classes)
-        for s in range(config.seeds):
-            description = f"downstream: {arm.name}, seed {s + 1}/{config.seeds}"
-            model = train_arm(arm, num_classes, {**settings, "seed": seed + s}, device,
-                              lambda it: track(it, description))
-            accuracy, right = accuracy_of(model, test_images, test_labels, device)
-            accuracies.append(accuracy)
-            per_class += torch.zeros(num_classes).index_add_(0, test_labels, right) / torch.bincount(
-                test_labels, minlength=num_classes).clamp_min(1)
-        results[arm.name] = {"images": len(arm.images), "accuracy": spread(accuracies),
-                             "per_class": (per_class / config.seeds).tolist(),
+    trained = [arm for arm in arms if arm.same_as is None]
+    outcomes = train_and_test(trained, test_images, test_labels, num_classes, classifier_settings(config),
+                              seeds=config.seeds, seed=seed, device=device, track=track)
+    per_class_count = torch.bincount(test_labels, minlength=num_classes).clamp_min(1)
+    results = {}
+    for arm in trained:
+        runs = outcomes[arm.name]
+        per_class = sum(torch.zeros(num_classes).index_add_(0, test_labels, right) / per_class_count
+                        for _, right in runs)
+        results[arm.name] = {"images": len(arm.images), "accuracy": spread([accuracy for accuracy, _ in runs]),
+                             "per_class": (per_class / len(runs)).tolist(),
                              "class_counts": torch.bincount(arm.labels, minlength=num_classes).tolist()}
-        return results[arm.name]
-    return {arm.name: result(arm) for arm in arms}
+    return {arm.name: results[arm.name] if arm.same_as is None else {**results[arm.same_as], "same_as": arm.same_as}
+            for arm in arms}
 
 
 def verdict(better: dict, worse: dict) -> str:

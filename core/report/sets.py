@@ -14,6 +14,7 @@ from core.errors import PipelineError
 from core.report.downstream import DownstreamConfig
 
 CLASSIFIER_KIND = "feature_classifier"
+TEACHER_FILE = "teacher.safetensors"  # beside a curated set: its teacher, a feature classifier
 
 
 @dataclass

@@ -10,13 +10,13 @@ from typing import Callable
 
 import torch
 
-from core.artifacts import file_record, load_artifact, load_state, save_artifact, state_tensors
+from core.artifacts import Artifact, file_record, load_artifact, load_state, save_artifact, state_tensors
 from core.data import Dataset, to_float
 from core.errors import PipelineError
 from core.metrics import Progress, all_metrics, pca
 from core.models.classifier import FeatureClassifier
 from core.report import downstream
-from core.report.sets import CLASSIFIER_KIND, EvalArgs, Sets
+from core.report.sets import CLASSIFIER_KIND, TEACHER_FILE, EvalArgs, Sets
 
 CLASSIFIER_FILE = "classifier.safetensors"
 Featurize = Callable[[torch.Tensor], torch.Tensor]  # uint8 images (N, C, H, W) -> features (N, D)
@@ -57,7 +57,8 @@ def compute(args: EvalArgs, sets: Sets, device: torch.device, track: Callable) -
     model = None
     if is_labelled(sets.real):
         model, info = obtain_classifier(sets.real, sets.train, args.out_dir, args.classifier_steps, args.seed, device,
-                                        args.classifier_path, lambda it: track(it, "classifier"))
+                                        args.classifier_path, lambda it: track(it, "classifier"),
+                                        made_elsewhere=args.curated_path and args.curated_path.parent / TEACHER_FILE)
         all_heldout = sets.real.split(heldout=True)
         _, heldout_predictions = downstream.predict(model, all_heldout.items, device)
         mask = all_heldout.labels >= 0
@@ -117,26 +118,29 @@ def build_classifier(config: dict) -> FeatureClassifier:
 
 
 def obtain_classifier(real: Dataset, train: Dataset, out_dir: Path, steps: int, seed: int, device: torch.device,
-                      classifier_path: Path | None, progress: Progress = iter) -> tuple[FeatureClassifier, dict]:
-    """The classifier given by --classifier-path, else the one in out_dir if made with the same config from
-    the same real data, else a freshly trained one (saved to out_dir)."""
+                      classifier_path: Path | None, progress: Progress = iter,
+                      made_elsewhere: Path | None = None) -> tuple[FeatureClassifier, dict]:
+    """The classifier given by --classifier-path; else the one in out_dir or `made_elsewhere` (the curated set's
+    teacher, saved into out_dir too) if made with the same config from the same real data; else a freshly
+    trained one (saved to out_dir)."""
     config = classifier_config(real, steps, seed)
     source = file_record(real.path)
-    path = classifier_path or out_dir / CLASSIFIER_FILE
-    if classifier_path is not None or path.exists():
-        artifact = load_artifact(path, CLASSIFIER_KIND)
-        if classifier_path is not None:  # a user's choice: it must only fit the data
-            wanted = {k: config[k] for k in ("channels", "height", "width", "label_names")}
-            found = {k: artifact.config.get(k) for k in wanted}
-            if found != wanted:
-                raise PipelineError(f"{path}: classifier made for {found}, the real data {real.path} has {wanted}")
-            reuse = True
-        else:
-            reuse = artifact.config == config and artifact.provenance.get("real", {}).get("sha256") == source["sha256"]
-        if reuse:
-            model = build_classifier(artifact.config)
-            load_state(model, artifact.tensors, path)
-            return model.to(device).eval(), {"path": str(path), "reused": True, "config": artifact.config}
+    path = out_dir / CLASSIFIER_FILE
+    if classifier_path is not None:  # a user's choice: it must only fit the data
+        artifact = load_artifact(classifier_path, CLASSIFIER_KIND)
+        wanted = {k: config[k] for k in ("channels", "height", "width", "label_names")}
+        found = {k: artifact.config.get(k) for k in wanted}
+        if found != wanted:
+            raise PipelineError(f"{classifier_path}: classifier made for {found}, the real data {real.path} has {wanted}")
+        return loaded_classifier(artifact, device)
+    for candidate in (path, made_elsewhere):
+        if candidate is None or not candidate.exists():
+            continue
+        artifact = load_artifact(candidate, CLASSIFIER_KIND)
+        if artifact.config == config and artifact.provenance.get("real", {}).get("sha256") == source["sha256"]:
+            if candidate != path:
+                save_artifact(path, artifact.tensors, CLASSIFIER_KIND, config, artifact.provenance)
+            return loaded_classifier(artifact, device)
     images, labels = downstream.labelled(train)
     if len(images) < 2:
         raise PipelineError(f"{train.path}: too few labelled training images to train a classifier")
@@ -144,6 +148,12 @@ def obtain_classifier(real: Dataset, train: Dataset, out_dir: Path, steps: int, 
     save_artifact(path, state_tensors(model), CLASSIFIER_KIND, config,
                   {"stage": "evaluate", "real": source, "step": steps})
     return model, {"path": str(path), "reused": False, "config": config}
+
+
+def loaded_classifier(artifact: Artifact, device: torch.device) -> tuple[FeatureClassifier, dict]:
+    model = build_classifier(artifact.config)
+    load_state(model, artifact.tensors, artifact.path)
+    return model.to(device).eval(), {"path": str(artifact.path), "reused": True, "config": artifact.config}
 
 
 def class_report(names: list[str], heldout_predictions: torch.Tensor, generated_predictions: torch.Tensor,

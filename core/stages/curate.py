@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 from core.artifacts import atomic_path, atomic_write_json, file_record, save_artifact, state_tensors
 from core.console import console
+from core.cores import in_parallel
 from core.data import Dataset, load_image_dataset, read_image_files, read_table, record_files, write_records
 from core.errors import PipelineError
 from core.metrics import nearest_distances
 from core.models.classifier import FeatureClassifier
 from core.report import downstream
-from core.report.sets import CLASSIFIER_KIND, at_source_size
+from core.report.sets import CLASSIFIER_KIND, TEACHER_FILE, at_source_size
 from core.report.spaces import classifier_config, is_labelled, pixels
 from core.training import pick_device
 
@@ -149,13 +150,15 @@ def select(scores: Scores, rule: Rule, num_classes: int) -> tuple[torch.Tensor, 
 
 # ---------------------------------------------------------------- the teacher and the scores
 
-def train_teacher(train: Dataset, real: Dataset, args: CurateArgs, device: torch.device,
-                  description: str) -> FeatureClassifier:
-    images, labels = downstream.labelled(train)
+def train_teachers(sets: list[Dataset], real: Dataset, args: CurateArgs, device: torch.device
+                   ) -> list[FeatureClassifier]:
+    """A teacher trained on each set's labelled images, side by side."""
     config = classifier_config(real, args.teacher_steps, args.seed)
     track = args.progress or (lambda items, _: iter(items))
-    return downstream.train_classifier(images, labels, len(real.label_names), config, device,
-                                       lambda it: track(it, description))
+
+    def teacher(data: Dataset) -> FeatureClassifier:
+        return downstream.train_classifier(*downstream.labelled(data), len(real.label_names), config, device)
+    return in_parallel(teacher, sets, lambda it: track(it, f"curation: {len(sets)} teacher(s)"))
 
 
 def score(images: torch.Tensor, asked: torch.Tensor, teacher: FeatureClassifier | None,
@@ -219,35 +222,34 @@ def sample_images(path: Path, names: list[str], count: int, total: int, channels
 
 # ---------------------------------------------------------------- the choice on the validation split
 
-def choose(args: CurateArgs, real: Dataset, train: Dataset, total: int, threshold: float, device: torch.device
-           ) -> dict:
-    """Every candidate rule measured on the validation split: a teacher and the downstream classifier
-    trained on the rest of the training images (the classifier with the sample of curated generated images
-    mixed in, at the downstream section's real share), tested on the validation images."""
-    fit, validation = downstream.validation_split(train.with_labels(), args.validation_share, args.seed)
+def choose(args: CurateArgs, real: Dataset, split: tuple[Dataset, Dataset], teacher: FeatureClassifier, total: int,
+           threshold: float, device: torch.device) -> dict:
+    """Every candidate rule measured on the validation split: `teacher` (trained on the rest of the training
+    images, `split`'s first part) labels a sample of the generated images, and the downstream classifier
+    trained on the rest with the sample curated by each rule mixed in (at the downstream section's real
+    share) is tested on the validation images."""
+    fit, validation = split
     k = len(real.label_names)
-    teacher = train_teacher(fit, real, args, device, "curation: validation teacher")
     images, asked = sample_images(args.generated_path, real.label_names, args.choice_images, total,
                                   real.items.shape[1], args.seed, args.batch_size)
     scores = score(images, asked, teacher, pixels(fit.items).to(device), device)
     floors = confidence_floors(scores, k, args.confident_quantile)
-    settings = downstream.classifier_settings(args.downstream)
-
-    def accuracy(arm: downstream.Arm) -> dict:
-        return downstream.accuracy_over_seeds(arm, validation.items, validation.labels, k, settings,
-                                              seeds=args.choice_seeds, seed=args.seed, device=device,
-                                              track=args.progress, prefix="curation: ")
-
     fit_hot = F.one_hot(fit.labels, k).float()
-    figures = {"real alone": {"images": 0, "accuracy": accuracy(downstream.Arm("real alone", fit.items, fit.labels))}}
+    arms, figures = [downstream.Arm("real alone", fit.items, fit.labels)], {"real alone": {"images": 0}}
     for labels, filter_ in CANDIDATES:
         kept, carried, targets = select(scores, Rule(labels, filter_, threshold, floors), k)
         kept &= carried >= 0
         name = f"{labels} labels, filter {filter_}"
-        arm = downstream.Arm(name, torch.cat([fit.items, images[kept]]), torch.cat([fit.labels, carried[kept]]),
-                             downstream.half_and_half(len(fit), int(kept.sum()), args.downstream.real_share),
-                             targets=torch.cat([fit_hot, targets[kept]]))
-        figures[name] = {"labels": labels, "filter": filter_, "images": int(kept.sum()), "accuracy": accuracy(arm)}
+        arms.append(downstream.Arm(name, torch.cat([fit.items, images[kept]]), torch.cat([fit.labels, carried[kept]]),
+                                   downstream.half_and_half(len(fit), int(kept.sum()), args.downstream.real_share),
+                                   targets=torch.cat([fit_hot, targets[kept]])))
+        figures[name] = {"labels": labels, "filter": filter_, "images": int(kept.sum())}
+    accuracies = downstream.accuracy_over_seeds(arms, validation.items, validation.labels, k,
+                                                downstream.classifier_settings(args.downstream),
+                                                seeds=args.choice_seeds, seed=args.seed, device=device,
+                                                track=args.progress, description="curation: the choice")
+    for name, accuracy in accuracies.items():
+        figures[name]["accuracy"] = accuracy
     best = max((f for f in figures.values() if "labels" in f), key=lambda f: f["accuracy"]["mean"])
     return {"labels": best["labels"], "filter": best["filter"], "fit_images": len(fit),
             "validation_images": len(validation), "generated_images": len(images), "near_copy_threshold": threshold,
@@ -294,15 +296,17 @@ def run(args: CurateArgs) -> dict:
         summary["teacher"] = "none: the real images carry no labels"
     else:
         labels, filter_ = args.labels, args.filter
-        if "auto" in (labels, filter_):
-            summary["choice"] = choice = choose(args, real, train, total, threshold, device)
+        split = downstream.validation_split(train.with_labels(), args.validation_share, args.seed)
+        auto = "auto" in (labels, filter_)
+        teacher, *validation_teacher = train_teachers([train, split[0]] if auto else [train], real, args, device)
+        if auto:
+            summary["choice"] = choice = choose(args, real, split, validation_teacher[0], total, threshold, device)
             labels = choice["labels"] if labels == "auto" else labels
             filter_ = choice["filter"] if filter_ == "auto" else filter_
         config = classifier_config(real, args.teacher_steps, args.seed)
-        teacher = train_teacher(train, real, args, device, "curation: teacher")
-        save_artifact(args.out_dir / "teacher.safetensors", state_tensors(teacher), CLASSIFIER_KIND, config,
+        save_artifact(args.out_dir / TEACHER_FILE, state_tensors(teacher), CLASSIFIER_KIND, config,
                       {"stage": "curate", "real": file_record(args.real_path), "step": args.teacher_steps})
-        summary["teacher"] = {"path": "teacher.safetensors", "training_images": len(train),
+        summary["teacher"] = {"path": TEACHER_FILE, "training_images": len(train),
                               "steps": args.teacher_steps}
         rule = Rule(labels, filter_, threshold)
     summary.update(curate_all(args, real, train, teacher, rule, total, device))

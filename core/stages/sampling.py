@@ -78,7 +78,7 @@ def run(args: SamplingArgs) -> dict:
                                           device, lambda it: track(it, "sampling: teacher"))
     mapping = torch.tensor([names.index(n) if n in names else -1 for n in generator.label_names] + [-1])
     settings = downstream.classifier_settings(args.downstream)
-    candidates = []
+    candidates, arms = [], []
     for guidance in args.guidance:
         for temperature in args.temperature:
             images, ids = generate(generator.with_settings(guidance_scale=guidance, temperature=temperature),
@@ -87,14 +87,16 @@ def run(args: SamplingArgs) -> dict:
             keep = asked >= 0
             images, asked = images[keep], asked[keep]
             agreement = float((downstream.probabilities(teacher, images, device).argmax(1) == asked).float().mean())
-            arm = downstream.Arm(f"guidance {guidance}, temperature {temperature}", torch.cat([fit.items, images]),
-                                 torch.cat([fit.labels, asked]),
-                                 downstream.half_and_half(len(fit), len(images), args.downstream.real_share))
-            accuracy = downstream.accuracy_over_seeds(arm, validation.items, validation.labels, k, settings,
-                                                      seeds=args.seeds, seed=args.seed, device=device,
-                                                      track=args.progress, prefix="sampling: ")
+            arms.append(downstream.Arm(f"guidance {guidance}, temperature {temperature}",
+                                       torch.cat([fit.items, images]), torch.cat([fit.labels, asked]),
+                                       downstream.half_and_half(len(fit), len(images), args.downstream.real_share)))
             candidates.append({"guidance_scale": guidance, "temperature": temperature, "images": len(images),
-                               "teacher_agreement": agreement, "validation_accuracy": accuracy})
+                               "teacher_agreement": agreement})
+    accuracies = downstream.accuracy_over_seeds(arms, validation.items, validation.labels, k, settings,
+                                                seeds=args.seeds, seed=args.seed, device=device,
+                                                track=args.progress, description="sampling")
+    for candidate, arm in zip(candidates, arms):
+        candidate["validation_accuracy"] = accuracies[arm.name]
     best = max(candidates, key=lambda c: c["validation_accuracy"]["mean"])
     summary = {"config": file_record(args.config_path), "real": file_record(args.real_path),
                "fit_images": len(fit), "validation_images": len(validation), "seeds": args.seeds,

@@ -10,11 +10,12 @@ Tables: downstream (one row per arm of the report's downstream section, one colu
 deviation over its seeds, then the generator's gain); ceiling (the tokenizer ceiling as multiples of the real
 floor's Fréchet distance in the report classifier's features); timings (each stage's wall time, the last line of
 each stage in timings.log as a rerun appends, and their sum); stages (the timings with each training stage's
-best held-out figure); summary (one row per run: time, distance, near-copies, downstream); quality (the fp32,
-compressed and exported models' reports of one run).
+best held-out figure); convergence (each training stage's held-out curve: where it flattens); summary (one row
+per run: time, distance, near-copies, downstream); quality (the fp32, compressed and exported models' reports of
+one run).
 
-A run is a run folder or its record (`record`: its reports, timings.log and the stages' best held-out figures,
-a few tens of KB). In a markdown file, a line `<!-- tables: KIND RUN... -->` marks the table below it as that
+A run is a run folder or its record (`record`: its reports, timings.log, the stages' best held-out figures and
+held-out curves, a few tens of KB). In a markdown file, a line `<!-- tables: KIND RUN... -->` marks the table below it as that
 table of those runs (paths from the repository root); `check` fails naming every table that differs.
 """
 import json
@@ -37,6 +38,8 @@ ROWS = {GENERATED: "generated images alone (CAS)", CURATED_ALONE: "curated image
 REPORTS = {"report": "fp32 models", "report_compressed": "compressed models (torch, int8 weights)",
            "report_export": "export bundle (onnxruntime, no torch)"}
 STAGES_FILE = "stages.json"
+CURVES_FILE = "curves.json"
+CURVE_METRICS = {"heldout_psnr": "held-out PSNR (dB)", "quant_mse": "quantization MSE", "heldout_loss": "held-out loss"}
 ELAPSED_FILE = "elapsed.json"  # a record's wall time from start to end, when its stages ran side by side
 MARKER = "<!-- tables: "
 app = typer.Typer(add_completion=False)
@@ -64,24 +67,43 @@ def wall_time(run: Path) -> str:
     return f"{sum(stage_times(run).values()) / 60:.0f} min"
 
 
+def evaluations(run: Path) -> dict[str, list[dict]]:
+    """Each training stage's held-out evaluations (its metrics.jsonl records with a best step), by the stage's
+    timings.log name."""
+    found = {}
+    for metrics in sorted(run.glob("*/metrics.jsonl")) + sorted(run.glob("*/*/metrics.jsonl")):
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        evaluated = [r for r in records if "best_step" in r and "early_stop" not in r]
+        kind, _, level = str(metrics.parent.relative_to(run)).partition("/")
+        name = {"autoencoder": "autoencoder", "decoder": "decoder", "codebooks": f"codebook {level}",
+                "transformers": f"{level} transformer"}.get(kind)
+        if name and evaluated:
+            found[name] = evaluated
+    return found
+
+
 def best_figures(run: Path) -> dict[str, dict]:
-    """Each training stage's metrics at its kept (best) step, by the stage's timings.log name."""
+    """Each training stage's metrics at its kept (best) step."""
     if (run / STAGES_FILE).exists():
         return json.loads((run / STAGES_FILE).read_text())
     figures = {}
-    for metrics in sorted(run.glob("*/metrics.jsonl")) + sorted(run.glob("*/*/metrics.jsonl")):
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        evaluated = [r for r in records if "best_step" in r]
-        if not evaluated:
-            continue
+    for name, evaluated in evaluations(run).items():
         best = next((r for r in evaluated if r["step"] == evaluated[-1]["best_step"]), evaluated[-1])
-        folder = metrics.parent.relative_to(run)
-        kind, _, level = str(folder).partition("/")
-        name = {"autoencoder": "autoencoder", "decoder": "decoder", "codebooks": f"codebook {level}",
-                "transformers": f"{level} transformer"}.get(kind)
-        if name:
-            figures[name] = {k: v for k, v in best.items() if k not in ("epoch", "train_loss")}
+        figures[name] = {k: v for k, v in best.items() if k not in ("epoch", "train_loss")}
     return figures
+
+
+def curves(run: Path) -> dict[str, dict]:
+    """Each training stage's held-out curve: its metric (the one its checkpoints are chosen by) at every
+    evaluation."""
+    if (run / CURVES_FILE).exists():
+        return json.loads((run / CURVES_FILE).read_text())
+    found = {}
+    for name, evaluated in evaluations(run).items():
+        metric = next((m for m in CURVE_METRICS if m in evaluated[-1]), None)
+        if metric is not None:
+            found[name] = {"metric": metric, "points": [[r["step"], r[metric]] for r in evaluated if metric in r]}
+    return found
 
 
 def names(runs: list[Path]) -> list[str]:
@@ -150,6 +172,24 @@ def stages_table(run: Path) -> list[str]:
     return lines
 
 
+def convergence_table(run: Path) -> list[str]:
+    """Per training stage, its held-out figure at the first evaluation, at half its steps and at its end, and
+    the first step with 95% of the improvement it made over the whole run: where its curve flattens."""
+    lines = ["| stage | held-out figure | first evaluation | half the steps | end | 95% of the gain by |",
+             "|---|---|---:|---:|---:|---:|"]
+    for stage, curve in curves(run).items():
+        points = curve["points"]
+        higher = curve["metric"] == "heldout_psnr"
+        best = (max if higher else min)(v for _, v in points)
+        first, last_step = points[0][1], points[-1][0]
+        half = min(points, key=lambda p: abs(p[0] - last_step / 2))
+        reached = next(step for step, v in points if abs(v - first) >= 0.95 * abs(best - first))
+        lines.append(f"| {stage} | {CURVE_METRICS[curve['metric']]} | {first:.4g} (step {points[0][0]:,}) | "
+                     f"{half[1]:.4g} (step {half[0]:,}) | {points[-1][1]:.4g} (step {last_step:,}) | "
+                     f"step {reached:,} of {last_step:,} |")
+    return lines
+
+
 def summary_table(runs: list[Path]) -> list[str]:
     lines = ["| run | wall time | Fréchet distance, classifier (real floor) | near-copies (real) "
              "| CAS / as many real | the generator's gain (verdict) |", "|---|---:|---:|---:|---:|---|"]
@@ -183,7 +223,8 @@ def quality_table(run: Path) -> list[str]:
 
 
 TABLES = {"downstream": downstream_table, "ceiling": ceiling_table, "summary": summary_table,
-          "timings": lambda runs: timings_table(*runs), "stages": lambda runs: stages_table(*runs),
+          "convergence": lambda runs: convergence_table(*runs), "timings": lambda runs: timings_table(*runs),
+          "stages": lambda runs: stages_table(*runs),
           "quality": lambda runs: quality_table(*runs)}
 
 
@@ -243,6 +284,7 @@ def record(run: Path, dest: Path, elapsed_s: Annotated[Optional[float], typer.Op
             shutil.copy(run / folder / "report.json", dest / folder / "report.json")
     shutil.copy(run / "timings.log", dest / "timings.log")
     (dest / STAGES_FILE).write_text(json.dumps(best_figures(run), indent=1) + "\n")
+    (dest / CURVES_FILE).write_text(json.dumps(curves(run)) + "\n")
 
 
 def printer(kind: str):

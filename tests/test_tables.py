@@ -75,3 +75,18 @@ def test_the_stage_table_gives_each_stage_its_time_and_kept_figure(tmp_path: Pat
     record = tmp_path / "record"
     assert run_script("bench/tables.py", "record", run, record).returncode == 0
     assert run_script("bench/tables.py", "stages", record).stdout.splitlines() == lines
+
+
+def test_the_convergence_table_finds_where_each_curve_flattens_and_survives_the_record(tmp_path: Path):
+    run = tmp_path / "run"
+    (run / "autoencoder").mkdir(parents=True)
+    (run / "timings.log").write_text("autoencoder: 60.0 s wall; 1 KB peak\n")
+    psnr = {100: 20.0, 200: 24.0, 300: 25.9, 400: 26.0}  # 95% of the 6 dB gained is there by step 300
+    metrics = [{"step": 10, "loss": 0.3}] + [{"step": s, "heldout_psnr": v, "best_step": s} for s, v in psnr.items()]
+    (run / "autoencoder" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    lines = run_script("bench/tables.py", "convergence", run).stdout.splitlines()
+    assert lines[2:] == ["| autoencoder | held-out PSNR (dB) | 20 (step 100) | 24 (step 200) | 26 (step 400) | "
+                         "step 300 of 400 |"]
+    record = tmp_path / "record"
+    assert run_script("bench/tables.py", "record", run, record).returncode == 0
+    assert run_script("bench/tables.py", "convergence", record).stdout.splitlines() == lines

@@ -198,7 +198,27 @@ $(RUNS)/chain_data/DONE: $(DATA) $$(call changed,chain_data,$$(VALIDATION_SHARE)
 	touch $@
 
 ifeq ($(INIT),)
-$(AUTOENCODER): $(CHAIN_DATA)/DONE $(call config_deps,autoencoder.json) $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS))
+# the whole chain's (make demo's) wall time estimated before its first training stage: the stages of the record
+# ETA_RECORD (a run of the same preset) scaled by the work planned here and this machine's speed (estimate.py)
+ETA_RECORD ?= docs/runs/$(PRESET)$(SIZE)
+comma := ,
+steps_of = $(subst $(eval) ,$(comma),$(strip $(1)))
+ETA_WORK = --train "autoencoder=$(call steps_of,$(AE_STEPS) $(AE_EPOCHS) $(BATCH)),images" --images fmaps=maps \
+	$(foreach l,$(LEVELS),--train "codebook $(l)=$(call steps_of,$(CB_STEPS) $(CB_EPOCHS) $(CB_BATCH)),maps" \
+		--fixed "prune $(l)") \
+	$(foreach m,$(MODELS),--train "$(m) transformer=$(call steps_of,$(call model_steps,$(m))),maps" \
+		--fixed "compress $(m)") \
+	$(if $(VALIDATION_SHARE),--fixed "chain dataset") $(if $(filter-out $(AUTOENCODER),$(DECODER)),--fixed decoder) \
+	--fixed "compress autoencoder" --images "generate=$(NUM_IMAGES)" --images "generate compressed=$(NUM_IMAGES)" \
+	--images "generate export=$(NUM_IMAGES)" --fixed export --fixed curate --fixed report \
+	--fixed "report compressed" --fixed "report export"
+$(RUNS)/plan.json: $(CHAIN_DATA)/DONE
+	$(PYTHON) estimate.py --dataset-path $(CHAIN_DATA)/dataset.json --out $@ \
+		--autoencoder-config $(call config,autoencoder.json) --augment-copies $(AUG_COPIES) $(ETA_WORK) \
+		--reference $(ETA_RECORD) $(if $(filter-out 1,$(JOBS)),--side-by-side)
+
+$(AUTOENCODER): $(CHAIN_DATA)/DONE $(call config_deps,autoencoder.json) $$(call changed,autoencoder,$$(BATCH) $$(AE_STEPS) $$(AE_EPOCHS)) \
+		| $(RUNS)/plan.json
 	rm -f $@
 	$(call started,autoencoder,$(BATCH) $(AE_STEPS) $(AE_EPOCHS))
 	$(call TIMER,autoencoder) $(PYTHON) train_autoencoder.py --dataset-path $(CHAIN_DATA)/dataset.json \

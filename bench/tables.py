@@ -14,8 +14,8 @@ best held-out figure); convergence (each training stage's held-out curve: where 
 per run: time, distance, near-copies, downstream); quality (the fp32, compressed and exported models' reports of
 one run).
 
-A run is a run folder or its record (`record`: its reports, timings.log, the stages' best held-out figures and
-held-out curves, a few tens of KB). In a markdown file, a line `<!-- tables: KIND RUN... -->` marks the table below it as that
+A run is a run folder or its record (`record`: its reports, timings.log, plan.json, the stages' best held-out
+figures and held-out curves, a few tens of KB). In a markdown file, a line `<!-- tables: KIND RUN... -->` marks the table below it as that
 table of those runs (paths from the repository root); `check` fails naming every table that differs.
 """
 import json
@@ -28,6 +28,7 @@ import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from core.eta import PLAN_FILE, stage_seconds  # noqa: E402
 from core.report.downstream import (AUGMENTED, CURATED, CURATED_ALONE, DISTILLED, GENERATED, REAL,  # noqa: E402
                                     SUBSET)
 
@@ -51,20 +52,11 @@ def report_of(run: Path, name: str = "report") -> dict:
     return json.loads((run / name / "report.json").read_text())
 
 
-def stage_times(run: Path) -> dict[str, float]:
-    last: dict[str, float] = {}
-    for line in (run / "timings.log").read_text().splitlines():
-        if ": " in line and " s wall" in line:
-            stage, rest = line.split(": ", 1)
-            last[stage] = float(rest.split(" s wall")[0])
-    return last
-
-
 def wall_time(run: Path) -> str:
     """The run's wall time: as recorded, or its stages' times added up (one at a time, that is the same)."""
     if (run / ELAPSED_FILE).exists():
         return f"{json.loads((run / ELAPSED_FILE).read_text())['elapsed_s'] / 60:.0f} min"
-    return f"{sum(stage_times(run).values()) / 60:.0f} min"
+    return f"{sum(stage_seconds(run).values()) / 60:.0f} min"
 
 
 def evaluations(run: Path) -> dict[str, list[dict]]:
@@ -154,13 +146,13 @@ def ceiling_table(runs: list[Path]) -> list[str]:
 
 
 def timings_table(run: Path) -> list[str]:
-    times = stage_times(run)
+    times = stage_seconds(run)
     return (["| stage | wall time |", "|---|---:|"] + [f"| {stage} | {minutes(s)} |" for stage, s in times.items()]
             + [f"| all | {sum(times.values()) / 60:.0f} min |"])
 
 
 def stages_table(run: Path) -> list[str]:
-    times, figures = stage_times(run), best_figures(run)
+    times, figures = stage_seconds(run), best_figures(run)
     lines = ["| stage | wall time | kept step: held-out figure |", "|---|---:|---|"]
     for stage, seconds in times.items():
         best = figures.get(stage)
@@ -283,6 +275,8 @@ def record(run: Path, dest: Path, elapsed_s: Annotated[Optional[float], typer.Op
             (dest / folder).mkdir(exist_ok=True)
             shutil.copy(run / folder / "report.json", dest / folder / "report.json")
     shutil.copy(run / "timings.log", dest / "timings.log")
+    if (run / PLAN_FILE).exists():  # the work its stages did: estimate.py times later chains by this record
+        shutil.copy(run / PLAN_FILE, dest / PLAN_FILE)
     (dest / STAGES_FILE).write_text(json.dumps(best_figures(run), indent=1) + "\n")
     (dest / CURVES_FILE).write_text(json.dumps(curves(run)) + "\n")
 

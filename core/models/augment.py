@@ -5,6 +5,8 @@ stage that sees images (DiffAugment and FastGAN show how much it helps generator
 images)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +57,23 @@ def augmentation_generator(seed: int, *keys: int) -> torch.Generator:
     for key in keys:
         value = value * 1_000_003 + key
     return torch.Generator().manual_seed(value % (2 ** 63))
+
+
+# ---------------------------------------------------------------- how much augmentation a run gets
+
+def passes_over(training_images: int, max_steps: int, max_epoch: int, batch_size: int) -> float:
+    """How many times a run sees its training images."""
+    passes = float(max_epoch)
+    if max_steps and training_images:
+        passes = min(passes, max_steps * min(batch_size, training_images) / training_images)
+    return passes
+
+
+def copies_for(asked: int | str, training_images: int, augments: bool, target: int = 8000, most: int = 8) -> int:
+    """The copies to make: a number as asked, or "auto": enough for about `target` training maps, at most
+    `most`, and none when the autoencoder's config augments nothing (its copies would be the originals)."""
+    if asked != "auto":
+        return int(asked)
+    if not augments or training_images == 0:
+        return 0
+    return max(0, min(most, math.ceil(target / training_images) - 1))

@@ -12,6 +12,7 @@ from core.data import to_float
 from core.console import notice
 from core.errors import PipelineError
 from core.model_artifacts import AUTOENCODER, save_autoencoder
+from core.models.augment import passes_over
 from core.models.autoencoder import Autoencoder, AutoencoderConfig
 from core.models.discriminator import AdversarialAutoencoder
 from core.objectives.autoencoder import attach_codebook, autoencoder_of, load_images, objective
@@ -45,9 +46,7 @@ def augmentation_for_run(cfg: AutoencoderConfig, training_images: int, options: 
     """The config with its augmentation turned off when the run makes fewer passes over the training images
     than augment_min_epochs: the run config and artifact then say so, and the feature-map stage makes no
     augmented copies either."""
-    passes = float(options.max_epoch)
-    if options.max_steps and training_images:
-        passes = min(passes, options.max_steps * min(options.batch_size, training_images) / training_images)
+    passes = passes_over(training_images, options.max_steps, options.max_epoch, options.batch_size)
     if not cfg.augments or passes >= cfg.augment_min_epochs:
         return cfg
     notice(f"augmentation off: this run makes {passes:.1f} passes over its {training_images} training images, "

@@ -2,7 +2,6 @@
 with a tinydb dataset.json that keeps each item's labels, caption, split and source image."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from core.artifacts import file_record, load_artifact, save_artifact
 from core.data import FMAP_SHARD_KIND, Dataset, load_image_dataset, to_float, write_dataset_json
 from core.errors import PipelineError
 from core.model_artifacts import load_autoencoder
-from core.models.augment import augment, augmentation_generator
+from core.models.augment import augment, augmentation_generator, copies_for
 from core.config import load_config
 from core.models.autoencoder import Autoencoder, AutoencoderConfig
 from core.training import pick_device
@@ -76,16 +75,6 @@ def run(args: FmapArgs) -> dict:
     write_dataset_json(out_dir / "dataset.json", records, {"kind": "feature_maps", "fmap_shape": shape,
                                                            "num_shards": len(starts), **sources})
     return {"items": len(records), "shards": len(starts), "reused_shards": reused, "fmap_shape": shape}
-
-
-def copies_for(asked: int | str, training_images: int, augments: bool, target: int = 8000, most: int = 8) -> int:
-    """The copies to make: a number as asked, or "auto": enough for about `target` training maps, at most
-    `most`, and none when the autoencoder's config augments nothing (its copies would be the originals)."""
-    if asked != "auto":
-        return int(asked)
-    if not augments or training_images == 0:
-        return 0
-    return max(0, min(most, math.ceil(target / training_images) - 1))
 
 
 def items_to_encode(images: Dataset, copies: int) -> list[tuple[int, int]]:

@@ -1,0 +1,124 @@
+"""The chain's wall time, estimated before it trains: each stage's time in a recorded run of the same preset
+(a docs/runs/ record with its plan.json), scaled by the work planned here against the work planned there
+(training steps, images) and by this machine's matmul speed on one core against the recorded machine's.
+
+A plan lists every stage of the chain with its work: a training stage's steps (its step count, or fewer when its
+epoch count ends it first, as the trainer counts them), an image stage's images, or a fixed stage (pruning,
+export, the reports: their work does not grow with the data here)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.models.augment import copies_for, passes_over
+from core.models.autoencoder import AutoencoderConfig
+
+PLAN_FILE = "plan.json"
+TIMINGS_FILE = "timings.log"
+
+
+@dataclass
+class Training:
+    """A training stage: at most `steps` steps and `epochs` passes over `items` items in batches of `batch`."""
+    steps: int
+    epochs: int
+    batch: int
+    items: int
+
+    def planned_steps(self) -> int:
+        total = self.epochs * (self.items // self.batch)  # the trainer's count: whole batches per epoch
+        return min(total, self.steps) if self.steps > 0 else total
+
+
+def matmul_gflops(seconds: float = 0.5, size: int = 512) -> float:
+    """float32 matrix products per second on one thread, in GFLOP/s: a core's speed (a machine with more cores
+    than the recorded one runs some stages side by side, which this does not count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # the first call pays for the kernels' set-up
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            done += 1
+        return done * 2 * size ** 3 / (time.perf_counter() - started) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+
+
+def training_maps(training_images: int, autoencoder: Training | None, cfg: AutoencoderConfig,
+                  augment_copies: int | str) -> int:
+    """The feature-map stage's training maps: each training image and its augmented copies (none when the
+    autoencoder's run turns augmentation off, as a short pass over a large set does)."""
+    augments = cfg.augments and (autoencoder is None or passes_over(
+        training_images, autoencoder.steps, autoencoder.epochs, autoencoder.batch) >= cfg.augment_min_epochs)
+    return training_images * (1 + copies_for(augment_copies, training_images, augments))
+
+
+def plan(work: dict[str, Training | int | None], gflops: float) -> dict:
+    """The plan.json record: each stage's work (steps, images, or None for a fixed stage) and the machine's speed."""
+    stages = {name: w.planned_steps() if isinstance(w, Training) else w for name, w in work.items()}
+    return {"stages": stages, "matmul_gflops": gflops}
+
+
+def stage_seconds(run: Path) -> dict[str, float]:
+    """Each stage's wall time in a run's timings.log (the last line of a stage, as a rerun appends)."""
+    last = {}
+    for line in (run / TIMINGS_FILE).read_text().splitlines():
+        if ": " in line and " s wall" in line:
+            stage, rest = line.split(": ", 1)
+            last[stage] = float(rest.split(" s wall")[0])
+    return last
+
+
+@dataclass
+class Estimate:
+    seconds: dict[str, float]  # per stage planned here
+    unknown: list[str]  # stages the reference did not run
+    overlap: float  # the reference's start-to-end time over its stages' sum (1: one at a time)
+    speed: float  # this machine's matmul speed over the reference machine's
+
+    @property
+    def added_up(self) -> float:
+        return sum(self.seconds.values())
+
+
+def estimate(here: dict, reference: Path) -> Estimate:
+    """The stages of plan `here` timed by the run recorded in `reference` (its plan.json and timings.log)."""
+    there = json.loads((reference / PLAN_FILE).read_text())
+    times = stage_seconds(reference)
+    speed = here["matmul_gflops"] / there["matmul_gflops"]
+    seconds, unknown = {}, []
+    for stage, work in here["stages"].items():
+        if stage not in times or stage not in there["stages"]:
+            unknown.append(stage)
+            continue
+        recorded_work = there["stages"][stage]
+        scale = work / recorded_work if work is not None and recorded_work else 1.0
+        seconds[stage] = times[stage] * scale / speed
+    elapsed = reference / "elapsed.json"
+    overlap = (json.loads(elapsed.read_text())["elapsed_s"] / sum(times.values())) if elapsed.exists() else 1.0
+    return Estimate(seconds, unknown, overlap, speed)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def summary(result: Estimate, reference: Path, side_by_side: bool) -> str:
+    """The lines printed at the chain's start."""
+    longest = sorted(result.seconds.items(), key=lambda item: -item[1])[:4]
+    lines = [f"estimate: the stages add up to about {minutes(result.added_up)} on this machine"
+             + (f", about {minutes(result.added_up * result.overlap)} start to end with stages side by side"
+                if side_by_side and result.overlap < 1 else "")
+             + f" (from {reference}, scaled by the work planned here and by this machine's matmul speed, "
+               f"{result.speed:.2f}x the recorded one's)",
+             "estimate: longest " + ", ".join(f"{stage} {minutes(s)}" for stage, s in longest)]
+    if result.unknown:
+        lines.append(f"estimate: not in the record, so not counted: {', '.join(result.unknown)}")
+    return "\n".join(lines)

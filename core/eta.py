@@ -81,7 +81,7 @@ class Estimate:
     seconds: dict[str, float]  # per stage planned here
     unknown: list[str]  # stages the reference did not run
     overlap: float  # the reference's start-to-end time over its stages' sum (1: one at a time)
-    speed: float  # this machine's matmul speed over the reference machine's
+    speed: float | None  # this machine's matmul speed over the reference machine's (None: the record has none)
 
     @property
     def added_up(self) -> float:
@@ -92,7 +92,7 @@ def estimate(here: dict, reference: Path) -> Estimate:
     """The stages of plan `here` timed by the run recorded in `reference` (its plan.json and timings.log)."""
     there = json.loads((reference / PLAN_FILE).read_text())
     times = stage_seconds(reference)
-    speed = here["matmul_gflops"] / there["matmul_gflops"]
+    speed = here["matmul_gflops"] / there["matmul_gflops"] if there.get("matmul_gflops") else None
     seconds, unknown = {}, []
     for stage, work in here["stages"].items():
         if stage not in times or stage not in there["stages"]:
@@ -100,7 +100,7 @@ def estimate(here: dict, reference: Path) -> Estimate:
             continue
         recorded_work = there["stages"][stage]
         scale = work / recorded_work if work is not None and recorded_work else 1.0
-        seconds[stage] = times[stage] * scale / speed
+        seconds[stage] = times[stage] * scale / (speed or 1.0)
     elapsed = reference / "elapsed.json"
     overlap = (json.loads(elapsed.read_text())["elapsed_s"] / sum(times.values())) if elapsed.exists() else 1.0
     return Estimate(seconds, unknown, overlap, speed)
@@ -116,8 +116,9 @@ def summary(result: Estimate, reference: Path, side_by_side: bool) -> str:
     lines = [f"estimate: the stages add up to about {minutes(result.added_up)} on this machine"
              + (f", about {minutes(result.added_up * result.overlap)} start to end with stages side by side"
                 if side_by_side and result.overlap < 1 else "")
-             + f" (from {reference}, scaled by the work planned here and by this machine's matmul speed, "
-               f"{result.speed:.2f}x the recorded one's)",
+             + f" (from {reference}, scaled by the work planned here and "
+             + (f"by this machine's matmul speed, {result.speed:.2f}x the recorded one's)" if result.speed else
+                "not by this machine's speed: the record has none)"),
              "estimate: longest " + ", ".join(f"{stage} {minutes(s)}" for stage, s in longest)]
     if result.unknown:
         lines.append(f"estimate: not in the record, so not counted: {', '.join(result.unknown)}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, build_dataset, run_script, script_env
-from core.eta import Training, estimate, plan
+from core.eta import Training, estimate, plan, summary
 
 
 def test_a_training_stage_plans_the_steps_the_trainer_will_take():
@@ -16,7 +16,7 @@ def test_a_training_stage_plans_the_steps_the_trainer_will_take():
     assert Training(steps=0, epochs=3, batch=10, items=95).planned_steps() == 27  # no step bound
 
 
-def write_record(folder: Path, stages: dict, seconds: dict, gflops: float, elapsed: float | None = None) -> Path:
+def write_record(folder: Path, stages: dict, seconds: dict, gflops: float | None, elapsed: float | None = None) -> Path:
     folder.mkdir(parents=True)
     (folder / "plan.json").write_text(json.dumps({"stages": stages, "matmul_gflops": gflops}))
     (folder / "timings.log").write_text("".join(f"{name}: {s} s wall; 1 KB peak\n" for name, s in seconds.items()))
@@ -85,3 +85,10 @@ def test_make_demo_estimates_the_chain_before_its_first_training_stage(tmp_path:
     assert '--train "autoencoder=4000,150,64,images"' in eta and '--train "cascade transformer=3000,20,64,maps"' in eta
     assert "--reference docs/runs/tiny32" in eta and "--side-by-side" not in eta
     assert eta.count("--fixed") == 11 and eta.count("--images") == 4
+
+
+def test_a_record_without_a_machine_speed_is_not_scaled_by_one_and_says_so(tmp_path: Path):
+    record = write_record(tmp_path / "record", {"report": None}, {"report": 300.0}, gflops=None)
+    result = estimate(plan({"report": None}, gflops=100.0), record)
+    assert result.seconds == {"report": 300.0} and result.speed is None
+    assert "not by this machine's speed: the record has none" in summary(result, record, side_by_side=False)

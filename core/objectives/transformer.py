@@ -98,8 +98,8 @@ def load_token_data(dataset_path: Path, lr_codebook_path: Path, hr_codebook_path
 def with_captions(tokens: TokenData, cfg: TransformerConfig) -> TokenData:
     """The data's shape with a tokenizer built from its training captions, when it has captions and the config
     wants a text encoder; unchanged otherwise (the model then is the one without captions)."""
-    train = (~tokens.data.is_heldout).nonzero().flatten().tolist()
-    captions = [tokens.captions[i] for i in train]
+    every_caption = tokens.captions  # built afresh on each access: once, not once per item
+    captions = [every_caption[i] for i in (~tokens.data.is_heldout).nonzero().flatten().tolist()]
     if cfg.text_encoder == "none" or not any(captions):
         return tokens
     tokenizer = Tokenizer.build(captions, cfg.max_caption_words)

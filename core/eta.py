@@ -30,7 +30,8 @@ class Training:
     items: int
 
     def planned_steps(self) -> int:
-        total = self.epochs * (self.items // self.batch)  # the trainer's count: whole batches per epoch
+        batch = min(self.batch, self.items) or 1  # the trainer cuts a batch larger than the data to the data
+        total = self.epochs * (self.items // batch)  # the trainer's count: whole batches per epoch
         return min(total, self.steps) if self.steps > 0 else total
 
 

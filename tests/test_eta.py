@@ -14,6 +14,7 @@ def test_a_training_stage_plans_the_steps_the_trainer_will_take():
     assert Training(steps=4000, epochs=150, batch=64, items=60000).planned_steps() == 4000  # the steps end it
     assert Training(steps=4000, epochs=20, batch=64, items=1000).planned_steps() == 20 * 15  # the epochs do
     assert Training(steps=0, epochs=3, batch=10, items=95).planned_steps() == 27  # no step bound
+    assert Training(steps=500, epochs=150, batch=64, items=40).planned_steps() == 150  # a batch cut to the data
 
 
 def write_record(folder: Path, stages: dict, seconds: dict, gflops: float | None, elapsed: float | None = None) -> Path:

@@ -65,7 +65,7 @@ def main(
     given = load_config_file(autoencoder_config) if autoencoder_config is not None else {}
     cfg = config_from_dict(AutoencoderConfig, given, source=str(autoencoder_config or "the autoencoder's config"))
     trainings = parse(train or [], "train")
-    autoencoder = (training("autoencoder", trainings["autoencoder"], {"images": training_images, "maps": 0})
+    autoencoder = (training("autoencoder", trainings["autoencoder"], {"images": training_images})
                    if "autoencoder" in trainings else None)
     items = {"images": training_images, "maps": training_maps(training_images, autoencoder, cfg, augment_copies)}
     work: dict = {name: training(name, values, items) for name, values in trainings.items()}

@@ -15,8 +15,9 @@ per run: time, distance, near-copies, downstream); quality (the fp32, compressed
 one run).
 
 A run is a run folder or its record (`record`: its reports, timings.log, plan.json, the stages' best held-out
-figures and held-out curves, a few tens of KB). In a markdown file, a line `<!-- tables: KIND RUN... -->` marks the table below it as that
-table of those runs (paths from the repository root); `check` fails naming every table that differs.
+figures and held-out curves, a few tens of KB). In a markdown file, a line `<!-- tables: KIND RUN... -->` marks
+the table below it as that table of those runs (paths from the repository root); `check` fails naming every
+table that differs.
 """
 import json
 import shutil
@@ -28,7 +29,7 @@ import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from core.eta import PLAN_FILE, stage_seconds  # noqa: E402
+from core.eta import ELAPSED_FILE, PLAN_FILE, stage_seconds  # noqa: E402
 from core.report.downstream import (AUGMENTED, CURATED, CURATED_ALONE, DISTILLED, GENERATED, REAL,  # noqa: E402
                                     SUBSET)
 
@@ -41,7 +42,6 @@ REPORTS = {"report": "fp32 models", "report_compressed": "compressed models (tor
 STAGES_FILE = "stages.json"
 CURVES_FILE = "curves.json"
 CURVE_METRICS = {"heldout_psnr": "held-out PSNR (dB)", "quant_mse": "quantization MSE", "heldout_loss": "held-out loss"}
-ELAPSED_FILE = "elapsed.json"  # a record's wall time from start to end, when its stages ran side by side
 MARKER = "<!-- tables: "
 app = typer.Typer(add_completion=False)
 

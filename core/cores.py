@@ -89,8 +89,8 @@ class Sized:
 def in_parallel(task: Callable[[Item], Result], items: Iterable[Item],
                 progress: Callable[[Iterable], Iterator] = iter) -> list[Result]:
     """task(item) for every item, as many at once as this process has cores, each on one thread; the results in
-    the items' order (`progress` wraps them as they come). Many small trainings (the report's classifiers) keep two cores busier one per core than
-    each on both: their ops are too small to split well. A task must draw its random numbers from its own
+    the items' order (`progress` wraps them as they come). Many small trainings (the report's classifiers) keep
+    two cores busier one per core than each on both. A task must draw its random numbers from its own
     generators (torch's global one is shared by the threads)."""
     items = list(items)
     workers = min(len(items), share.threads())

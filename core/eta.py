@@ -16,9 +16,11 @@ import torch
 
 from core.models.augment import copies_for, passes_over
 from core.models.autoencoder import AutoencoderConfig
+from core.training import steps_to_take
 
 PLAN_FILE = "plan.json"
 TIMINGS_FILE = "timings.log"
+ELAPSED_FILE = "elapsed.json"  # a record's wall time from start to end, when its stages ran side by side
 
 
 @dataclass
@@ -31,8 +33,7 @@ class Training:
 
     def planned_steps(self) -> int:
         batch = min(self.batch, self.items) or 1  # the trainer cuts a batch larger than the data to the data
-        total = self.epochs * (self.items // batch)  # the trainer's count: whole batches per epoch
-        return min(total, self.steps) if self.steps > 0 else total
+        return steps_to_take(self.items, batch, self.epochs, self.steps)
 
 
 def matmul_gflops(seconds: float = 0.5, size: int = 512) -> float:
@@ -102,7 +103,7 @@ def estimate(here: dict, reference: Path) -> Estimate:
         recorded_work = there["stages"][stage]
         scale = work / recorded_work if work is not None and recorded_work else 1.0
         seconds[stage] = times[stage] * scale / (speed or 1.0)
-    elapsed = reference / "elapsed.json"
+    elapsed = reference / ELAPSED_FILE
     overlap = (json.loads(elapsed.read_text())["elapsed_s"] / sum(times.values())) if elapsed.exists() else 1.0
     return Estimate(seconds, unknown, overlap, speed)
 

@@ -273,6 +273,12 @@ class WeightAverage:
             average.copy_(buffer)
 
 
+def steps_to_take(num_items: int, batch_size: int, max_epoch: int, max_steps: int) -> int:
+    """A run's steps: whole batches per epoch for max_epoch epochs, at most max_steps (0: no limit)."""
+    total = max_epoch * (num_items // batch_size)
+    return min(total, max_steps) if max_steps > 0 else total
+
+
 class Trainer:
     """Trains `model` on `objective`. At every checkpoint it evaluates, calls `preview(model, step)` (sample
     grids, and any figures that depend on the step, returned as a dict) and `export(model, step)` (the
@@ -299,8 +305,7 @@ class Trainer:
                    f"batches of {usable}")
             args = self.args = replace(args, batch_size=usable)
         self.steps_per_epoch = self.num_items // args.batch_size
-        total = args.max_epoch * self.steps_per_epoch
-        self.total_steps = min(total, args.max_steps) if args.max_steps > 0 else total
+        self.total_steps = steps_to_take(self.num_items, args.batch_size, args.max_epoch, args.max_steps)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            betas=(0.9, 0.99))
         self.average = WeightAverage(self.model, args.ema_decay) if args.ema_decay > 0 else None

@@ -139,6 +139,23 @@ def test_runner_reads_long_sequences_in_the_windows_of_torch(bundles, kind):
 
 
 @pytest.mark.parametrize("kind", ["fp32", "compressed"])
+def test_runner_generates_as_torch_from_a_model_with_the_augmentation_condition(bundles, kind):
+    """The bundle holds the label rows with the condition's 'original' row folded in, as sampling uses them."""
+    levels = torch_levels(bundles[kind])
+    for level in levels:
+        level.model.augment_emb = torch.nn.Embedding(2, level.model.cfg.in_dim)
+        torch.nn.init.normal_(level.model.augment_emb.weight, std=0.5, generator=torch.Generator().manual_seed(2))
+    labels, tokens = conditions(levels)
+    mine = tokens.numpy()
+    seeds = [11 + i for i in range(len(labels))]
+    source, generators = ReplaySource(seeds), [torch.Generator().manual_seed(s) for s in seeds]
+    for index, level in enumerate(levels):
+        tokens = generate_tokens(level.model, labels, tokens, level.settings, generators)
+        mine = runner.generate_tokens(runner_level(index, level), labels.numpy(), mine, settings_of(level), source)
+        assert np.array_equal(mine, tokens.numpy())
+
+
+@pytest.mark.parametrize("kind", ["fp32", "compressed"])
 def test_runner_images_match_torch_within_one_grey_level(bundles, kind):
     bundle = bundles[kind]
     levels = torch_levels(bundle)

@@ -10,9 +10,11 @@ from core.generator import Generator, changed_level, image_generators
 from core.artifacts import load_artifact
 from core.errors import PipelineError
 from core.model_artifacts import load_transformer
-from core.models.transformer import decoder_input, sequence_logits, window_starts
+from core.models.sampling import sample_tokens
+from core.models.transformer import TokenTransformer, TransformerConfig, decoder_input, sequence_logits, window_starts
 from core.stages import fmaps
-from core.objectives.transformer import drop_labels, grow_label_rows
+from core.objectives.transformer import (adapt_augment_rows, drop_labels, grow_label_rows, load_token_data,
+                                         objective)
 
 @pytest.mark.parametrize("kind", ["base", "cascade"])
 @pytest.mark.parametrize("window", [None, 4])
@@ -245,3 +247,79 @@ def test_a_memorizing_run_is_called_out(tmp_path, models):
     best = min(evals, key=lambda r: r["heldout_loss"])
     assert evals[-1]["heldout_loss"] > best["heldout_loss"] and evals[-1]["train_loss"] < best["train_loss"]
     assert load_artifact(out / "model.safetensors").provenance["step"] == best["step"] < 300
+
+
+@pytest.mark.parametrize("kind", ["base", "cascade"])
+def test_the_augmentation_condition_is_an_original_unless_training_says_otherwise(kind):
+    model = small_transformer(kind, augment_condition=True)
+    labels, lr, hr = random_inputs(model)
+    inputs, positions = decoder_input(hr, model.shape.start_token), torch.arange(12).expand(3, 12)
+    unset = model(labels, lr, inputs, positions)
+    assert torch.equal(unset, model(labels, lr, inputs, positions, augmented=torch.zeros(3, dtype=torch.long)))
+    assert not torch.allclose(unset, model(labels, lr, inputs, positions, augmented=torch.ones(3, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("kind", ["base", "cascade"])
+def test_sampling_never_sets_the_augmentation_condition(kind):
+    """The augmented row changes nothing that sampling or the held-out evaluation computes; the original row does."""
+    model = small_transformer(kind, augment_condition=True)
+    labels, lr, hr = random_inputs(model)
+
+    def outputs():
+        tokens = sample_tokens(model, labels, lr, generator=torch.Generator().manual_seed(3))
+        return tokens, sequence_logits(model, labels, lr, hr)
+
+    tokens, logits = outputs()
+    with torch.no_grad():
+        model.augment_emb.weight[1] += 5.0
+    assert all(torch.equal(a, b) for a, b in zip(outputs(), (tokens, logits)))
+    with torch.no_grad():
+        model.augment_emb.weight[0] += 5.0
+    assert not torch.allclose(outputs()[1], logits)
+
+
+def test_training_batches_say_which_maps_are_augmented_copies(tmp_path, pipeline):
+    augment = tmp_path / "augment.json"
+    augment.write_text(json.dumps({"augment_flip": True, "augment_shift": 1}))
+    fmaps.run(fmaps.FmapArgs(dataset_path=pipeline["dataset"], model_path=pipeline["autoencoder"], out_dir=tmp_path / "fm",
+                             device="cpu", augment_copies=2, augment_config=augment))
+    tokens = load_token_data(tmp_path / "fm" / "dataset.json", pipeline["l1"], pipeline["l2"], base=False)
+    train_ids = (~tokens.data.is_heldout).nonzero().flatten()
+    copies = [bool(tokens.data.records[i].get("augmented")) for i in train_ids.tolist()]
+    assert 0 < sum(copies) == 2 * (len(copies) - sum(copies))
+    cfg = TransformerConfig(**{**SMALL_TRANSFORMER, "augment_condition": True})
+    batch = objective(cfg, tokens.shape, tokens, torch.device("cpu")).get_batch(torch.arange(len(train_ids)))
+    assert batch["augmented"].tolist() == [int(c) for c in copies]
+    plain = TransformerConfig(**SMALL_TRANSFORMER)
+    assert "augmented" not in objective(plain, tokens.shape, tokens, torch.device("cpu")).get_batch(torch.arange(4))
+
+
+@pytest.mark.parametrize("start_has, tuned_has", [(False, True), (True, False)])
+def test_a_model_tuned_across_the_augmentation_condition_starts_as_its_start(start_has, tuned_has):
+    start = small_transformer("cascade", augment_condition=start_has)
+    if start_has:
+        with torch.no_grad():
+            start.augment_emb.weight.normal_()
+    tuned = small_transformer("cascade", augment_condition=tuned_has)
+    tensors = adapt_augment_rows(dict(start.state_dict()), "", tuned_has, tuned.cfg.in_dim)
+    tuned.load_state_dict(tensors)
+    labels, lr, hr = random_inputs(start)
+    assert torch.allclose(sequence_logits(tuned, labels, lr, hr), sequence_logits(start, labels, lr, hr), atol=1e-5)
+
+
+def test_label_smoothing_is_off_by_default_and_raises_a_confident_loss(pipeline, tiny_config):
+    tokens = load_token_data(pipeline["fmaps"], pipeline["l1"], pipeline["l2"], base=False)
+    losses = []
+    for smoothing in (0.0, 0.2):
+        cfg = TransformerConfig(**{**SMALL_TRANSFORMER, "label_smoothing": smoothing, "label_dropout": 0.0})
+        torch.manual_seed(0)
+        model = TokenTransformer(cfg, tokens.shape).train()
+        task = objective(cfg, tokens.shape, tokens, torch.device("cpu"))
+        batch = task.get_batch(torch.arange(8))
+        torch.manual_seed(1)
+        losses.append(task.loss_fn(model, batch, 0).item())
+        if smoothing == 0.0:
+            torch.manual_seed(1)
+            logits = model(batch["labels"], batch["coarse"], batch["input"], batch["positions"])
+            assert losses[0] == pytest.approx(F.cross_entropy(logits.reshape(-1, 32), batch["targets"].reshape(-1)).item())
+    assert losses[1] != pytest.approx(losses[0])

@@ -42,6 +42,10 @@ class TransformerConfig:
     hidden_activation: str = option("silu", choices=tuple(ACTIVATIONS))
     dropout: float = option(0.0, low=0.0, high=0.9)
     label_dropout: float = option(0.1, low=0.0, high=1.0, doc="share of labels replaced by the null label")
+    augment_condition: bool = option(False, doc="the conditioning says whether a training map is an augmented copy; "
+                                                "sampling always asks for an original, so the augmentation does "
+                                                "not leak into the images")
+    label_smoothing: float = option(0.0, low=0.0, high=0.5, doc="label smoothing of the training loss")
     warmup_steps: int = option(100, low=0, high=10**7)
     weight_decay: float = option(0.01, low=0.0, high=1.0)
     ema_decay: float = ema_decay_option()
@@ -200,6 +204,8 @@ class TokenTransformer(nn.Module):
             self.text_encoder = TextEncoder(self.tokenizer.size, self.tokenizer.length, dim,
                                             [Block(cfg, causal=False, cross=False) for _ in range(cfg.text_layers)])
             self.cond_head = nn.Linear(dim, shape.coarse_vocab, bias=False) if not cascade else None
+        # row 0: an original map, row 1: an augmented copy (made last, as the text encoder)
+        self.augment_emb = nn.Embedding(2, dim) if cfg.augment_condition else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -223,12 +229,21 @@ class TokenTransformer(nn.Module):
         """The ids of `batch` null captions (batch, text_len)."""
         return torch.tensor(self.tokenizer.null(), device=device).expand(batch, -1)
 
-    def conditioning(self, labels: torch.Tensor, coarse_tokens: torch.Tensor,
-                     text: torch.Tensor | None = None) -> torch.Tensor:
+    def label_embeddings(self, labels: torch.Tensor, augmented: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D): each label's embedding, with the augmentation condition's when the model has one (`augmented`
+        (B,) 0/1; None, as at sampling and evaluation: every item an original)."""
+        x = self.label_emb(labels)
+        if self.augment_emb is None:
+            return x
+        return x + self.augment_emb(torch.zeros_like(labels) if augmented is None else augmented)
+
+    def conditioning(self, labels: torch.Tensor, coarse_tokens: torch.Tensor, text: torch.Tensor | None = None,
+                     augmented: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of [caption states..., label, lr tokens...]: (B, text_len + 1 + coarse_len, D). `text`
-        (B, text_len): caption ids; None is the null caption."""
+        (B, text_len): caption ids; None is the null caption. `augmented`: see label_embeddings."""
         positions = torch.arange(coarse_tokens.shape[1] + 1, device=coarse_tokens.device)
-        x = torch.cat([self.label_emb(labels)[:, None], self.cond_emb(coarse_tokens)], 1) + self.cond_pos(positions)
+        x = torch.cat([self.label_embeddings(labels, augmented)[:, None], self.cond_emb(coarse_tokens)], 1)
+        x = x + self.cond_pos(positions)
         if self.tokenizer is None:
             return x
         return torch.cat([self.caption_states(labels, text), x], 1)
@@ -237,31 +252,32 @@ class TokenTransformer(nn.Module):
         text = self.null_text(len(labels), labels.device) if text is None else text
         return self.text_encoder(text)
 
-    def encode(self, labels: torch.Tensor, coarse_tokens: torch.Tensor,
-               text: torch.Tensor | None = None) -> torch.Tensor | None:
+    def encode(self, labels: torch.Tensor, coarse_tokens: torch.Tensor, text: torch.Tensor | None = None,
+               augmented: torch.Tensor | None = None) -> torch.Tensor | None:
         """Cascade: the encoder's output (the decoder's memory). Base: None."""
         if self.shape.kind == "base":
             return None
-        x = self.conditioning(labels, coarse_tokens, text)
+        x = self.conditioning(labels, coarse_tokens, text, augmented)
         for block in self.encoder:
             x = self._run(block, x)
         return self.enc_ln(x)
 
     def forward(self, labels: torch.Tensor, coarse_tokens: torch.Tensor, fine_input: torch.Tensor,
                 positions: torch.Tensor, memory: torch.Tensor | None = None, caches: list | None = None,
-                with_prefix: bool = True, text: torch.Tensor | None = None,
-                with_condition: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                with_prefix: bool = True, text: torch.Tensor | None = None, with_condition: bool = False,
+                augmented: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, fine_vocab) for the decoder inputs `fine_input` (B, T) at absolute `positions` (B, T).
         fine_input[:, i] is the token before position i (the start token at position 0). `memory` may
         carry a precomputed encoder output; `caches` (one dict per decoder block) keep keys and values
         between calls, and `with_prefix` False means the prefix is already in the caches. `text`: caption
         ids (models trained on captions; None: the null caption). `with_condition` (a base model with
-        captions): also the condition token's logits (B, coarse_vocab), read at the label's position."""
+        captions): also the condition token's logits (B, coarse_vocab), read at the label's position.
+        `augmented` (training a model with the augmentation condition): which items are augmented copies."""
         x = self.tok_emb(fine_input) + self.pos_emb(positions)
         if self.shape.kind == "base" and with_prefix:
-            x = torch.cat([self.conditioning(labels, coarse_tokens, text), x], 1)
+            x = torch.cat([self.conditioning(labels, coarse_tokens, text, augmented), x], 1)
         if self.shape.kind == "cascade" and memory is None:
-            memory = self.encode(labels, coarse_tokens, text)
+            memory = self.encode(labels, coarse_tokens, text, augmented)
         for i, block in enumerate(self.decoder):
             x = self._run(block, x, memory, None if caches is None else caches[i])
         if self.shape.kind == "base" and with_prefix:
@@ -274,7 +290,7 @@ class TokenTransformer(nn.Module):
         """A base model with captions: logits (B, coarse_vocab) of the condition token given the caption and
         the label, from the decoder run over [caption states, label] alone (causal: what the full
         sequence gives at the label's position)."""
-        x = torch.cat([self.caption_states(labels, text), self.label_emb(labels)[:, None] + self.cond_pos.weight[0]], 1)
+        x = torch.cat([self.caption_states(labels, text), self.label_embeddings(labels)[:, None] + self.cond_pos.weight[0]], 1)
         for block in self.decoder:
             x = block(x)
         return self.cond_head(self.ln_f(x[:, -1]))

@@ -73,6 +73,11 @@ class TokenData:
     def captions(self) -> list[str | None]:
         return [record.get("caption") for record in self.data.records]
 
+    @property
+    def augmented(self) -> torch.Tensor:
+        """(N,) 1 for an augmented copy of a training image, 0 for an image as it is."""
+        return torch.tensor([int(bool(record.get("augmented"))) for record in self.data.records], dtype=torch.long)
+
     def caption_ids(self, shape: TokenShape) -> torch.Tensor | None:
         """(N, text_len) ids of every item's caption for a model with captions (a word its tokenizer does not
         know is left out: fine-tuning data may have new words), else None."""
@@ -131,6 +136,20 @@ def grow_label_rows(tensors: dict[str, torch.Tensor], key: str, num_labels: int)
     return {**tensors, key: torch.cat([table[:known], null.expand(num_labels - known, -1), null])}
 
 
+def adapt_augment_rows(tensors: dict[str, torch.Tensor], prefix: str, has_condition: bool,
+                       dim: int) -> dict[str, torch.Tensor]:
+    """The tensors of a model tuned from, fitted to a model with (or without) the augmentation condition: a
+    condition the start lacks begins at zero, and one it had but the tuned model lacks is folded into the label
+    rows as sampling uses it (an original), so that either way the tuned model starts as the start model."""
+    key, labels = prefix + "augment_emb.weight", prefix + "label_emb.weight"
+    if has_condition and key not in tensors:
+        return {**tensors, key: torch.zeros(2, dim)}
+    if not has_condition and key in tensors:
+        rest = {k: v for k, v in tensors.items() if k != key}
+        return {**rest, labels: tensors[labels] + tensors[key][0]}
+    return tensors
+
+
 def merged_counts(counts: torch.Tensor, start_counts: torch.Tensor | None) -> torch.Tensor:
     """A tuned base model's condition counts: for a label without training images in this run, those of the
     model it was tuned from, so that asking for a label it knew still draws that label's condition tokens."""
@@ -154,6 +173,7 @@ def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, devi
     window = sequence_window(cfg, shape.fine_len)
     text = tokens.caption_ids(shape)  # None: a model without captions
     predicts_condition = text is not None and shape.kind == "base"
+    augmented = tokens.augmented if cfg.augment_condition else None
 
     def get_batch(indices: torch.Tensor) -> dict:
         ids = train_ids[indices]
@@ -168,18 +188,24 @@ def objective(cfg: TransformerConfig, shape: TokenShape, tokens: TokenData, devi
                  "positions": positions, "targets": fine_tokens[ids].gather(1, positions)}
         if text is not None:
             batch["text"] = batch_text
+        if augmented is not None:
+            batch["augmented"] = augmented[ids]
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss_fn(net, batch: dict, step: int) -> torch.Tensor:
+        smoothing = cfg.label_smoothing
         if not predicts_condition:
-            logits = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"], text=batch.get("text"))
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1))
+            logits = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"], text=batch.get("text"),
+                         augmented=batch.get("augmented"))
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
+                                   label_smoothing=smoothing)
         # the condition token is one more token of the sequence, predicted before the others
         logits, condition = net(batch["labels"], batch["coarse"], batch["input"], batch["positions"],
-                                text=batch["text"], with_condition=True)
+                                text=batch["text"], with_condition=True, augmented=batch.get("augmented"))
         total = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
-                                 reduction="sum")
-                 + F.cross_entropy(condition.float(), batch["coarse"][:, 0], reduction="sum"))
+                                 reduction="sum", label_smoothing=smoothing)
+                 + F.cross_entropy(condition.float(), batch["coarse"][:, 0], reduction="sum",
+                                   label_smoothing=smoothing))
         return total / (batch["targets"].numel() + len(condition))
 
     def evaluate(net: TokenTransformer) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from safetensors.numpy import save as safetensors_bytes
 
 from core.artifacts import atomic_write_bytes
@@ -49,6 +50,10 @@ def embedding_weights(model: TokenTransformer, prefix: str) -> dict[str, np.ndar
     tables = {}
     for name in EMBEDDINGS:
         module = getattr(model, name)
+        if name == "label_emb" and model.augment_emb is not None:  # sampling's "original" condition, folded in
+            labels = torch.arange(module.num_embeddings)
+            tables[f"{prefix}{name}.weight"] = model.label_embeddings(labels).detach().float().cpu().numpy()
+            continue
         tables[f"{prefix}{name}.weight"] = module.weight.detach().cpu().numpy()
         if isinstance(module, Int8Embedding):
             tables[f"{prefix}{name}.weight_scale"] = module.weight_scale.cpu().numpy()

@@ -19,8 +19,9 @@ from core.model_artifacts import TRANSFORMER, load_autoencoder, save_transformer
 from core.models.autoencoder import Autoencoder
 from core.models.sampling import DecodeSettings, condition_tokens, sample_tokens
 from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, config_record
-from core.objectives.transformer import (TokenData, adopt_labels, adopt_text, condition_counts, grow_label_rows,
-                                         load_token_data, merged_counts, null_labels, objective, with_captions)
+from core.objectives.transformer import (TokenData, adapt_augment_rows, adopt_labels, adopt_text, condition_counts,
+                                         grow_label_rows, load_token_data, merged_counts, null_labels, objective,
+                                         with_captions)
 from core.pictures import save_image_grid
 from core.training import Trainer, TrainOptions, claim_out_dir, finish_run, setup_run
 
@@ -52,6 +53,7 @@ def build_model(cfg: TransformerConfig, shape: TokenShape, args: TransformerArgs
         if args.load_optim and tensors is not start.tensors:
             raise PipelineError(f"--load-optim: the data has labels that {args.init_from} does not know, and its "
                                 f"optimizer state has no room for them; tune without --load-optim")
+        tensors = adapt_augment_rows(tensors, prefix, cfg.augment_condition, cfg.in_dim)
         load_state(model, tensors, args.init_from, prefix=prefix)
         if args.load_optim and start.kind != "checkpoint":
             raise PipelineError(f"--load-optim needs --model-path to be a run's checkpoint.safetensors; "

@@ -30,13 +30,14 @@ import typer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from core.eta import ELAPSED_FILE, PLAN_FILE, stage_seconds  # noqa: E402
-from core.report.downstream import (AUGMENTED, CURATED, CURATED_ALONE, DISTILLED, GENERATED, REAL,  # noqa: E402
-                                    SUBSET)
+from core.report.downstream import (AUGMENTED, CURATED, CURATED_ALONE, DISTILLED, DISTILLED_GENERATED,  # noqa: E402
+                                    GENERATED, REAL, SUBSET)
 
 ROWS = {GENERATED: "generated images alone (CAS)", CURATED_ALONE: "curated images alone (CAS)",
         REAL: "as many real images", SUBSET: "real images (the subset)",
         DISTILLED: "real images, half of each batch mixup labelled by a teacher (no generator)",
-        AUGMENTED: "real + generated, asked labels", CURATED: "real + curated, curated labels"}
+        AUGMENTED: "real + generated, asked labels", CURATED: "real + curated, curated labels",
+        DISTILLED_GENERATED: "real images, half of each batch mixup of real and generated labelled by a teacher"}
 REPORTS = {"report": "fp32 models", "report_compressed": "compressed models (torch, int8 weights)",
            "report_export": "export bundle (onnxruntime, no torch)"}
 STAGES_FILE = "stages.json"

@@ -14,8 +14,8 @@ from conftest import build_dataset, run_script, shape_image, write_colour_folder
 from core.artifacts import load_artifact
 from core.data import load_image_dataset
 from core.generator import Generator
-from core.report.downstream import (CURATED, CURATED_ALONE, DISTILLED, SUBSET, DownstreamConfig, build_arms,
-                                    load_curated, soft_cross_entropy, train_classifier)
+from core.report.downstream import (CURATED, CURATED_ALONE, DISTILLED, DISTILLED_GENERATED, SUBSET, DownstreamConfig,
+                                    build_arms, load_curated, pool_batch, soft_cross_entropy, train_classifier)
 from core.stages.curate import CurateArgs, run
 from core.report.sets import TEACHER_FILE
 from core.stages.evaluate import EvalArgs, run as evaluate
@@ -157,6 +157,19 @@ def test_the_distilled_and_curated_arms_train_on_exactly_the_images_they_name(tm
     assert torch.equal(arms[CURATED].targets, torch.cat([F.one_hot(subset.labels, 3).float(), curated.targets]))
     assert arms[CURATED].weights[:len(subset.images)].sum() == pytest.approx(0.5)
     assert torch.equal(arms[CURATED_ALONE].images, curated.data.items)
+    distilled_generated = arms[DISTILLED_GENERATED]
+    assert distilled_generated.teacher is teacher and torch.equal(distilled_generated.images, subset.images)
+    assert torch.equal(distilled_generated.mixup_pool, torch.cat([subset.images, load_image_dataset(generated).items]))
+    assert distilled_generated.mixup_weights[:len(subset.images)].sum() == pytest.approx(0.5)
+
+
+def test_the_mixed_half_is_drawn_from_the_pool_by_its_weights():
+    pool = torch.arange(3, dtype=torch.uint8).mul(100).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+    generator = torch.Generator().manual_seed(0)
+    drawn = pool_batch(pool, torch.tensor([0.0, 0.0, 1.0]), 8, 0, False, generator, torch.device("cpu"))
+    assert drawn.shape == (8, 1, 4, 4) and torch.allclose(drawn, torch.full_like(drawn, 200 / 127.5 - 1))
+    uniform = pool_batch(pool, None, 200, 0, False, generator, torch.device("cpu"))
+    assert len(uniform[:, 0, 0, 0].unique()) == 3
 
 
 def test_the_report_adds_the_curated_arms_and_measures_the_gain_over_the_best_arm_without_a_generator(
@@ -174,10 +187,10 @@ def test_the_report_adds_the_curated_arms_and_measures_the_gain_over_the_best_ar
     assert kept.config == teacher.config and all(torch.equal(kept.tensors[k], v) for k, v in teacher.tensors.items())
     section = report["downstream"]
     assert list(section["arms"]) == ["generated", CURATED_ALONE, "real", SUBSET, DISTILLED,
-                                     "real subset + generated", CURATED]
+                                     "real subset + generated", CURATED, DISTILLED_GENERATED]
     arms = section["arms"]
     baseline = max(arms[SUBSET]["accuracy"]["mean"], arms[DISTILLED]["accuracy"]["mean"])
-    best = max(arms["real subset + generated"]["accuracy"]["mean"], arms[CURATED]["accuracy"]["mean"])
+    best = max(arms[name]["accuracy"]["mean"] for name in ("real subset + generated", CURATED, DISTILLED_GENERATED))
     assert section["gain_points"] == pytest.approx(100 * (best - baseline))
     assert section["cas_curated"] == arms[CURATED_ALONE]["accuracy"]["mean"]
     assert "curated images, curated labels" in (tmp_path / "report" / "report.md").read_text()

@@ -15,8 +15,11 @@ images:
 - real subset + generated: that subset plus every generated image with the label it was generated for,
   half of each batch drawn from each by default, and
 - real subset + curated (curate_images.py): the subset plus the curated images with the labels the
-  curation chose (soft labels through the distillation loss), mixed alike.
-The generator's gain is the better of the two generated arms minus the better no-generator arm.
+  curation chose (soft labels through the distillation loss), mixed alike;
+- real subset + generated, distilled: the distilled arm whose mixup half draws its images from the subset and
+  the generated images alike (half each), all labelled by the teacher: the generated images as teaching
+  material for distillation rather than as labelled examples (DM-KD, Li et al. 2023).
+The generator's gain is the best of the generated arms minus the better no-generator arm.
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ from core.models.classifier import FeatureClassifier, shift_and_flip
 Progress = Callable[[Iterable], Iterator]
 GENERATED, REAL, SUBSET, AUGMENTED = "generated", "real", "real subset", "real subset + generated"
 CURATED_ALONE, DISTILLED, CURATED = "curated", "real subset, distilled", "real subset + curated"
+DISTILLED_GENERATED = "real subset + generated, distilled"
 NO_GENERATOR = (SUBSET, DISTILLED)
+WITH_GENERATOR = (AUGMENTED, CURATED, DISTILLED_GENERATED)
 # classifiers train side by side on threads (core.cores.in_parallel); torch's global generator, which gives a
 # model its initial weights, is theirs to share
 INIT_LOCK = threading.Lock()
@@ -65,13 +70,15 @@ def mixup_distilled(x: torch.Tensor, teacher: FeatureClassifier,
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: dict,
                      device: torch.device, progress: Progress = iter, weights: torch.Tensor | None = None,
                      targets: torch.Tensor | None = None,
-                     teacher: FeatureClassifier | None = None) -> FeatureClassifier:
+                     teacher: FeatureClassifier | None = None, mixup_pool: torch.Tensor | None = None,
+                     mixup_weights: torch.Tensor | None = None) -> FeatureClassifier:
     """Cross-entropy on uint8 images (N, C, H, W) with labels (N,) in [0, num_classes), Adam with a linearly
     decaying learning rate. `config`: steps, batch_size, lr, model_width, features, seed, and optionally
     shift and flip (the augmentation; none when absent). Batches are drawn uniformly, or in proportion to
     `weights` (N,). With `targets` (N, K class probabilities) the loss is against those instead of the
     labels; with a `teacher`, half of every batch keeps its labels and the other half is mixed (mixup),
-    its loss against the teacher's probabilities of the mixtures."""
+    its loss against the teacher's probabilities of the mixtures. The mixed half is drawn from the batch's
+    images, or from `mixup_pool` (M, C, H, W) uniformly or in proportion to `mixup_weights` (M,)."""
     if len(images) < 2:
         raise PipelineError(f"too few labelled images ({len(images)}) to train a classifier")
     with INIT_LOCK:
@@ -95,7 +102,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         x = x.contiguous(memory_format=torch.channels_last)
         if teacher is not None:  # half of the batch with its labels, half mixed and labelled by the teacher
             half = len(x) // 2
-            mixed, soft = mixup_distilled(x[half:], teacher, generator)
+            to_mix = x[half:] if mixup_pool is None else pool_batch(mixup_pool, mixup_weights, len(x) - half,
+                                                                    shift, flip, generator, device)
+            mixed, soft = mixup_distilled(to_mix, teacher, generator)
             logits = model(torch.cat([x[:half], mixed]).contiguous(memory_format=torch.channels_last))
             loss = 0.5 * (F.cross_entropy(logits[:half], labels[batch[:half]].to(device))
                           + soft_cross_entropy(logits[half:], soft))
@@ -107,6 +116,17 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def pool_batch(pool: torch.Tensor, weights: torch.Tensor | None, count: int, shift: int, flip: bool,
+               generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """`count` images of the pool, drawn uniformly or by `weights`, as float and augmented as a batch is."""
+    if weights is None:
+        drawn = torch.randint(len(pool), (count,), generator=generator)
+    else:
+        drawn = torch.multinomial(weights, count, replacement=True, generator=generator)
+    x = to_float(pool[drawn]).to(device)
+    return shift_and_flip(x, shift, flip, generator) if shift or flip else x
 
 
 @torch.no_grad()
@@ -167,6 +187,8 @@ class Arm:
     weights: torch.Tensor | None = None  # how often each image is drawn (None: uniformly)
     targets: torch.Tensor | None = None  # (N, K) class probabilities trained against, instead of the labels
     teacher: FeatureClassifier | None = None  # distilled on mixup of the images, instead of the labels
+    mixup_pool: torch.Tensor | None = None  # with a teacher: the images mixed (None: the arm's own)
+    mixup_weights: torch.Tensor | None = None  # how often each pool image is drawn (None: uniformly)
     same_as: str | None = None  # another arm of exactly these images and labels: its results are reused
 
 
@@ -246,6 +268,10 @@ def build_arms(train: Dataset, generated: Dataset, *, per_class: int, seed: int,
                         torch.cat([sub_labels, curated.data.labels]),
                         half_and_half(len(subset), len(curated.data), real_share),
                         targets=torch.cat([one_hot, curated.targets])))
+    if teacher is not None:
+        arms.append(Arm(DISTILLED_GENERATED, sub_images, sub_labels, teacher=teacher,
+                        mixup_pool=torch.cat([sub_images, fake_images]),
+                        mixup_weights=half_and_half(len(subset), len(fake_images), 0.5)))
     return arms
 
 
@@ -284,7 +310,8 @@ def accuracy_of(model: FeatureClassifier, test_images: torch.Tensor, test_labels
 
 def train_arm(arm: Arm, num_classes: int, settings: dict, device: torch.device) -> FeatureClassifier:
     return train_classifier(arm.images, arm.labels, num_classes, settings, device, weights=arm.weights,
-                            targets=arm.targets, teacher=arm.teacher)
+                            targets=arm.targets, teacher=arm.teacher, mixup_pool=arm.mixup_pool,
+                            mixup_weights=arm.mixup_weights)
 
 
 def train_and_test(arms: list[Arm], test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
@@ -349,7 +376,7 @@ def compare(results: dict) -> dict:
     beyond the seeds' spread (the arms' ranges over seeds do not overlap)."""
     generated, real = results[GENERATED]["accuracy"], results[REAL]["accuracy"]
     baseline = max((name for name in NO_GENERATOR if name in results), key=lambda n: results[n]["accuracy"]["mean"])
-    best = max((name for name in (AUGMENTED, CURATED) if name in results),
+    best = max((name for name in WITH_GENERATOR if name in results),
                key=lambda n: results[n]["accuracy"]["mean"])
     b, g = results[baseline]["accuracy"], results[best]["accuracy"]
     standard_error = math.sqrt((g["std"] ** 2 + b["std"] ** 2) / len(b["runs"]))
@@ -422,7 +449,9 @@ def markdown(section: dict) -> list[str]:
                     SUBSET: f"real subset (at most {c['subset_per_class']} per class)",
                     DISTILLED: "real subset, half of each batch mixup labelled by the teacher (no generator)",
                     AUGMENTED: "real subset + generated images, asked labels",
-                    CURATED: "real subset + curated images, curated labels"}
+                    CURATED: "real subset + curated images, curated labels",
+                    DISTILLED_GENERATED: "real subset, half of each batch mixup of real and generated images "
+                                         "labelled by the teacher"}
     lines += [f"| {descriptions[name]} | {arm['images']:,} | {accuracy_cell(arm['accuracy'])}"
               f"{' (the same images: trained once)' if 'same_as' in arm else ''} |" for name, arm in arms.items()]
     size = " at equal size" if section["equal_size"] else " (fewer real images: all there are)"

@@ -314,7 +314,9 @@ $(REPORT): $(GENERATED) $(CURATED) $$(call changed,report,$$(REPORT_FLAGS))
 	$(call record,report,$(REPORT_FLAGS))
 	touch $@
 
-$(RUNS)/compressed/autoencoder/DONE: $(DECODER) $(call config_deps,compress_autoencoder.json)
+# after the pruned codebooks (order only): with one job per core, the transformers on the critical path take the
+# cores first, and the autoencoder's compression the first one they free
+$(RUNS)/compressed/autoencoder/DONE: $(DECODER) $(call config_deps,compress_autoencoder.json) | $(PRUNED)
 	rm -f $@
 	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(DECODER_ARTIFACT) \
 		--dataset-path $(CHAIN_DATA)/dataset.json --config-path $(call config,compress_autoencoder.json) \

@@ -1,9 +1,11 @@
-"""Choose the sampling settings (guidance scale, temperature) of images meant to train a classifier: images
-made at each setting are mixed into a classifier's training on most of the real training images and tested on
-the rest (a validation split; the held-out split is never read). Writes sampling.json with every setting's
+"""Choose the sampling settings (guidance scale and temperature on every level, and per-level settings with
+--vary): by accuracy, images made at each setting are mixed into a classifier's training on most of the real
+training images and tested on the rest (a validation split); by fidelity, their Fréchet distance to those
+validation images in a classifier's features. --validation heldout validates on the real data's held-out split
+instead (a share of the training images that no stage trained on). Writes sampling.json with every setting's
 figures and generate.json, the generation config at the best one."""
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -32,6 +34,11 @@ def main(
     overrides: Overrides = None,
     guidance: Annotated[str, typer.Option(help="guidance scales to try, comma-separated")] = "1,1.5,2,3",
     temperature: Annotated[str, typer.Option(help="temperatures to try, comma-separated")] = "1",
+    vary: Annotated[Optional[list[str]], typer.Option(
+        help="LEVEL.KEY=V1,V2,...: a level's setting tried at each value, every combination (repeatable; e.g. "
+             "1.top_p=1,0.9)")] = None,
+    criterion: Annotated[str, typer.Option(help="accuracy (for augmentation) or fidelity")] = "accuracy",
+    validation: Annotated[str, typer.Option(help="carved (from the training images) or heldout")] = "carved",
     images: Annotated[int, typer.Option(min=10, help="images generated per setting")] = 2000,
     seeds: Annotated[int, typer.Option(min=1, help="classifier seeds per setting")] = 2,
     steps: Annotated[int, typer.Option(min=1, help="training steps of each classifier")] = 500,
@@ -41,17 +48,24 @@ def main(
     summary = run(SamplingArgs(config_path=config_path, decoder_path=decoder_path, real_path=real_path,
                                out_dir=out_dir, overrides=tuple(overrides or ()),
                                guidance=numbers(guidance, "--guidance"),
-                               temperature=numbers(temperature, "--temperature"), images=images, seeds=seeds,
+                               temperature=numbers(temperature, "--temperature"), vary=tuple(vary or ()),
+                               criterion=criterion, validation=validation, images=images, seeds=seeds,
                                downstream=DownstreamConfig(steps=steps), seed=seed, device=device, progress=track))
     for c in summary["candidates"]:
-        a = c["validation_accuracy"]
-        console.print(f"guidance {c['guidance_scale']:g}, temperature {c['temperature']:g}: validation accuracy "
-                      f"{a['mean']:.2%} ± {100 * a['std']:.2f}, teacher agreement {c['teacher_agreement']:.1%}",
-                      highlight=False)
-    chosen = summary["chosen"]
-    console.print(f"chosen: guidance {chosen['guidance_scale']:g}, temperature {chosen['temperature']:g} "
-                  f"({summary['validation_images']} validation images); wrote {out_dir / 'generate.json'} and "
-                  f"{out_dir / 'sampling.json'}", highlight=False)
+        if criterion == "fidelity":
+            figure = f"Fréchet distance {c['frechet_distance']:.2f}"
+        else:
+            a = c["validation_accuracy"]
+            figure = f"validation accuracy {a['mean']:.2%} ± {100 * a['std']:.2f}"
+        console.print(f"{setting_text(c)}: {figure}, teacher agreement {c['teacher_agreement']:.1%}", highlight=False)
+    console.print(f"chosen: {setting_text(summary['chosen'])} ({summary['validation_images']} validation images); "
+                  f"wrote {out_dir / 'generate.json'} and {out_dir / 'sampling.json'}", highlight=False)
+
+
+def setting_text(setting: dict) -> str:
+    named = {"guidance_scale": "guidance", "temperature": "temperature"}
+    return ", ".join(f"{named.get(k, k)} {v:g}" if isinstance(v, (int, float)) else f"{named.get(k, k)} {v}"
+                     for k, v in setting.items() if k in named or "." in k)
 
 
 if __name__ == "__main__":

@@ -216,3 +216,27 @@ def test_the_sampling_choice_measures_each_setting_on_the_validation_split_and_w
     bad = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
                      models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1,x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--guidance takes numbers" in bad.stderr
+
+
+def test_the_sampling_choice_by_fidelity_tries_every_level_setting_and_keeps_the_nearest(tmp_path: Path, models: dict):
+    out = tmp_path / "fidelity"
+    result = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
+                        models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1",
+                        "--criterion", "fidelity", "--validation", "heldout", "--vary", "1.temperature=1,0.3",
+                        "--vary", "0.top_p=1,0.5", "--images", 24, "--steps", 10, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "sampling.json").read_text())
+    tried = [(c["1.temperature"], c["0.top_p"]) for c in summary["candidates"]]
+    assert tried == [(1, 1), (1, 0.5), (0.3, 1), (0.3, 0.5)]
+    best = min(summary["candidates"], key=lambda c: c["frechet_distance"])
+    assert summary["chosen"] == {"guidance_scale": 1.0, "temperature": 1.0, "1.temperature": best["1.temperature"],
+                                 "0.top_p": best["0.top_p"]}
+    heldout = load_image_dataset(models["dataset"]).split(heldout=True)
+    assert summary["validation_images"] == len(heldout) and "chosen: guidance 1" in result.stderr
+    generator = Generator.load(out / "generate.json", models["autoencoder"])
+    assert generator.levels[1].settings.temperature == best["1.temperature"]
+    assert generator.levels[0].settings.top_p == best["0.top_p"] and generator.levels[0].settings.temperature == 1.0
+    bad = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
+                     models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--criterion",
+                     "fidelity", "--vary", "1.model_path=a,b")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a sampling setting" in bad.stderr

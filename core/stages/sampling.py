@@ -1,14 +1,18 @@
-"""The choice of sampling settings for augmentation: images generated at each candidate setting (guidance
-scale, temperature) help a classifier on a validation split carved from the real training images (the same
-split curation carves), and the best setting is written into a generation config. The held-out split is never
-read.
+"""The choice of sampling settings: images generated at each candidate setting (guidance scale and temperature
+on every level, and any per-level settings to vary, every combination) are measured against validation images,
+and the best setting is written into a generation config. The validation images are a split carved from the
+real training images (the same split curation carves), or the real data's held-out split when that is a share
+no stage trained on (a chain's validation share); the test split of a benchmark is never read.
 
-For each setting: `images` images generated (in memory), a classifier trained on the rest of the training
-images with them mixed in at half of each batch (their asked labels), tested on the validation images, over a
-few seeds; beside it, the share of them that a teacher trained on the same images assigns to their asked
-label."""
+For each setting, `images` images are generated (in memory), and a teacher is trained on the other training
+images. Two criteria:
+- accuracy (for augmentation): a classifier trained on the other training images with the generated ones mixed
+  in at half of each batch (their asked labels), tested on the validation images, over a few seeds;
+- fidelity: the Fréchet distance between the generated and the validation images in the teacher's features.
+Beside either, the share of the images that the teacher assigns to their asked label."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -18,7 +22,8 @@ import torch
 from core.artifacts import atomic_write_json, file_record
 from core.data import crop_to_content, load_image_dataset, to_uint8
 from core.errors import PipelineError
-from core.generator import Generator
+from core.generator import Generator, LevelConfig, changed_level, parse_override
+from core.metrics import frechet_distance
 from core.report import downstream
 from core.report.sets import at_source_size
 from core.report.spaces import classifier_config, is_labelled
@@ -34,6 +39,9 @@ class SamplingArgs:
     overrides: tuple[str, ...] = ()  # LEVEL.KEY=VALUE settings changed from the config's (--set)
     guidance: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
     temperature: list[float] = field(default_factory=lambda: [1.0])
+    vary: tuple[str, ...] = ()  # "LEVEL.KEY=V1,V2,...": a level's setting tried at each value
+    criterion: str = "accuracy"  # or "fidelity"
+    validation: str = "carved"  # or "heldout": the real data's held-out split (a share no stage trained on)
     images: int = 2000
     seeds: int = 2
     validation_share: float = 0.2
@@ -56,6 +64,33 @@ def generate(generator: Generator, count: int, batch_size: int, seed: int, conte
     return torch.cat(images), torch.tensor(labels)
 
 
+CRITERIA = ("accuracy", "fidelity")
+VALIDATION = ("carved", "heldout")
+
+
+def varied_settings(vary: tuple[str, ...], num_levels: int) -> list[dict[str, object]]:
+    """Every combination of the per-level values to try, as {"LEVEL.KEY": value} ({} when nothing varies)."""
+    axes = []
+    for text in vary:
+        level, key, _ = parse_override(text.partition("=")[0] + "=0", num_levels)
+        if key not in LevelConfig.__dataclass_fields__ or key.endswith("_path"):
+            raise PipelineError(f"--vary {text}: '{key}' is not a sampling setting of a level")
+        values = [parse_override(f"{level}.{key}={v}", num_levels)[2] for v in text.partition("=")[2].split(",")]
+        axes.append([(f"{level}.{key}", v) for v in values])
+    return [dict(combination) for combination in itertools.product(*axes)]
+
+
+def at_setting(generator: Generator, setting: dict) -> Generator:
+    """The generator at a candidate setting: guidance and temperature on every level, then the per-level ones."""
+    generator = generator.with_settings(guidance_scale=setting["guidance_scale"], temperature=setting["temperature"])
+    levels = list(generator.levels)
+    for name, value in setting.items():
+        level, dot, key = name.partition(".")
+        if dot:
+            levels[int(level)] = changed_level(levels[int(level)], **{key: value})
+    return generator.with_levels(levels)
+
+
 def run(args: SamplingArgs) -> dict:
     """Measure every setting, write sampling.json and generate.json (the config at the chosen setting) into
     out_dir. Returns the summary."""
@@ -69,40 +104,61 @@ def run(args: SamplingArgs) -> dict:
     if not is_labelled(real) or not generator.label_names:
         raise PipelineError(f"{args.real_path}: choosing sampling settings needs labelled real images and a "
                             f"label-conditioned generator")
+    if args.criterion not in CRITERIA or args.validation not in VALIDATION:
+        raise PipelineError(f"the criterion is one of {', '.join(CRITERIA)} and the validation images one of "
+                            f"{', '.join(VALIDATION)}; got {args.criterion} and {args.validation}")
+    varied = varied_settings(args.vary, len(generator.levels))
     names = real.label_names
     train = real.split(heldout=False).with_labels()
-    fit, validation = downstream.validation_split(train, args.validation_share, args.seed)
+    if args.validation == "heldout":
+        fit, validation = train, real.split(heldout=True).with_labels()
+        if len(validation) < 2:
+            raise PipelineError(f"{args.real_path}: its held-out split has too few labelled images to validate on")
+    else:
+        fit, validation = downstream.validation_split(train, args.validation_share, args.seed)
     k = len(names)
     teacher = downstream.train_classifier(fit.items, fit.labels, k, classifier_config(real, args.teacher_steps,
                                                                                       args.seed),
                                           device, lambda it: track(it, "sampling: teacher"))
     mapping = torch.tensor([names.index(n) if n in names else -1 for n in generator.label_names] + [-1])
     settings = downstream.classifier_settings(args.downstream)
+    validation_features = downstream.predict(teacher, validation.items, device)[0]
     candidates, arms = [], []
-    for guidance in args.guidance:
-        for temperature in args.temperature:
-            images, ids = generate(generator.with_settings(guidance_scale=guidance, temperature=temperature),
-                                   args.images, args.batch_size, args.seed, content, track)
-            asked = mapping[ids]
-            keep = asked >= 0
-            images, asked = images[keep], asked[keep]
-            agreement = float((downstream.probabilities(teacher, images, device).argmax(1) == asked).float().mean())
-            arms.append(downstream.Arm(f"guidance {guidance}, temperature {temperature}",
+    for guidance, temperature, levels in itertools.product(args.guidance, args.temperature, varied):
+        setting = {"guidance_scale": guidance, "temperature": temperature, **levels}
+        images, ids = generate(at_setting(generator, setting), args.images, args.batch_size, args.seed, content, track)
+        asked = mapping[ids]
+        keep = asked >= 0
+        images, asked = images[keep], asked[keep]
+        features, predicted = downstream.predict(teacher, images, device)
+        candidate = {**setting, "images": len(images),
+                     "teacher_agreement": float((predicted == asked).float().mean())}
+        if args.criterion == "fidelity":
+            candidate["frechet_distance"] = frechet_distance(validation_features, features)
+        else:
+            arms.append(downstream.Arm(", ".join(f"{k} {v}" for k, v in setting.items()),
                                        torch.cat([fit.items, images]), torch.cat([fit.labels, asked]),
                                        downstream.half_and_half(len(fit), len(images), args.downstream.real_share)))
-            candidates.append({"guidance_scale": guidance, "temperature": temperature, "images": len(images),
-                               "teacher_agreement": agreement})
-    accuracies = downstream.accuracy_over_seeds(arms, validation.items, validation.labels, k, settings,
-                                                seeds=args.seeds, seed=args.seed, device=device,
-                                                track=args.progress, description="sampling")
-    for candidate, arm in zip(candidates, arms):
-        candidate["validation_accuracy"] = accuracies[arm.name]
-    best = max(candidates, key=lambda c: c["validation_accuracy"]["mean"])
+        candidates.append(candidate)
+    if args.criterion == "fidelity":
+        best = min(candidates, key=lambda c: c["frechet_distance"])
+    else:
+        accuracies = downstream.accuracy_over_seeds(arms, validation.items, validation.labels, k, settings,
+                                                    seeds=args.seeds, seed=args.seed, device=device,
+                                                    track=args.progress, description="sampling")
+        for candidate, arm in zip(candidates, arms):
+            candidate["validation_accuracy"] = accuracies[arm.name]
+        best = max(candidates, key=lambda c: c["validation_accuracy"]["mean"])
     summary = {"config": file_record(args.config_path), "real": file_record(args.real_path),
+               "criterion": args.criterion, "validation": args.validation,
                "fit_images": len(fit), "validation_images": len(validation), "seeds": args.seeds,
-               "candidates": candidates, "chosen": {"guidance_scale": best["guidance_scale"],
-                                                    "temperature": best["temperature"]}}
+               "candidates": candidates, "chosen": best_setting(best)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out_dir / "generate.json", generator.with_settings(**summary["chosen"]).config(args.out_dir))
+    atomic_write_json(args.out_dir / "generate.json", at_setting(generator, summary["chosen"]).config(args.out_dir))
     atomic_write_json(args.out_dir / "sampling.json", summary)
     return summary
+
+
+def best_setting(candidate: dict) -> dict:
+    """A candidate's setting without its figures."""
+    return {k: v for k, v in candidate.items() if k in ("guidance_scale", "temperature") or "." in k}

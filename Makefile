@@ -82,11 +82,25 @@ DATA := $(RUNS)/data/DONE
 # left empty, the chain's held-out figure is taken on the held-out split
 VALIDATION_SHARE ?=
 CHAIN_DATA := $(if $(VALIDATION_SHARE),$(RUNS)/chain_data,$(RUNS)/data)
+# SAMPLING_CHOICE=fidelity (make lowdata and make transfer set it): before generating, each level's sampling
+# settings are chosen among SAMPLING_GRID's (choose_sampling.py) by the Fréchet distance of their images to the
+# validation share, in the features of a classifier of the other training images; generation then reads the
+# chosen config, $(RUNS)/sampling_choice/generate.json. It needs labels and VALIDATION_SHARE: the held-out split
+# is the report's and no choice may see it.
+SAMPLING_CHOICE ?=
+SAMPLING_GRID ?= --guidance 1,2 --vary 0.temperature=1,0.8 --vary 1.temperature=1,0.85,0.7 --vary 1.top_p=1,0.9
+ifneq ($(SAMPLING_CHOICE),)
+ifeq ($(VALIDATION_SHARE),)
+$(error SAMPLING_CHOICE=$(SAMPLING_CHOICE) chooses on the validation share: set VALIDATION_SHARE too (e.g. 0.1))
+endif
+endif
 AUTOENCODER := $(TOKENIZER_RUNS)/autoencoder/DONE
 FMAPS := $(RUNS)/fmaps/DONE
 CODEBOOKS := $(LEVELS:%=$(TOKENIZER_RUNS)/codebooks/%/DONE)
 PRUNED := $(LEVELS:%=$(TOKENIZER_RUNS)/pruned/%/DONE)
 TRANSFORMERS := $(MODELS:%=$(RUNS)/transformers/%/DONE)
+SAMPLING_CHOSEN := $(if $(SAMPLING_CHOICE),$(RUNS)/sampling_choice/DONE)
+GENERATE_CONFIG = $(if $(SAMPLING_CHOICE),$(RUNS)/sampling_choice/generate.json,$(call config,generate.json))
 GENERATED := $(RUNS)/generated/DONE
 CURATED := $(RUNS)/curated/DONE
 REPORT := $(RUNS)/report/DONE
@@ -280,9 +294,19 @@ $(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $$(call config_deps,transformer_
 
 # the preset's generation config, pointed at this run's models (generated/generate.json is the config it was
 # made with)
-$(GENERATED): $(TRANSFORMERS) $(DECODER) $(call config_deps,generate.json) $$(call changed,generated,$$(NUM_IMAGES))
+$(RUNS)/sampling_choice/DONE: $(TRANSFORMERS) $(DECODER) $(call config_deps,generate.json) \
+		$$(call changed,sampling_choice,$$(SAMPLING_GRID))
 	rm -f $@
-	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(call config,generate.json) \
+	$(call TIMER,sampling choice) $(PYTHON) choose_sampling.py --config-path $(call config,generate.json) \
+		$(call level_paths,$(RUNS)/transformers) --decoder-path $(DECODER_ARTIFACT) --real-path $(CHAIN_DATA)/dataset.json \
+		--out-dir $(RUNS)/sampling_choice --criterion $(SAMPLING_CHOICE) --validation heldout --images 1000 \
+		--device $(DEVICE) $(SAMPLING_GRID)
+	$(call record,sampling_choice,$(SAMPLING_GRID))
+	touch $@
+
+$(GENERATED): $(TRANSFORMERS) $(DECODER) $(SAMPLING_CHOSEN) $(call config_deps,generate.json) $$(call changed,generated,$$(NUM_IMAGES))
+	rm -f $@
+	$(call TIMER,generate) $(PYTHON) generate_images.py --config-path $(GENERATE_CONFIG) \
 		$(call level_paths,$(RUNS)/transformers) --decoder-path $(DECODER_ARTIFACT) \
 		--out-dir $(RUNS)/generated --num-images $(NUM_IMAGES) --seed 0 --device $(DEVICE) $(RESTART)
 	$(call record,generated,$(NUM_IMAGES))
@@ -434,7 +458,7 @@ LOWDATA_RUNS ?= $(RUNS)_lowdata$(LOWDATA_PER_CLASS)
 LOWDATA_TARGET ?= report
 lowdata:
 	$(MAKE) $(LOWDATA_TARGET) RUNS=$(LOWDATA_RUNS) DATA_FLAGS="--train-per-class $(LOWDATA_PER_CLASS)" NUM_IMAGES=$(LOWDATA_IMAGES) \
-		VALIDATION_SHARE=$(BENCH_VALIDATION_SHARE) \
+		VALIDATION_SHARE=$(BENCH_VALIDATION_SHARE) SAMPLING_CHOICE=fidelity \
 		REPORT_FLAGS="--downstream-per-class $(LOWDATA_PER_CLASS) $(REPORT_FLAGS)"
 	@echo "low-data benchmark done: $(LOWDATA_RUNS)/report/report.md (downstream accuracy), $(LOWDATA_RUNS)/timings.log"
 
@@ -452,7 +476,7 @@ TRANSFER_RUNS ?= $(RUNS)_transfer
 # settings of the source chain alone (e.g. TRANSFER_SOURCE_FLAGS="CASCADE_STEPS=1200")
 TRANSFER_SOURCE_FLAGS ?=
 TRANSFER_TARGET = DATA_FLAGS="$(TRANSFER_LABELS:%=--label %) --train-per-class $(TRANSFER_PER_CLASS)" \
-	NUM_IMAGES=$(TRANSFER_IMAGES) VALIDATION_SHARE=$(BENCH_VALIDATION_SHARE) REPORT_FLAGS="--downstream-per-class $(TRANSFER_PER_CLASS) $(REPORT_FLAGS)"
+	NUM_IMAGES=$(TRANSFER_IMAGES) VALIDATION_SHARE=$(BENCH_VALIDATION_SHARE) SAMPLING_CHOICE=fidelity REPORT_FLAGS="--downstream-per-class $(TRANSFER_PER_CLASS) $(REPORT_FLAGS)"
 transfer:
 	$(MAKE) transformers RUNS=$(TRANSFER_RUNS)/source DATA_FLAGS="$(TRANSFER_LABELS:%=--exclude-label %)" \
 		$(TRANSFER_SOURCE_FLAGS)

@@ -183,13 +183,27 @@ def test_make_lowdata_trains_the_chain_on_a_per_class_subset(tmp_path):
     assert "--train-per-class 20" in build and f"--out-dir {runs}/data" in build
     trainers = [line for line in planned if "train_autoencoder.py" in line or "generate_fmap_dataset.py" in line]
     assert trainers and all(f"--dataset-path {runs}/chain_data/dataset.json" in line for line in trainers)
-    assert "--num-images 300" in next(line for line in planned if "generate_images.py" in line)
+    generate = next(line for line in planned if "generate_images.py" in line)
+    assert "--num-images 300" in generate and f"--config-path {runs}/sampling_choice/generate.json" in generate
+    # the sampling settings are chosen on the chain's validation share, before generation
+    choose = next(line for line in planned if "choose_sampling.py" in line)
+    assert f"--real-path {runs}/chain_data/dataset.json" in choose and "--validation heldout" in choose
+    assert "--criterion fidelity" in choose and planned.index(choose) < planned.index(generate)
     curate = next(line for line in planned if "curate_images.py" in line)
     assert f"--real-path {runs}/data/dataset.json" in curate and f"--out-dir {runs}/curated" in curate
     report = next(line for line in planned if "evaluate.py" in line)
     assert f"--curated-path {runs}/curated/dataset.json" in report
     assert "--downstream-per-class 20 --k 3" in report and f"--autoencoder-path {runs}/autoencoder" in report
     assert report.count("--ceiling-codebook") == 3 and "compress.py" not in result.stdout
+
+
+def test_a_sampling_choice_without_a_validation_share_is_refused_in_one_line(tmp_path):
+    venv = Path(sys.executable).parent.parent
+    command = ["make", "-n", "-o", f"{venv}/.installed", "generate", f"VENV={venv}", f"RUNS={tmp_path / 'runs'}",
+               "SAMPLING_CHOICE=fidelity"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=script_env(), cwd=ROOT)
+    assert result.returncode != 0 and "set VALIDATION_SHARE too" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
 
 
 def test_make_transfer_pretrains_without_the_target_classes_and_tunes_and_trains_on_them(tmp_path):

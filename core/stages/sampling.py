@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from core.artifacts import atomic_write_json, file_record
-from core.data import crop_to_content, load_image_dataset, to_uint8
+from core.data import Dataset, crop_to_content, load_image_dataset, to_uint8
 from core.errors import PipelineError
 from core.generator import Generator, LevelConfig, changed_level, parse_override
 from core.metrics import frechet_distance
@@ -91,6 +91,17 @@ def at_setting(generator: Generator, setting: dict) -> Generator:
     return generator.with_levels(levels)
 
 
+def validation_images(real: Dataset, args: SamplingArgs) -> tuple[Dataset, Dataset]:
+    """The labelled training images the teacher fits, and the validation images every setting is measured on."""
+    train = real.split(heldout=False).with_labels()
+    if args.validation == "carved":
+        return downstream.validation_split(train, args.validation_share, args.seed)
+    validation = real.split(heldout=True).with_labels()
+    if len(validation) < 2:
+        raise PipelineError(f"{args.real_path}: its held-out split has too few labelled images to validate on")
+    return train, validation
+
+
 def run(args: SamplingArgs) -> dict:
     """Measure every setting, write sampling.json and generate.json (the config at the chosen setting) into
     out_dir. Returns the summary."""
@@ -109,13 +120,7 @@ def run(args: SamplingArgs) -> dict:
                             f"{', '.join(VALIDATION)}; got {args.criterion} and {args.validation}")
     varied = varied_settings(args.vary, len(generator.levels))
     names = real.label_names
-    train = real.split(heldout=False).with_labels()
-    if args.validation == "heldout":
-        fit, validation = train, real.split(heldout=True).with_labels()
-        if len(validation) < 2:
-            raise PipelineError(f"{args.real_path}: its held-out split has too few labelled images to validate on")
-    else:
-        fit, validation = downstream.validation_split(train, args.validation_share, args.seed)
+    fit, validation = validation_images(real, args)
     k = len(names)
     teacher = downstream.train_classifier(fit.items, fit.labels, k, classifier_config(real, args.teacher_steps,
                                                                                       args.seed),

@@ -166,9 +166,10 @@ def test_the_distilled_and_curated_arms_train_on_exactly_the_images_they_name(tm
 def test_the_mixed_half_is_drawn_from_the_pool_by_its_weights():
     pool = torch.arange(3, dtype=torch.uint8).mul(100).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
     generator = torch.Generator().manual_seed(0)
-    drawn = pool_batch(pool, torch.tensor([0.0, 0.0, 1.0]), 8, 0, False, generator, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    drawn = pool_batch(pool, torch.tensor([0.0, 0.0, 1.0]), count=8, shift=0, flip=False, generator=generator, device=cpu)
     assert drawn.shape == (8, 1, 4, 4) and torch.allclose(drawn, torch.full_like(drawn, 200 / 127.5 - 1))
-    uniform = pool_batch(pool, None, 200, 0, False, generator, torch.device("cpu"))
+    uniform = pool_batch(pool, None, count=200, shift=0, flip=False, generator=generator, device=cpu)
     assert len(uniform[:, 0, 0, 0].unique()) == 3
 
 

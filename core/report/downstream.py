@@ -102,8 +102,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         x = x.contiguous(memory_format=torch.channels_last)
         if teacher is not None:  # half of the batch with its labels, half mixed and labelled by the teacher
             half = len(x) // 2
-            to_mix = x[half:] if mixup_pool is None else pool_batch(mixup_pool, mixup_weights, len(x) - half,
-                                                                    shift, flip, generator, device)
+            to_mix = x[half:] if mixup_pool is None else pool_batch(
+                mixup_pool, mixup_weights, count=len(x) - half, shift=shift, flip=flip, generator=generator,
+                device=device)
             mixed, soft = mixup_distilled(to_mix, teacher, generator)
             logits = model(torch.cat([x[:half], mixed]).contiguous(memory_format=torch.channels_last))
             loss = 0.5 * (F.cross_entropy(logits[:half], labels[batch[:half]].to(device))
@@ -118,7 +119,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     return model.eval()
 
 
-def pool_batch(pool: torch.Tensor, weights: torch.Tensor | None, count: int, shift: int, flip: bool,
+def pool_batch(pool: torch.Tensor, weights: torch.Tensor | None, *, count: int, shift: int, flip: bool,
                generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """`count` images of the pool, drawn uniformly or by `weights`, as float and augmented as a batch is."""
     if weights is None:

@@ -12,7 +12,7 @@ import typer
 from core.cli import Device, OutDir, Overrides, Seed, console, entry, make_app, stage, track
 from core.errors import PipelineError
 from core.report.downstream import DownstreamConfig
-from core.stages.sampling import SamplingArgs, run
+from core.stages.sampling import SamplingArgs, run, setting_of
 
 app = make_app(__doc__)
 
@@ -62,10 +62,10 @@ def main(
                   f"wrote {out_dir / 'generate.json'} and {out_dir / 'sampling.json'}", highlight=False)
 
 
-def setting_text(setting: dict) -> str:
-    named = {"guidance_scale": "guidance", "temperature": "temperature"}
+def setting_text(candidate: dict) -> str:
+    named = {"guidance_scale": "guidance"}
     return ", ".join(f"{named.get(k, k)} {v:g}" if isinstance(v, (int, float)) else f"{named.get(k, k)} {v}"
-                     for k, v in setting.items() if k in named or "." in k)
+                     for k, v in setting_of(candidate).items())
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def run(args: SamplingArgs) -> dict:
                                           device, lambda it: track(it, "sampling: teacher"))
     mapping = torch.tensor([names.index(n) if n in names else -1 for n in generator.label_names] + [-1])
     settings = downstream.classifier_settings(args.downstream)
-    validation_features = downstream.predict(teacher, validation.items, device)[0]
+    fidelity = args.criterion == "fidelity"
+    validation_features = downstream.predict(teacher, validation.items, device)[0] if fidelity else None
     candidates, arms = [], []
     for guidance, temperature, levels in itertools.product(args.guidance, args.temperature, varied):
         setting = {"guidance_scale": guidance, "temperature": temperature, **levels}
@@ -138,14 +139,14 @@ def run(args: SamplingArgs) -> dict:
         features, predicted = downstream.predict(teacher, images, device)
         candidate = {**setting, "images": len(images),
                      "teacher_agreement": float((predicted == asked).float().mean())}
-        if args.criterion == "fidelity":
+        if fidelity:
             candidate["frechet_distance"] = frechet_distance(validation_features, features)
         else:
             arms.append(downstream.Arm(", ".join(f"{k} {v}" for k, v in setting.items()),
                                        torch.cat([fit.items, images]), torch.cat([fit.labels, asked]),
                                        downstream.half_and_half(len(fit), len(images), args.downstream.real_share)))
         candidates.append(candidate)
-    if args.criterion == "fidelity":
+    if fidelity:
         best = min(candidates, key=lambda c: c["frechet_distance"])
     else:
         accuracies = downstream.accuracy_over_seeds(arms, validation.items, validation.labels, k, settings,
@@ -157,13 +158,13 @@ def run(args: SamplingArgs) -> dict:
     summary = {"config": file_record(args.config_path), "real": file_record(args.real_path),
                "criterion": args.criterion, "validation": args.validation,
                "fit_images": len(fit), "validation_images": len(validation), "seeds": args.seeds,
-               "candidates": candidates, "chosen": best_setting(best)}
+               "candidates": candidates, "chosen": setting_of(best)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out_dir / "generate.json", at_setting(generator, summary["chosen"]).config(args.out_dir))
     atomic_write_json(args.out_dir / "sampling.json", summary)
     return summary
 
 
-def best_setting(candidate: dict) -> dict:
-    """A candidate's setting without its figures."""
+def setting_of(candidate: dict) -> dict:
+    """A candidate's setting (guidance, temperature and the per-level "LEVEL.KEY" ones) without its figures."""
     return {k: v for k, v in candidate.items() if k in ("guidance_scale", "temperature") or "." in k}

@@ -186,6 +186,30 @@ def test_fine_tuning_keeps_the_models_labels(tmp_path, models):
     assert artifact.extra["label_origin"] == {"pretrained": ["bar", "circle", "square"], "tuned": ["square"]}
 
 
+@pytest.mark.parametrize("scope, tuned", [("conditioning", ("label_emb.",)),
+                                          ("upper", ("label_emb.", "decoder.1.", "ln_f.", "head."))])
+def test_tuning_in_a_scope_changes_only_its_weights(tmp_path, models, scope, tuned):
+    """tune_scope: a base model (two decoder blocks) tuned on one class trains the scope's weights, all of
+    them, and leaves every other weight as the start had it."""
+    build_dataset(models["dataset"], tmp_path / "few", 16, channels=1, holdout=0.0, seed=0, labels=["square"],
+                  train_count=10)
+    fmaps.run(fmaps.FmapArgs(dataset_path=tmp_path / "few" / "dataset.json", model_path=models["autoencoder"],
+                             out_dir=tmp_path / "few_fmaps", device="cpu", batch_size=16, shard_size=100))
+    config = tmp_path / "tf.json"
+    config.write_text(json.dumps({**json.loads((models["root"] / "tf.json").read_text()), "tune_scope": scope,
+                                  "label_dropout": 0.0}))
+    result = run_script("train_transformer.py", "--train-base-model", "--dataset-path",
+                        tmp_path / "few_fmaps" / "dataset.json", "--lr-codebook-path", models["cond"],
+                        "--hr-codebook-path", models["l1"], "--out-dir", tmp_path / "tuned", "--init-from",
+                        models["base"], "--config-path", config, "--batch-size", "4", "--max-steps", "4",
+                        "--device", "cpu", "--max-epoch", "100")
+    assert result.returncode == 0, result.stderr
+    start, after = load_artifact(models["base"]).tensors, load_artifact(tmp_path / "tuned" / "model.safetensors").tensors
+    weights = [key for key in start if key != "cond_counts"]
+    changed = {key for key in weights if not torch.equal(start[key], after[key])}
+    assert changed == {key for key in weights if key.startswith(tuned)}
+
+
 def test_grown_label_rows_keep_the_known_ones_and_start_new_ones_at_the_null_label():
     table = torch.arange(12.0).reshape(4, 3)  # three labels and the null label
     grown = grow_label_rows({"emb": table, "other": torch.ones(2)}, "emb", 5)

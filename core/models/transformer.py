@@ -26,6 +26,7 @@ from core.config import ema_decay_option, option, patience_option
 from core.models.text import Tokenizer, TextEncoder
 
 ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
+TUNE_SCOPES = ("all", "upper", "conditioning")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class TransformerConfig:
                                                 "sampling always asks for an original, so the augmentation does "
                                                 "not leak into the images")
     label_smoothing: float = option(0.0, low=0.0, high=0.5, doc="label smoothing of the training loss")
+    tune_scope: str = option("all", choices=TUNE_SCOPES,
+                             doc="tuning from another model (--init-from) trains: all (every weight), upper (the "
+                                 "label and augmentation rows, the upper half of the decoder, its norm and head) "
+                                 "or conditioning (the label and augmentation rows alone)")
     warmup_steps: int = option(100, low=0, high=10**7)
     weight_decay: float = option(0.01, low=0.0, high=1.0)
     ema_decay: float = ema_decay_option()
@@ -207,6 +212,17 @@ class TokenTransformer(nn.Module):
         # row 0: an original map, row 1: an augmented copy (made last, as the text encoder)
         self.augment_emb = nn.Embedding(2, dim) if cfg.augment_condition else None
         self.apply(self._init_weights)
+
+    def freeze_for_tuning(self, scope: str) -> None:
+        """Stop the gradients of the weights that tuning in `scope` (TUNE_SCOPES) keeps as they were."""
+        if scope == "all":
+            return
+        tuned = [self.label_emb] + ([self.augment_emb] if self.augment_emb is not None else [])
+        if scope == "upper":
+            tuned += list(self.decoder[len(self.decoder) // 2:]) + [self.ln_f, self.head]
+        self.requires_grad_(False)
+        for module in tuned:
+            module.requires_grad_(True)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

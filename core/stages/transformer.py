@@ -55,6 +55,7 @@ def build_model(cfg: TransformerConfig, shape: TokenShape, args: TransformerArgs
                                 f"optimizer state has no room for them; tune without --load-optim")
         tensors = adapt_augment_rows(tensors, prefix, cfg.augment_condition, cfg.in_dim)
         load_state(model, tensors, args.init_from, prefix=prefix)
+        model.freeze_for_tuning(cfg.tune_scope)
         if args.load_optim and start.kind != "checkpoint":
             raise PipelineError(f"--load-optim needs --model-path to be a run's checkpoint.safetensors; "
                                 f"{args.init_from} is a {start.kind} artifact, which holds no optimizer state")

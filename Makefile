@@ -313,12 +313,14 @@ $(GENERATED): $(TRANSFORMERS) $(DECODER) $(SAMPLING_CHOSEN) $(call config_deps,g
 	touch $@
 
 # the generated images curated for training a classifier: soft labels from a teacher, near-copies dropped, the
-# labels and the filter chosen on a validation split of the real training images
-$(CURATED): $(GENERATED) $$(call changed,curated,$$(CURATE_FLAGS))
+# labels and the filter chosen on a validation split of the real training images: the chain's validation share
+# when it has one (images the generator never saw), else a fifth of each class's training images
+CURATE_REAL = $(if $(VALIDATION_SHARE),--real-path $(CHAIN_DATA)/dataset.json --validation heldout,--real-path $(RUNS)/data/dataset.json)
+$(CURATED): $(GENERATED) $$(call changed,curated,$$(CURATE_FLAGS) $$(VALIDATION_SHARE))
 	rm -f $@
-	$(call TIMER,curate) $(PYTHON) curate_images.py --real-path $(RUNS)/data/dataset.json \
+	$(call TIMER,curate) $(PYTHON) curate_images.py $(CURATE_REAL) \
 		--generated-path $(RUNS)/generated/dataset.json --out-dir $(RUNS)/curated --device $(DEVICE) $(CURATE_FLAGS)
-	$(call record,curated,$(CURATE_FLAGS))
+	$(call record,curated,$(CURATE_FLAGS) $(VALIDATION_SHARE))
 	touch $@
 
 # the sampling settings (guidance scale, temperature) for images that train a classifier, measured on a

@@ -1,6 +1,6 @@
 """Curate generated images for training a classifier: a teacher trained on the real training images gives
 each one its soft label, near-copies of training images are dropped, and the labels carried and the filter
-are chosen on a validation split of the real training images (or set here). Writes the curated dataset.json,
+are chosen on validation images that the generator never saw (or set here). Writes the curated dataset.json,
 summary.json, the teacher, and the kept images as a class-folder tree with their soft labels in a CSV."""
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +28,9 @@ def main(
                                              "disagrees with the asked label), confident (the least confident "
                                              "half of each class), or auto")] = "auto",
     teacher_steps: Annotated[int, typer.Option(min=1, help="training steps of the teacher")] = 500,
+    validation: Annotated[str, typer.Option(
+        help="the choice's validation images: carved (a fifth of each class's training images) or heldout (the "
+             "real set's held-out split: a chain's validation share, which the generator never saw)")] = "carved",
     choice_images: Annotated[int, typer.Option(min=10, help="generated images the choice is measured on")] = 5000,
     choice_seeds: Annotated[int, typer.Option(min=1, help="seeds per candidate of the choice")] = 2,
     choice_steps: Annotated[int, typer.Option(
@@ -40,7 +43,7 @@ def main(
     batch_size: BatchSize = 1024,
 ) -> None:
     summary = run(CurateArgs(real_path=real_path, generated_path=generated_path, out_dir=out_dir, labels=labels,
-                             filter=filter, teacher_steps=teacher_steps, choice_images=choice_images,
+                             filter=filter, validation=validation, teacher_steps=teacher_steps, choice_images=choice_images,
                              choice_seeds=choice_seeds, folder=folder,
                              downstream=DownstreamConfig(steps=choice_steps, flip=flip), seed=seed, device=device,
                              batch_size=batch_size, progress=track))

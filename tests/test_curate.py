@@ -100,14 +100,21 @@ def test_near_copies_of_training_images_are_dropped(tmp_path: Path, real: Path):
     assert all("nearest training image" in r["curation"]["kept"] for r in kept_records(tmp_path / "cur"))
 
 
-def test_the_choice_is_made_on_a_validation_split_and_recorded(tmp_path: Path, real: Path):
+@pytest.mark.parametrize("validation", ["carved", "heldout"])
+def test_the_choice_is_made_on_a_validation_split_and_recorded(tmp_path: Path, real: Path, validation: str):
+    """Carved: a fifth of the training images; heldout (a chain's validation share): the held-out split, with
+    the teacher and the classifiers fitting every training image."""
     images, kinds = novel_shapes(60)
     generated = write_generated_set(tmp_path / "gen", images, [KIND_NAMES[k] for k in kinds])
-    summary = curate(real, generated, tmp_path / "cur")
+    summary = curate(real, generated, tmp_path / "cur", validation=validation)
     choice = summary["choice"]
     train_count = len(load_image_dataset(real).split(heldout=False))
-    assert choice["fit_images"] + choice["validation_images"] == train_count
-    assert choice["validation_images"] == pytest.approx(0.2 * train_count, abs=3)
+    heldout_count = len(load_image_dataset(real).split(heldout=True))
+    if validation == "carved":
+        assert choice["fit_images"] + choice["validation_images"] == train_count
+        assert choice["validation_images"] == pytest.approx(0.2 * train_count, abs=3)
+    else:
+        assert (choice["fit_images"], choice["validation_images"]) == (train_count, heldout_count)
     candidates = [c for c in choice["candidates"].values() if "labels" in c]
     best = max(candidates, key=lambda c: c["accuracy"]["mean"])
     assert (summary["rule"]["labels"], summary["rule"]["filter"]) == (best["labels"], best["filter"])
@@ -129,10 +136,12 @@ def test_an_unlabelled_set_gets_no_teacher_in_one_line_and_still_loses_its_near_
     assert not (tmp_path / "cur" / "teacher.safetensors").exists()
 
 
-def test_a_bad_label_mode_is_one_line_and_exit_2(tmp_path: Path, real: Path):
+@pytest.mark.parametrize("flag", ["--labels", "--validation"])
+def test_a_bad_label_mode_or_validation_is_one_line_and_exit_2(tmp_path: Path, real: Path, flag: str):
     result = run_script("curate_images.py", "--real-path", real, "--generated-path", real,
-                        "--out-dir", tmp_path / "cur", "--labels", "guess")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--labels must be one of" in result.stderr
+                        "--out-dir", tmp_path / "cur", flag, "guess")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and f"{flag} must be one of" in result.stderr
+    assert not (tmp_path / "cur").exists()
 
 
 def test_the_distillation_loss_with_one_hot_targets_is_cross_entropy():

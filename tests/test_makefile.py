@@ -189,8 +189,10 @@ def test_make_lowdata_trains_the_chain_on_a_per_class_subset(tmp_path):
     choose = next(line for line in planned if "choose_sampling.py" in line)
     assert f"--real-path {runs}/chain_data/dataset.json" in choose and "--validation heldout" in choose
     assert "--criterion fidelity" in choose and planned.index(choose) < planned.index(generate)
+    # and so are the curation's labels and filter: on images the generator never saw
     curate = next(line for line in planned if "curate_images.py" in line)
-    assert f"--real-path {runs}/data/dataset.json" in curate and f"--out-dir {runs}/curated" in curate
+    assert f"--real-path {runs}/chain_data/dataset.json --validation heldout" in curate
+    assert f"--out-dir {runs}/curated" in curate
     report = next(line for line in planned if "evaluate.py" in line)
     assert f"--curated-path {runs}/curated/dataset.json" in report
     assert "--downstream-per-class 20 --k 3" in report and f"--autoencoder-path {runs}/autoencoder" in report

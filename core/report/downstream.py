@@ -162,6 +162,23 @@ def validation_split(train: Dataset, share: float, seed: int) -> tuple[Dataset, 
     return train.take((~chosen).nonzero().flatten()), train.take(chosen.nonzero().flatten())
 
 
+VALIDATION = ("carved", "heldout")
+
+
+def fit_and_validation(real: Dataset, validation: str, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    """The training images a choice fits, and the images it is validated on: `share` of each class's training
+    images (carved), or the held-out split (heldout: a chain's validation share, which none of its models saw)."""
+    train = real.split(heldout=False)
+    if validation == "carved":
+        return validation_split(train, share, seed)
+    if validation != "heldout":
+        raise PipelineError(f"the validation images are one of {', '.join(VALIDATION)}, got '{validation}'")
+    held_out = real.split(heldout=True)
+    if len(held_out) < 2:
+        raise PipelineError(f"the held-out split has {len(held_out)} images, too few to validate on")
+    return train, held_out
+
+
 # ---------------------------------------------------------------- the arms
 
 @dataclass

@@ -2,8 +2,9 @@
 (its class probabilities: the soft label), near-copies of training images are dropped, and, where a
 measurement on a validation split says so, so are the images the teacher rejects; the classes are kept
 balanced. Which labels a curated image carries (asked, teacher, or a blend of the two) and which filter
-applies are chosen per run on a validation split carved from the real training images: the held-out split
-is never looked at.
+applies are chosen per run on validation images: a fifth of each class's training images (carved), or, in a
+chain with a validation share, the held-out split of its chain data (heldout): images that neither the
+generator nor the teacher saw. The report's held-out split is never looked at.
 
 The out dir:
     dataset.json        the kept images (paths into the generated set), each record with the label it
@@ -57,7 +58,8 @@ class CurateArgs:
     teacher_steps: int = 500
     confident_quantile: float = 0.5  # the confident filter drops each asked class's least confident share
     memorization_percentile: float = 5.0  # the report's near-copy rule
-    validation_share: float = 0.2  # of each class's training images, for the choice
+    validation: str = "carved"  # the choice's validation images (downstream.VALIDATION)
+    validation_share: float = 0.2  # of each class's training images, for the choice when carved
     choice_images: int = 5000  # generated images the choice is made on, at most
     choice_seeds: int = 2
     downstream: downstream.DownstreamConfig = field(default_factory=downstream.DownstreamConfig)
@@ -263,6 +265,8 @@ def check_args(args: CurateArgs) -> None:
         raise PipelineError(f"--labels must be one of {', '.join(LABEL_MODES)} or auto, got '{args.labels}'")
     if args.filter not in (*FILTERS, "auto"):
         raise PipelineError(f"--filter must be one of {', '.join(FILTERS)} or auto, got '{args.filter}'")
+    if args.validation not in downstream.VALIDATION:
+        raise PipelineError(f"--validation must be one of {', '.join(downstream.VALIDATION)}, got '{args.validation}'")
     if not 0 < args.validation_share < 1:
         raise PipelineError(f"--validation-share must lie between 0 and 1, got {args.validation_share}")
 
@@ -287,8 +291,8 @@ def run(args: CurateArgs) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"real": file_record(args.real_path), "generated": {**file_record(args.generated_path),
                                                                          "images": total}}
-    threshold = near_copy_threshold(*downstream.validation_split(train, args.validation_share, args.seed),
-                                    args.memorization_percentile, device)
+    threshold = near_copy_threshold(*downstream.fit_and_validation(real, args.validation, args.validation_share,
+                                                                    args.seed), args.memorization_percentile, device)
     if not is_labelled(real):
         console.print(f"{args.real_path} has no labels: no teacher, near-copies are dropped and nothing else",
                       soft_wrap=True, highlight=False)
@@ -296,11 +300,14 @@ def run(args: CurateArgs) -> dict:
         summary["teacher"] = "none: the real images carry no labels"
     else:
         labels, filter_ = args.labels, args.filter
-        split = downstream.validation_split(train.with_labels(), args.validation_share, args.seed)
+        split = downstream.fit_and_validation(real.with_labels(), args.validation, args.validation_share, args.seed)
         auto = "auto" in (labels, filter_)
-        teacher, *validation_teacher = train_teachers([train, split[0]] if auto else [train], real, args, device)
+        # validating on the held-out split, the choice's teacher fits the training images: it is the teacher
+        teacher, *validation_teacher = train_teachers(
+            [train, split[0]] if auto and args.validation == "carved" else [train], real, args, device)
         if auto:
-            summary["choice"] = choice = choose(args, real, split, validation_teacher[0], total, threshold, device)
+            summary["choice"] = choice = choose(args, real, split, (validation_teacher or [teacher])[0], total,
+                                                threshold, device)
             labels = choice["labels"] if labels == "auto" else labels
             filter_ = choice["filter"] if filter_ == "auto" else filter_
         config = classifier_config(real, args.teacher_steps, args.seed)

@@ -65,7 +65,6 @@ def generate(generator: Generator, count: int, batch_size: int, seed: int, conte
 
 
 CRITERIA = ("accuracy", "fidelity")
-VALIDATION = ("carved", "heldout")
 
 
 def varied_settings(vary: tuple[str, ...], num_levels: int) -> list[dict[str, object]]:
@@ -91,17 +90,6 @@ def at_setting(generator: Generator, setting: dict) -> Generator:
     return generator.with_levels(levels)
 
 
-def validation_images(real: Dataset, args: SamplingArgs) -> tuple[Dataset, Dataset]:
-    """The labelled training images the teacher fits, and the validation images every setting is measured on."""
-    train = real.split(heldout=False).with_labels()
-    if args.validation == "carved":
-        return downstream.validation_split(train, args.validation_share, args.seed)
-    validation = real.split(heldout=True).with_labels()
-    if len(validation) < 2:
-        raise PipelineError(f"{args.real_path}: its held-out split has too few labelled images to validate on")
-    return train, validation
-
-
 def run(args: SamplingArgs) -> dict:
     """Measure every setting, write sampling.json and generate.json (the config at the chosen setting) into
     out_dir. Returns the summary."""
@@ -115,12 +103,12 @@ def run(args: SamplingArgs) -> dict:
     if not is_labelled(real) or not generator.label_names:
         raise PipelineError(f"{args.real_path}: choosing sampling settings needs labelled real images and a "
                             f"label-conditioned generator")
-    if args.criterion not in CRITERIA or args.validation not in VALIDATION:
-        raise PipelineError(f"the criterion is one of {', '.join(CRITERIA)} and the validation images one of "
-                            f"{', '.join(VALIDATION)}; got {args.criterion} and {args.validation}")
+    if args.criterion not in CRITERIA:
+        raise PipelineError(f"the criterion is one of {', '.join(CRITERIA)}, got {args.criterion}")
     varied = varied_settings(args.vary, len(generator.levels))
     names = real.label_names
-    fit, validation = validation_images(real, args)
+    fit, validation = downstream.fit_and_validation(real.with_labels(), args.validation, args.validation_share,
+                                                    args.seed)
     k = len(names)
     teacher = downstream.train_classifier(fit.items, fit.labels, k, classifier_config(real, args.teacher_steps,
                                                                                       args.seed),

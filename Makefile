@@ -63,7 +63,7 @@ level_paths = $(join $(LEVEL_INDEX:%=--set=%.model_path=),$(patsubst %,$(1)/%/mo
 # as they are, and its transformers are fine-tuned on this run's images for TUNE_STEPS steps (a label they do
 # not know becomes a new label of theirs).
 INIT ?=
-TUNE_STEPS ?= 300
+TUNE_STEPS ?= 600
 TUNE_EPOCHS ?= 1000
 # tuning is short: its held-out figure is taken (and the best step kept) this often
 TUNE_CHECKPOINT_STEP ?= 50

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from core.model_artifacts import load_transformer
 from core.models.sampling import sample_tokens
 from core.models.transformer import TokenTransformer, TransformerConfig, decoder_input, sequence_logits, window_starts
 from core.stages import fmaps
+from core.stages.transformer import tuning_scope
 from core.objectives.transformer import (adapt_augment_rows, drop_labels, grow_label_rows, load_token_data,
                                          objective)
 
@@ -187,7 +189,8 @@ def test_fine_tuning_keeps_the_models_labels(tmp_path, models):
 
 
 @pytest.mark.parametrize("scope, tuned", [("conditioning", ("label_emb.",)),
-                                          ("upper", ("label_emb.", "decoder.1.", "ln_f.", "head."))])
+                                          ("upper", ("label_emb.", "decoder.1.", "ln_f.", "head.")),
+                                          ("auto", ("label_emb.",))])
 def test_tuning_in_a_scope_changes_only_its_weights(tmp_path, models, scope, tuned):
     """tune_scope: a base model (two decoder blocks) tuned on one class trains the scope's weights, all of
     them, and leaves every other weight as the start had it."""
@@ -208,6 +211,22 @@ def test_tuning_in_a_scope_changes_only_its_weights(tmp_path, models, scope, tun
     weights = [key for key in start if key != "cond_counts"]
     changed = {key for key in weights if not torch.equal(start[key], after[key])}
     assert changed == {key for key in weights if key.startswith(tuned)}
+    recorded = load_artifact(tmp_path / "tuned" / "model.safetensors").extra["tune_scope"]
+    assert recorded == ({"scope": "conditioning", "asked": "auto", "fewest_images_per_label": 10}
+                        if scope == "auto" else {"scope": scope})
+
+
+def test_the_auto_tune_scope_follows_the_fewest_original_images_of_a_tuned_label():
+    def tokens(labels, heldout, augmented):
+        data = SimpleNamespace(labels=torch.tensor(labels), is_heldout=torch.tensor(heldout))
+        return SimpleNamespace(data=data, augmented=torch.tensor(augmented))
+    auto = TransformerConfig(tune_scope="auto")
+    many = [0] * 60 + [1] * 50
+    assert tuning_scope(auto, tokens(many, [False] * 110, [0] * 110))["scope"] == "upper"
+    # augmented copies and held-out images are not images of the tuning set: label 1 has 49 originals
+    found = tuning_scope(auto, tokens(many + [1, 1], [False] * 111 + [True], [0] * 109 + [1, 1, 0]))
+    assert found == {"scope": "conditioning", "asked": "auto", "fewest_images_per_label": 49}
+    assert tuning_scope(TransformerConfig(tune_scope="upper"), tokens([0], [False], [0])) == {"scope": "upper"}
 
 
 def test_grown_label_rows_keep_the_known_ones_and_start_new_ones_at_the_null_label():

@@ -26,7 +26,9 @@ from core.config import ema_decay_option, option, patience_option
 from core.models.text import Tokenizer, TextEncoder
 
 ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
-TUNE_SCOPES = ("all", "upper", "conditioning")
+TUNE_SCOPES = ("all", "upper", "conditioning", "auto")
+# tune_scope auto: fewer original training images than this per tuned label tune the conditioning alone
+AUTO_CONDITIONING_BELOW = 50
 
 
 @dataclass
@@ -49,8 +51,9 @@ class TransformerConfig:
     label_smoothing: float = option(0.0, low=0.0, high=0.5, doc="label smoothing of the training loss")
     tune_scope: str = option("all", choices=TUNE_SCOPES,
                              doc="tuning from another model (--init-from) trains: all (every weight), upper (the "
-                                 "label and augmentation rows, the upper half of the decoder, its norm and head) "
-                                 "or conditioning (the label and augmentation rows alone)")
+                                 "label and augmentation rows, the upper half of the decoder, its norm and head), "
+                                 "conditioning (the label and augmentation rows alone), or auto (conditioning with "
+                                 f"fewer than {AUTO_CONDITIONING_BELOW} training images per tuned label, else upper)")
     warmup_steps: int = option(100, low=0, high=10**7)
     weight_decay: float = option(0.01, low=0.0, high=1.0)
     ema_decay: float = ema_decay_option()
@@ -214,7 +217,8 @@ class TokenTransformer(nn.Module):
         self.apply(self._init_weights)
 
     def freeze_for_tuning(self, scope: str) -> None:
-        """Stop the gradients of the weights that tuning in `scope` (TUNE_SCOPES) keeps as they were."""
+        """Stop the gradients of the weights that tuning in `scope` (TUNE_SCOPES, auto resolved) keeps as they
+        were."""
         if scope == "all":
             return
         tuned = [self.label_emb] + ([self.augment_emb] if self.augment_emb is not None else [])

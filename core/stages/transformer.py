@@ -18,7 +18,8 @@ from core.errors import PipelineError
 from core.model_artifacts import TRANSFORMER, load_autoencoder, save_transformer
 from core.models.autoencoder import Autoencoder
 from core.models.sampling import DecodeSettings, condition_tokens, sample_tokens
-from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig, config_record
+from core.models.transformer import (AUTO_CONDITIONING_BELOW, TokenShape, TokenTransformer, TransformerConfig,
+                                     config_record)
 from core.objectives.transformer import (TokenData, adapt_augment_rows, adopt_labels, adopt_text, condition_counts,
                                          grow_label_rows, load_token_data, merged_counts, null_labels, objective,
                                          with_captions)
@@ -43,8 +44,22 @@ class TransformerArgs:
     eval_items: int = 1000
 
 
-def build_model(cfg: TransformerConfig, shape: TokenShape, args: TransformerArgs, start) -> TokenTransformer:
-    """The model to train: fresh, or with the weights of the --init-from artifact or checkpoint."""
+def tuning_scope(cfg: TransformerConfig, tokens: TokenData) -> dict:
+    """Which weights tuning trains (`scope`): the config's tune_scope, or for auto the one that the fewest
+    original training images of a tuned label call for."""
+    if cfg.tune_scope != "auto":
+        return {"scope": cfg.tune_scope}
+    labels = tokens.data.labels[~tokens.data.is_heldout & (tokens.augmented == 0)]
+    counts = torch.bincount(labels[labels >= 0]) if bool((labels >= 0).any()) else torch.tensor([len(labels)])
+    fewest = int(counts[counts > 0].min()) if bool((counts > 0).any()) else 0
+    return {"scope": "conditioning" if fewest < AUTO_CONDITIONING_BELOW else "upper", "asked": "auto",
+            "fewest_images_per_label": fewest}
+
+
+def build_model(cfg: TransformerConfig, shape: TokenShape, args: TransformerArgs, start,
+                scope: str = "all") -> TokenTransformer:
+    """The model to train: fresh, or with the weights of the --init-from artifact or checkpoint, tuned in
+    `scope` (TUNE_SCOPES)."""
     model = TokenTransformer(cfg, shape)
     model.use_checkpointing = args.use_checkpointing
     if start is not None:
@@ -55,7 +70,7 @@ def build_model(cfg: TransformerConfig, shape: TokenShape, args: TransformerArgs
                                 f"optimizer state has no room for them; tune without --load-optim")
         tensors = adapt_augment_rows(tensors, prefix, cfg.augment_condition, cfg.in_dim)
         load_state(model, tensors, args.init_from, prefix=prefix)
-        model.freeze_for_tuning(cfg.tune_scope)
+        model.freeze_for_tuning(scope)
         if args.load_optim and start.kind != "checkpoint":
             raise PipelineError(f"--load-optim needs --model-path to be a run's checkpoint.safetensors; "
                                 f"{args.init_from} is a {start.kind} artifact, which holds no optimizer state")
@@ -124,7 +139,11 @@ def run(args: TransformerArgs) -> Path:
                                options.resume, options.overwrite, env)
     cfg = config_from_dict(TransformerConfig, run_config["transformer"])
     shape = TokenShape.from_record(run_config["shape"])
-    model = build_model(cfg, shape, args, start)
+    tuning = tuning_scope(cfg, tokens) if start is not None else None
+    if tuning is not None and "asked" in tuning:
+        notice(f"tune_scope auto: {tuning['scope']} ({tuning['fewest_images_per_label']} training images of the "
+               f"tuned label with the fewest)")
+    model = build_model(cfg, shape, args, start, tuning["scope"] if tuning else "all")
     task = objective(cfg, shape, tokens, env.device, args.eval_items)
     train_ids = (~tokens.data.is_heldout).nonzero().flatten()
     cond_counts = (condition_counts(tokens.data.labels[train_ids], tokens.coarse_tokens[train_ids, 0], shape)
@@ -138,6 +157,8 @@ def run(args: TransformerArgs) -> Path:
     extra = {"lr_codebook": file_record(args.lr_codebook_path), "hr_codebook": file_record(args.hr_codebook_path)}
     if start is not None and shape.num_labels:
         extra["label_origin"] = label_origin(start, tokens, shape)
+    if tuning is not None:
+        extra["tune_scope"] = tuning
 
     def export(net: TokenTransformer, step: int) -> None:
         save_transformer(artifact_path, net, {"stage": "train_transformer", "inputs": inputs, "step": step},

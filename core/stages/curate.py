@@ -291,8 +291,10 @@ def run(args: CurateArgs) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"real": file_record(args.real_path), "generated": {**file_record(args.generated_path),
                                                                          "images": total}}
-    threshold = near_copy_threshold(*downstream.fit_and_validation(real, args.validation, args.validation_share,
-                                                                    args.seed), args.memorization_percentile, device)
+    # real-to-real distances, whether or not the generator saw the images: the carved fifth, which has more
+    # images than a small chain's validation share
+    threshold = near_copy_threshold(*downstream.validation_split(train, args.validation_share, args.seed),
+                                    args.memorization_percentile, device)
     if not is_labelled(real):
         console.print(f"{args.real_path} has no labels: no teacher, near-copies are dropped and nothing else",
                       soft_wrap=True, highlight=False)

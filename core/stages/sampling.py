@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from core.artifacts import atomic_write_json, file_record
-from core.data import Dataset, crop_to_content, load_image_dataset, to_uint8
+from core.data import crop_to_content, load_image_dataset, to_uint8
 from core.errors import PipelineError
 from core.generator import Generator, LevelConfig, changed_level, parse_override
 from core.metrics import frechet_distance

@@ -207,12 +207,11 @@ def test_tuning_in_a_scope_changes_only_its_weights(tmp_path, models, scope, tun
                         models["base"], "--config-path", config, "--batch-size", "4", "--max-steps", "4",
                         "--device", "cpu", "--max-epoch", "100")
     assert result.returncode == 0, result.stderr
-    start, after = load_artifact(models["base"]).tensors, load_artifact(tmp_path / "tuned" / "model.safetensors").tensors
+    start, tuned_artifact = load_artifact(models["base"]).tensors, load_artifact(tmp_path / "tuned" / "model.safetensors")
     weights = [key for key in start if key != "cond_counts"]
-    changed = {key for key in weights if not torch.equal(start[key], after[key])}
+    changed = {key for key in weights if not torch.equal(start[key], tuned_artifact.tensors[key])}
     assert changed == {key for key in weights if key.startswith(tuned)}
-    recorded = load_artifact(tmp_path / "tuned" / "model.safetensors").extra["tune_scope"]
-    assert recorded == ({"scope": "conditioning", "asked": "auto", "fewest_images_per_label": 10}
+    assert tuned_artifact.extra["tune_scope"] == ({"scope": "conditioning", "asked": "auto", "fewest_images_per_label": 10}
                         if scope == "auto" else {"scope": scope})
 
 

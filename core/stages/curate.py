@@ -305,11 +305,11 @@ def run(args: CurateArgs) -> dict:
         split = downstream.fit_and_validation(real.with_labels(), args.validation, args.validation_share, args.seed)
         auto = "auto" in (labels, filter_)
         # validating on the held-out split, the choice's teacher fits the training images: it is the teacher
-        teacher, *validation_teacher = train_teachers(
-            [train, split[0]] if auto and args.validation == "carved" else [train], real, args, device)
+        teachers = train_teachers([train, split[0]] if auto and args.validation == "carved" else [train], real,
+                                  args, device)
+        teacher = teachers[0]
         if auto:
-            summary["choice"] = choice = choose(args, real, split, (validation_teacher or [teacher])[0], total,
-                                                threshold, device)
+            summary["choice"] = choice = choose(args, real, split, teachers[-1], total, threshold, device)
             labels = choice["labels"] if labels == "auto" else labels
             filter_ = choice["filter"] if filter_ == "auto" else filter_
         config = classifier_config(real, args.teacher_steps, args.seed)

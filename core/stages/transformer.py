@@ -49,8 +49,9 @@ def tuning_scope(cfg: TransformerConfig, tokens: TokenData) -> dict:
     original training images of a tuned label call for."""
     if cfg.tune_scope != "auto":
         return {"scope": cfg.tune_scope}
-    labels = tokens.data.labels[~tokens.data.is_heldout & (tokens.augmented == 0)]
-    counts = torch.bincount(labels[labels >= 0]) if bool((labels >= 0).any()) else torch.tensor([len(labels)])
+    originals = tokens.data.labels[~tokens.data.is_heldout & (tokens.augmented == 0)]
+    labelled = originals[originals >= 0]
+    counts = torch.bincount(labelled) if len(labelled) else torch.tensor([len(originals)])
     fewest = int(counts[counts > 0].min()) if bool((counts > 0).any()) else 0
     return {"scope": "conditioning" if fewest < AUTO_CONDITIONING_BELOW else "upper", "asked": "auto",
             "fewest_images_per_label": fewest}

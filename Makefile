@@ -8,6 +8,8 @@ SIZE ?= 32
 CHANNELS ?=
 FIT ?= pad
 DEVICE ?= auto
+# auto: the training stages run in bfloat16 autocast where the device multiplies it natively; float32: never
+PRECISION ?= auto
 CONFIGS ?= configs
 # a preset is a folder of configs for one image size, with its steps in steps.mk. A preset whose file `base`
 # names another one takes from it (and from its base in turn) every config file it does not hold itself, and a
@@ -138,7 +140,7 @@ DECODER_ARTIFACT := $(AE_ARTIFACT)
 endif
 # the report's tokenizer ceiling: real images reconstructed through an autoencoder and every pruned codebook
 ceiling = --autoencoder-path $(1) $(foreach level,$(LEVELS),--ceiling-codebook $(call codebook,$(level)))
-TRAIN_FLAGS = --device $(DEVICE) --checkpoint-step $(CHECKPOINT_STEP)
+TRAIN_FLAGS = --device $(DEVICE) --precision $(PRECISION) --checkpoint-step $(CHECKPOINT_STEP)
 # a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
 # starts over
 RESTART = $(if $(wildcard $@),--overwrite)
@@ -286,7 +288,7 @@ $(RUNS)/transformers/%/DONE: $(FMAPS) $(PRUNED) $$(call config_deps,transformer_
 		--dataset-path $(RUNS)/fmaps/dataset.json --decoder-path $(AE_ARTIFACT) \
 		--lr-codebook-path $(call codebook,$(coarse_$*)) --hr-codebook-path $(call codebook,$(fine_$*)) \
 		--config-path $(call config,transformer_$*.json) --out-dir $(RUNS)/transformers/$* --batch-size $(BATCH) \
-		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) --device $(DEVICE) \
+		--max-steps $(word 1,$(call model_steps,$*)) --max-epoch $(word 2,$(call model_steps,$*)) --device $(DEVICE) --precision $(PRECISION) \
 		$(if $(INIT),--checkpoint-step $(TUNE_CHECKPOINT_STEP) --init-from $(INIT)/transformers/$*/model.safetensors,\
 		--checkpoint-step $(CHECKPOINT_STEP)) $(call restart,$*,$(call model_steps,$*) $(INIT))
 	$(call record,$*,$(call model_steps,$*) $(INIT))
@@ -346,14 +348,14 @@ $(RUNS)/compressed/autoencoder/DONE: $(DECODER) $(call config_deps,compress_auto
 	rm -f $@
 	$(call TIMER,compress autoencoder) $(PYTHON) compress.py --model-path $(DECODER_ARTIFACT) \
 		--dataset-path $(CHAIN_DATA)/dataset.json --config-path $(call config,compress_autoencoder.json) \
-		--out-dir $(RUNS)/compressed/autoencoder --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
+		--out-dir $(RUNS)/compressed/autoencoder --device $(DEVICE) --precision $(PRECISION) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
 $(RUNS)/compressed/%/DONE: $(RUNS)/transformers/%/DONE $(call config_deps,compress_transformer.json)
 	rm -f $@
 	$(call TIMER,compress $*) $(PYTHON) compress.py --model-path $(RUNS)/transformers/$*/model.safetensors \
 		--dataset-path $(RUNS)/fmaps/dataset.json --config-path $(call config,compress_transformer.json) \
-		--out-dir $(RUNS)/compressed/$* --device $(DEVICE) --batch-size $(BATCH) $(RESTART)
+		--out-dir $(RUNS)/compressed/$* --device $(DEVICE) --precision $(PRECISION) --batch-size $(BATCH) $(RESTART)
 	touch $@
 
 # the same generation config, pointed at the compressed models

@@ -84,6 +84,9 @@ TRAIN_OPTIONS: dict[str, tuple[object, object]] = {
     "seed": (Seed, 0),
     "resume": (Annotated[bool, typer.Option(help="continue the run in --out-dir with its saved config")], False),
     "overwrite": (Overwrite, False),
+    "precision": (Annotated[str, typer.Option(
+        help="auto: train in bfloat16 autocast where the device multiplies it natively (CUDA; CPUs with "
+             "AVX512-BF16 or AMX), float32 elsewhere; float32: always")], "auto"),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 
 from core.models.augment import copies_for, passes_over
 from core.models.autoencoder import AutoencoderConfig
-from core.training import steps_to_take
+from core.training import native_bfloat16, steps_to_take
 
 PLAN_FILE = "plan.json"
 TIMINGS_FILE = "timings.log"
@@ -37,12 +37,14 @@ class Training:
 
 
 def matmul_gflops(seconds: float = 0.5, size: int = 512) -> float:
-    """float32 matrix products per second on one thread, in GFLOP/s: a core's speed (a machine with more cores
-    than the recorded one runs some stages side by side, which this does not count)."""
+    """Matrix products per second on one thread, in GFLOP/s, in the precision training uses here (bfloat16
+    where the CPU multiplies it natively, else float32): a core's speed (a machine with more cores than the
+    recorded one runs some stages side by side, which this does not count)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
+        dtype = torch.bfloat16 if native_bfloat16(torch.device("cpu")) else torch.float32
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b  # the first call pays for the kernels' set-up
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:

@@ -30,6 +30,20 @@ METRICS = "metrics.jsonl"
 
 # ---------------------------------------------------------------- devices and processes
 
+PRECISIONS = ("auto", "float32")  # auto: bfloat16 autocast where the device multiplies it natively
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively (CUDA with bfloat16, a CPU with AVX512-BF16 or
+    AMX), where autocast to bfloat16 speeds training up instead of emulating it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch's own probes of the CPU, private but stable since 2.1
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
 @dataclass
 class RunEnv:
     device: torch.device
@@ -209,15 +223,22 @@ class TrainOptions:
     resume: bool = False
     overwrite: bool = False
     log_every: int = 10
+    precision: str = "auto"  # one of PRECISIONS
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
 
     def for_stage(self, *, stage: str, lr: float, config: dict, warmup_steps: int = 0, weight_decay: float = 0.0,
                   ema_decay: float = 0.0, patience_steps: int = 0, mixed_precision: bool = True) -> "TrainArgs":
-        """The Trainer's arguments: these options, and what the stage's config decides."""
+        """The Trainer's arguments: these options, and what the stage's config decides (`mixed_precision`
+        false: the stage needs float32 throughout)."""
         return TrainArgs(out_dir=self.out_dir, stage=stage, batch_size=self.batch_size, max_epoch=self.max_epoch,
                          max_steps=self.max_steps, checkpoint_step=self.checkpoint_step, lr=lr,
                          lr_step=self.lr_step, warmup_steps=warmup_steps, weight_decay=weight_decay,
                          ema_decay=ema_decay, patience_steps=patience_steps, seed=self.seed,
-                         log_every=self.log_every, mixed_precision=mixed_precision, config=config)
+                         log_every=self.log_every, mixed_precision=mixed_precision and self.precision == "auto",
+                         config=config)
 
 
 @dataclass(frozen=True)
@@ -237,7 +258,7 @@ class TrainArgs:
     patience_steps: int = 0  # >0: stop when the held-out figure has not improved for this many steps
     seed: int = 0
     log_every: int = 10
-    mixed_precision: bool = True  # bf16 autocast on CUDA
+    mixed_precision: bool = True  # bfloat16 autocast where the device multiplies it natively
     config: dict = field(default_factory=dict)  # the stage's config, stored in checkpoints
 
 
@@ -320,7 +341,7 @@ class Trainer:
         self.stop_requested = False
         self.out_dir = args.out_dir
         self.metrics_path = self.out_dir / METRICS
-        self.autocast = env.device.type == "cuda" and args.mixed_precision
+        self.autocast = args.mixed_precision and native_bfloat16(env.device)
 
     # -- checkpoints
 
@@ -396,13 +417,15 @@ class Trainer:
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
         atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
-    def _record_batch_size(self) -> None:
-        """run.json keeps the batch size the run trains with (it may have been clipped to the data)."""
+    def _record_run(self) -> None:
+        """run.json keeps the batch size the run trains with (it may have been clipped to the data) and its
+        autocast (a resume is bit-exact with the same one)."""
         run_file = self.out_dir / RUN_FILE
         if self.env.is_main and run_file.exists():
             run = json.loads(run_file.read_text())
-            if run.get("batch_size") != self.args.batch_size:
-                atomic_write_json(run_file, {**run, "batch_size": self.args.batch_size})
+            recorded = {"batch_size": self.args.batch_size, "autocast": "bfloat16" if self.autocast else None}
+            if any(run.get(key) != value for key, value in recorded.items()):
+                atomic_write_json(run_file, {**run, **recorded})
 
     # -- signals
 
@@ -513,7 +536,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to total_steps (continuing from a checkpoint if there is one). Returns the last step."""
         resumed = self.restore_checkpoint()
-        self._record_batch_size()
+        self._record_run()
         if not self.objective.heldout and self.objective.metric and self.env.is_main and not resumed:
             notice(f"{self.label}: the data has no held-out split, so {self.objective.metric} is measured on "
                    "training items and memorization cannot be seen")

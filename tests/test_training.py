@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, TINY_AE, interrupt_paused, run_script, script_env, start_script, wait_paused
 from core.artifacts import load_artifact
-from core.training import RunEnv
+from core.training import RunEnv, native_bfloat16
 
 
 def train_args(dataset, config, out, *extra):
@@ -138,10 +138,11 @@ def test_torchrun_two_processes(tmp_path, tiny_dataset, tiny_ae_config):
     assert not list(out.glob(".*.tmp"))
 
 
-def fake_run(out, held_out_values, steps, exported, interrupt_at_call=None, **train):
+def fake_run(out, held_out_values, steps, exported, interrupt_at_call=None, output_dtypes=None, **train):
     """A one-weight model whose training loss falls every step, evaluated as `held_out_values` dictates
     (one value per checkpoint, every 5 steps); `exported` collects the steps whose artifact is written;
-    `interrupt_at_call` asks the run to stop (as Ctrl-C does) at that evaluation; `train` adds TrainArgs."""
+    `interrupt_at_call` asks the run to stop (as Ctrl-C does) at that evaluation; `output_dtypes` collects
+    the dtype of the model's output in each training step; `train` adds TrainArgs."""
     from core.training import Objective, Trainer, TrainArgs, claim_out_dir
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1, bias=False)
@@ -153,8 +154,14 @@ def fake_run(out, held_out_values, steps, exported, interrupt_at_call=None, **tr
             trainer.stop_requested = True
         return {"heldout_loss": held_out_values[len(calls) - 1]}
 
-    objective = Objective(num_items=8, get_batch=lambda ids: torch.ones(len(ids), 1),
-                          loss_fn=lambda net, x, step: net(x).pow(2).mean(), evaluate=evaluate, metric="heldout_loss")
+    def loss(net, x, step):
+        output = net(x)
+        if output_dtypes is not None:
+            output_dtypes.append(output.dtype)
+        return output.float().pow(2).mean()
+
+    objective = Objective(num_items=8, get_batch=lambda ids: torch.ones(len(ids), 1), loss_fn=loss,
+                          evaluate=evaluate, metric="heldout_loss")
     args = TrainArgs(out, "test", batch_size=4, max_epoch=100, max_steps=steps, checkpoint_step=5, lr=0.05, **train)
     claim_out_dir(out, {"fake": 1}, resume=False, overwrite=False)
     trainer = Trainer(RunEnv(torch.device("cpu")), model, objective, args,
@@ -230,6 +237,30 @@ def test_without_a_live_bar_each_held_out_evaluation_prints_a_line_naming_the_ru
     fake_run(tmp_path / "cascade", [3.0, 2.0, 2.5] + [2.5] * 5, steps=40, exported=[])
     lines = [line for line in capsys.readouterr().err.splitlines() if "step 1" in line and "/40, " in line]
     assert lines[0].endswith(" cascade: step 10/40, heldout_loss 2 (best so far)") and "best" not in lines[1], lines
+
+
+@pytest.mark.parametrize("mixed_precision", [True, False])
+def test_training_autocasts_to_bfloat16_where_the_device_multiplies_it_natively_and_says_so(tmp_path, mixed_precision):
+    dtypes = []
+    fake_run(tmp_path, [1.0, 0.9], steps=10, exported=[], output_dtypes=dtypes, mixed_precision=mixed_precision)
+    bfloat16 = mixed_precision and native_bfloat16(torch.device("cpu"))
+    assert set(dtypes) == {torch.bfloat16 if bfloat16 else torch.float32}
+    assert json.loads((tmp_path / "run.json").read_text())["autocast"] == ("bfloat16" if bfloat16 else None)
+
+
+def test_precision_float32_turns_autocast_off_and_an_unknown_one_is_one_line(tmp_path, tiny_dataset, tiny_ae_config):
+    for precision in ("auto", "float32"):
+        out = tmp_path / precision
+        result = run_script("train_autoencoder.py", *train_args(tiny_dataset, tiny_ae_config, out, "--max-steps", "2",
+                                                                "--precision", precision))
+        assert result.returncode == 0, result.stderr
+        native = precision == "auto" and native_bfloat16(torch.device("cpu"))
+        assert json.loads((out / "run.json").read_text())["autocast"] == ("bfloat16" if native else None)
+    result = run_script("train_autoencoder.py", *train_args(tiny_dataset, tiny_ae_config, tmp_path / "half",
+                                                            "--precision", "half"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --precision must be one of auto, float32, got 'half'"]
+    assert not (tmp_path / "half").exists()
 
 
 def test_durations_read_as_a_person_says_them():

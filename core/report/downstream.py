@@ -36,6 +36,7 @@ from core.cores import in_parallel
 from core.data import Dataset, load_image_dataset, to_float
 from core.errors import PipelineError
 from core.models.classifier import FeatureClassifier, shift_and_flip
+from core.training import native_bfloat16
 
 Progress = Callable[[Iterable], Iterator]
 GENERATED, REAL, SUBSET, AUGMENTED = "generated", "real", "real subset", "real subset + generated"
@@ -64,7 +65,7 @@ def mixup_distilled(x: torch.Tensor, teacher: FeatureClassifier,
     partner = torch.randperm(len(x), generator=generator).to(x.device)
     weight = torch.rand(len(x), 1, 1, 1, generator=generator).to(x.device)
     mixed = (weight * x + (1 - weight) * x[partner]).contiguous(memory_format=torch.channels_last)
-    return mixed, teacher(mixed).softmax(1)
+    return mixed, teacher(mixed).float().softmax(1)
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: dict,
@@ -78,7 +79,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     `weights` (N,). With `targets` (N, K class probabilities) the loss is against those instead of the
     labels; with a `teacher`, half of every batch keeps its labels and the other half is mixed (mixup),
     its loss against the teacher's probabilities of the mixtures. The mixed half is drawn from the batch's
-    images, or from `mixup_pool` (M, C, H, W) uniformly or in proportion to `mixup_weights` (M,)."""
+    images, or from `mixup_pool` (M, C, H, W) uniformly or in proportion to `mixup_weights` (M,). Trains in
+    bfloat16 autocast where the device multiplies it natively."""
     if len(images) < 2:
         raise PipelineError(f"too few labelled images ({len(images)}) to train a classifier")
     with INIT_LOCK:
@@ -88,6 +90,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     generator = torch.Generator().manual_seed(config["seed"])
     shift, flip = config.get("shift", 0), config.get("flip", False)
+    autocast = native_bfloat16(device)  # the stages' training precision, as core.training sets it
     model.train()
     for step in progress(range(config["steps"])):
         if weights is None:
@@ -100,19 +103,20 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         for group in optimizer.param_groups:
             group["lr"] = config["lr"] * (1 - step / config["steps"])
         x = x.contiguous(memory_format=torch.channels_last)
-        if teacher is not None:  # half of the batch with its labels, half mixed and labelled by the teacher
-            half = len(x) // 2
-            to_mix = x[half:] if mixup_pool is None else pool_batch(
-                mixup_pool, mixup_weights, count=len(x) - half, shift=shift, flip=flip, generator=generator,
-                device=device)
-            mixed, soft = mixup_distilled(to_mix, teacher, generator)
-            logits = model(torch.cat([x[:half], mixed]).contiguous(memory_format=torch.channels_last))
-            loss = 0.5 * (F.cross_entropy(logits[:half], labels[batch[:half]].to(device))
-                          + soft_cross_entropy(logits[half:], soft))
-        elif targets is not None:
-            loss = soft_cross_entropy(model(x), targets[batch].to(device))
-        else:
-            loss = F.cross_entropy(model(x), labels[batch].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            if teacher is not None:  # half of the batch with its labels, half mixed and labelled by the teacher
+                half = len(x) // 2
+                to_mix = x[half:] if mixup_pool is None else pool_batch(
+                    mixup_pool, mixup_weights, count=len(x) - half, shift=shift, flip=flip, generator=generator,
+                    device=device)
+                mixed, soft = mixup_distilled(to_mix, teacher, generator)
+                logits = model(torch.cat([x[:half], mixed]).contiguous(memory_format=torch.channels_last)).float()
+                loss = 0.5 * (F.cross_entropy(logits[:half], labels[batch[:half]].to(device))
+                              + soft_cross_entropy(logits[half:], soft))
+            elif targets is not None:
+                loss = soft_cross_entropy(model(x).float(), targets[batch].to(device))
+            else:
+                loss = F.cross_entropy(model(x).float(), labels[batch].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

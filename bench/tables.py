@@ -152,16 +152,24 @@ def timings_table(run: Path) -> list[str]:
             + [f"| all | {sum(times.values()) / 60:.0f} min |"])
 
 
-def stages_table(run: Path) -> list[str]:
-    times, figures = stage_seconds(run), best_figures(run)
-    lines = ["| stage | wall time | kept step: held-out figure |", "|---|---:|---|"]
-    for stage, seconds in times.items():
-        best = figures.get(stage)
-        kept = f"step {best['step']:,}: {held_out(best)}" if best else ""
-        lines.append(f"| {stage} | {minutes(seconds)} | {kept} |")
-    lines.append(f"| all stages, added up | {sum(times.values()) / 60:.0f} min | |")
-    if (run / ELAPSED_FILE).exists():
-        lines.append(f"| start to end (stages side by side) | {wall_time(run)} | |")
+def stages_table(runs: list[Path]) -> list[str]:
+    """Each stage's wall time and kept held-out figure: a pair of columns per run (a run without the stage:
+    -)."""
+    times, figures = [stage_seconds(run) for run in runs], [best_figures(run) for run in runs]
+    tags = [""] if len(runs) == 1 else [f" `{name}`" for name in names(runs)]
+    lines = ["| stage |" + "".join(f" wall time{tag} | kept step: held-out figure{tag} |" for tag in tags),
+             "|---|" + "---:|---|" * len(runs)]
+    for stage in dict.fromkeys(stage for run_times in times for stage in run_times):
+        cells = []
+        for run_times, run_figures in zip(times, figures):
+            best = run_figures.get(stage)
+            kept = f"step {best['step']:,}: {held_out(best)}" if best else ""
+            cells.append(f" {minutes(run_times[stage]) if stage in run_times else '-'} | {kept} |")
+        lines.append(f"| {stage} |" + "".join(cells))
+    lines.append("| all stages, added up |" + "".join(f" {sum(t.values()) / 60:.0f} min | |" for t in times))
+    if any((run / ELAPSED_FILE).exists() for run in runs):
+        lines.append("| start to end (stages side by side) |"
+                     + "".join(f" {wall_time(run) if (run / ELAPSED_FILE).exists() else '-'} | |" for run in runs))
     return lines
 
 
@@ -217,7 +225,7 @@ def quality_table(run: Path) -> list[str]:
 
 TABLES = {"downstream": downstream_table, "ceiling": ceiling_table, "summary": summary_table,
           "convergence": lambda runs: convergence_table(*runs), "timings": lambda runs: timings_table(*runs),
-          "stages": lambda runs: stages_table(*runs),
+          "stages": stages_table,
           "quality": lambda runs: quality_table(*runs)}
 
 

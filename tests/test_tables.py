@@ -75,6 +75,15 @@ def test_the_stage_table_gives_each_stage_its_time_and_kept_figure(tmp_path: Pat
     record = tmp_path / "record"
     assert run_script("bench/tables.py", "record", run, record).returncode == 0
     assert run_script("bench/tables.py", "stages", record).stdout.splitlines() == lines
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "timings.log").write_text("dataset: 12.0 s wall; 1 KB peak\n")
+    both = run_script("bench/tables.py", "stages", run, other).stdout.splitlines()
+    assert both[0] == ("| stage | wall time `run` | kept step: held-out figure `run` | wall time `other` "
+                       "| kept step: held-out figure `other` |")
+    assert both[2:] == ["| dataset | 0.1 min |  | 0.2 min |  |",
+                        "| base transformer | 1.5 min | step 50: held-out loss 2.500 | - |  |",
+                        "| all stages, added up | 2 min | | 0 min | |"]
 
 
 def test_the_convergence_table_finds_where_each_curve_flattens_and_survives_the_record(tmp_path: Path):

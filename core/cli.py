@@ -10,6 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from core.allocator import keep_freed_memory
 from core.console import console, errors
 from core.cores import adjust_threads, share
 from core.errors import Interrupted, PipelineError
@@ -24,9 +25,11 @@ def make_app(help: str) -> typer.Typer:
 
 def stage(fn: Callable) -> Callable:
     """Turn a stage's expected failures into one line on stderr and an exit code: 2 for bad input,
-    130 for an interruption (after its checkpoint is written)."""
+    130 for an interruption (after its checkpoint is written). The stage runs with glibc keeping freed memory
+    (core.allocator) and its share of the cores (core.cores)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        keep_freed_memory()
         try:
             check_out_dir(kwargs.get("out_dir"))
             with share:

@@ -441,6 +441,15 @@ def test_train_per_class_keeps_that_many_training_images_of_each_label(tmp_path:
     assert held_out == [r["image_fpath"] for r in everything.records if r["split"] == "heldout"]  # untouched
 
 
+def test_the_real_arm_is_the_subset_when_it_has_as_many_images_as_generated(shapes: Dataset):
+    train, generated = shapes.split(heldout=False), shapes.split(heldout=True)
+    per_class = len(generated) // 3
+    assert len(generated) == 3 * per_class < len(train)  # a balanced subset as large as the generated set
+    arms = {arm.name: arm for arm in build_arms(train, generated, per_class=per_class, seed=0)}
+    assert arms[REAL].same_as == SUBSET and torch.equal(arms[REAL].images, arms[SUBSET].images)
+    assert build_arms(train, generated, per_class=per_class - 1, seed=0)[1].same_as is None
+
+
 def test_the_real_arm_reuses_the_subset_when_both_hold_every_real_image(shapes: Dataset):
     train, heldout = shapes.split(heldout=False), shapes.split(heldout=True)
     per_class = int(torch.bincount(train.labels).max())

@@ -7,7 +7,7 @@ several training sets, its *arms*, each with several seeds, and tests every one 
 images:
 - generated: the generated images alone; its accuracy is the Classification Accuracy Score (CAS, Ravuri &
   Vinyals 2019), read beside
-- real: as many real training images (all of them when there are fewer);
+- real: as many real training images (all of them when there are fewer): the real subset when it has that many;
 - real subset: a class-balanced subset of the real training images;
 - real subset, distilled: the same subset, half of each batch with its labels and half mixup of its images
   labelled by a teacher (a classifier trained on the real training split, which is all the generator saw):
@@ -276,10 +276,13 @@ def build_arms(train: Dataset, generated: Dataset, *, per_class: int, seed: int,
     arms = [Arm(GENERATED, fake_images, fake_labels)]
     if curated is not None:
         arms.append(Arm(CURATED_ALONE, curated.data.items, curated.data.labels, targets=curated.targets))
-    # when the subset and the real arm both hold every real training image, one training set serves both
-    every_image = len(subset) == len(same_size) == len(real_images)
-    arms += [Arm(REAL, real_images[same_size], real_labels[same_size], same_as=SUBSET if every_image else None),
-             Arm(SUBSET, sub_images, sub_labels)]
+    # a subset as large as the real arm (every real image, or as many as generated, balanced over the classes as
+    # the generated images are) is that arm's training set: trained once for both
+    if len(subset) == len(same_size):
+        arms.append(Arm(REAL, sub_images, sub_labels, same_as=SUBSET))
+    else:
+        arms.append(Arm(REAL, real_images[same_size], real_labels[same_size]))
+    arms.append(Arm(SUBSET, sub_images, sub_labels))
     if teacher is not None:
         arms.append(Arm(DISTILLED, sub_images, sub_labels, teacher=teacher))
     arms.append(Arm(AUGMENTED, torch.cat([sub_images, fake_images]), torch.cat([sub_labels, fake_labels]),

@@ -11,8 +11,9 @@ from core.cli import DatasetPath, console, entry, make_app, stage
 from core.config import config_from_dict, load_config_file
 from core.data import record_files
 from core.errors import PipelineError
-from core.eta import PLAN_FILE, TIMINGS_FILE, Training, estimate, matmul_gflops, plan, summary, training_maps
+from core.eta import PLAN_FILE, TIMINGS_FILE, Training, estimate, plan, summary, training_maps
 from core.models.autoencoder import AutoencoderConfig
+from core.probe import probe_seconds
 
 app = make_app(__doc__)
 
@@ -71,7 +72,7 @@ def main(
     work: dict = {name: training(name, values, items) for name, values in trainings.items()}
     work.update({name: image_count(name, values, items) for name, values in parse(images or [], "images").items()})
     work.update({name: None for name in fixed or []})
-    planned = plan(work, matmul_gflops())
+    planned = plan(work, probe_seconds())
     atomic_write_json(out, planned)
     if reference is None or not (reference / PLAN_FILE).exists() or not (reference / TIMINGS_FILE).exists():
         console.print(f"estimate: no record with a {PLAN_FILE} to time this chain by; each training stage prints "

@@ -1,6 +1,9 @@
 """The chain's wall time, estimated before it trains: each stage's time in a recorded run of the same preset
 (a docs/runs/ record with its plan.json), scaled by the work planned here against the work planned there
-(training steps, images) and by this machine's matmul speed on one core against the recorded machine's.
+(training steps, images) and by this machine's speed on one core against the recorded machine's: the time of a
+training step of the tiny preset's autoencoder and cascade transformer (core.probe). A matrix product alone
+misleads: a 512x512 product in bfloat16 ran 4.5x faster on a 2-core Xeon with AMX units than on a 2-core Zen 4
+with AVX512-BF16, the models' training steps 1.4 to 1.6x (bench/precision.py on both), and the chain 1.2x.
 
 A plan lists every stage of the chain with its work: a training stage's steps (its step count, or fewer when its
 epoch count ends it first, as the trainer counts them), an image stage's images, or a fixed stage (pruning,
@@ -8,15 +11,12 @@ export, the reports: their work does not grow with the data here)."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from core.models.augment import copies_for, passes_over
 from core.models.autoencoder import AutoencoderConfig
-from core.training import native_bfloat16, steps_to_take
+from core.training import steps_to_take
 
 PLAN_FILE = "plan.json"
 TIMINGS_FILE = "timings.log"
@@ -36,25 +36,6 @@ class Training:
         return steps_to_take(self.items, batch, self.epochs, self.steps)
 
 
-def matmul_gflops(seconds: float = 0.5, size: int = 512) -> float:
-    """Matrix products per second on one thread, in GFLOP/s, in the precision training uses here (bfloat16
-    where the CPU multiplies it natively, else float32): a core's speed (a machine with more cores than the
-    recorded one runs some stages side by side, which this does not count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dtype = torch.bfloat16 if native_bfloat16(torch.device("cpu")) else torch.float32
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # the first call pays for the kernels' set-up
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            a @ b
-            done += 1
-        return done * 2 * size ** 3 / (time.perf_counter() - started) / 1e9
-    finally:
-        torch.set_num_threads(threads)
-
-
 def training_maps(training_images: int, autoencoder: Training | None, cfg: AutoencoderConfig,
                   augment_copies: int | str) -> int:
     """The feature-map stage's training maps: each training image and its augmented copies (none when the
@@ -64,10 +45,11 @@ def training_maps(training_images: int, autoencoder: Training | None, cfg: Autoe
     return training_images * (1 + copies_for(augment_copies, training_images, augments))
 
 
-def plan(work: dict[str, Training | int | None], gflops: float) -> dict:
-    """The plan.json record: each stage's work (steps, images, or None for a fixed stage) and the machine's speed."""
+def plan(work: dict[str, Training | int | None], probe_s: float) -> dict:
+    """The plan.json record: each stage's work (steps, images, or None for a fixed stage) and the machine's speed
+    (core.probe.probe_seconds)."""
     stages = {name: w.planned_steps() if isinstance(w, Training) else w for name, w in work.items()}
-    return {"stages": stages, "matmul_gflops": gflops}
+    return {"stages": stages, "probe_s": probe_s}
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
@@ -85,7 +67,7 @@ class Estimate:
     seconds: dict[str, float]  # per stage planned here
     unknown: list[str]  # stages the reference did not run
     overlap: float  # the reference's start-to-end time over its stages' sum (1: one at a time)
-    speed: float | None  # this machine's matmul speed over the reference machine's (None: the record has none)
+    speed: float | None  # this machine's speed over the reference machine's (None: the record has no probe)
 
     @property
     def added_up(self) -> float:
@@ -96,7 +78,7 @@ def estimate(here: dict, reference: Path) -> Estimate:
     """The stages of plan `here` timed by the run recorded in `reference` (its plan.json and timings.log)."""
     there = json.loads((reference / PLAN_FILE).read_text())
     times = stage_seconds(reference)
-    speed = here["matmul_gflops"] / there["matmul_gflops"] if there.get("matmul_gflops") else None
+    speed = there["probe_s"] / here["probe_s"] if there.get("probe_s") else None
     seconds, unknown = {}, []
     for stage, work in here["stages"].items():
         if stage not in times or stage not in there["stages"]:
@@ -121,8 +103,8 @@ def summary(result: Estimate, reference: Path, side_by_side: bool) -> str:
              + (f", about {minutes(result.added_up * result.overlap)} start to end with stages side by side"
                 if side_by_side and result.overlap < 1 else "")
              + f" (from {reference}, scaled by the work planned here and "
-             + (f"by this machine's matmul speed, {result.speed:.2f}x the recorded one's)" if result.speed else
-                "not by this machine's speed: the record has none)"),
+             + (f"by this machine's speed at training steps, {result.speed:.2f}x the recorded one's)" if result.speed
+                else "not by this machine's speed: the record has none)"),
              "estimate: longest " + ", ".join(f"{stage} {minutes(s)}" for stage, s in longest)]
     if result.unknown:
         lines.append(f"estimate: not in the record, so not counted: {', '.join(result.unknown)}")

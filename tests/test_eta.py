@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, build_dataset, run_script, script_env
 from core.eta import Training, estimate, plan, summary
+from core.probe import probe_seconds
 
 
 def test_a_training_stage_plans_the_steps_the_trainer_will_take():
@@ -17,9 +19,9 @@ def test_a_training_stage_plans_the_steps_the_trainer_will_take():
     assert Training(steps=500, epochs=150, batch=64, items=40).planned_steps() == 150  # a batch cut to the data
 
 
-def write_record(folder: Path, stages: dict, seconds: dict, gflops: float | None, elapsed: float | None = None) -> Path:
+def write_record(folder: Path, stages: dict, seconds: dict, probe_s: float | None, elapsed: float | None = None) -> Path:
     folder.mkdir(parents=True)
-    (folder / "plan.json").write_text(json.dumps({"stages": stages, "matmul_gflops": gflops}))
+    (folder / "plan.json").write_text(json.dumps({"stages": stages, "probe_s": probe_s}))
     (folder / "timings.log").write_text("".join(f"{name}: {s} s wall; 1 KB peak\n" for name, s in seconds.items()))
     if elapsed is not None:
         (folder / "elapsed.json").write_text(json.dumps({"elapsed_s": elapsed}))
@@ -28,9 +30,9 @@ def write_record(folder: Path, stages: dict, seconds: dict, gflops: float | None
 
 def test_each_stage_takes_its_recorded_time_scaled_by_its_work_and_the_machine_speed(tmp_path: Path):
     record = write_record(tmp_path / "record", {"autoencoder": 4000, "generate": 1000, "report": None},
-                          {"autoencoder": 800.0, "generate": 20.0, "report": 300.0}, gflops=50.0, elapsed=900.0)
+                          {"autoencoder": 800.0, "generate": 20.0, "report": 300.0}, probe_s=2.0, elapsed=900.0)
     here = plan({"autoencoder": Training(2000, 150, 64, 60000), "generate": 3000, "report": None,
-                 "cascade2 transformer": Training(10, 1, 1, 10)}, gflops=100.0)
+                 "cascade2 transformer": Training(10, 1, 1, 10)}, probe_s=1.0)
     result = estimate(here, record)
     # half the steps, three times the images, the report as it was; a machine twice as fast
     assert result.seconds == {"autoencoder": 200.0, "generate": 30.0, "report": 150.0}
@@ -46,7 +48,7 @@ def dataset(tmp_path: Path, image_folder: Path) -> Path:
 def test_the_estimate_line_is_printed_and_the_plan_written(tmp_path: Path, dataset: Path):
     training_images = sum(r["split"] != "heldout" for r in json.loads(dataset.read_text())["_default"].values())
     record = write_record(tmp_path / "record", {"autoencoder": 100, "fmaps": 2 * training_images, "report": None},
-                          {"autoencoder": 600.0, "fmaps": 60.0, "report": 240.0}, gflops=50.0)
+                          {"autoencoder": 600.0, "fmaps": 60.0, "report": 240.0}, probe_s=2.0)
     out = tmp_path / "runs" / "plan.json"
     args = ["--dataset-path", dataset, "--out", out, "--augment-copies", "3", "--train", "autoencoder=50,100,4,images",
             "--images", "fmaps=maps", "--fixed", "report", "--fixed", "export"]
@@ -54,7 +56,7 @@ def test_the_estimate_line_is_printed_and_the_plan_written(tmp_path: Path, datas
     assert result.returncode == 0, result.stderr
     written = json.loads(out.read_text())
     assert written["stages"] == {"autoencoder": 50, "fmaps": 4 * training_images, "report": None, "export": None}
-    assert written["matmul_gflops"] > 0
+    assert written["probe_s"] > 0
     lines = result.stderr.splitlines()  # the console's lines go to stderr, beside the stages' progress
     assert lines[0].startswith("estimate: the stages add up to about ") and f"from {record}" in lines[0]
     # half the autoencoder's steps (300 s at the recorded speed), twice the maps (120 s), the report as it was (240 s)
@@ -89,7 +91,13 @@ def test_make_demo_estimates_the_chain_before_its_first_training_stage(tmp_path:
 
 
 def test_a_record_without_a_machine_speed_is_not_scaled_by_one_and_says_so(tmp_path: Path):
-    record = write_record(tmp_path / "record", {"report": None}, {"report": 300.0}, gflops=None)
-    result = estimate(plan({"report": None}, gflops=100.0), record)
+    record = write_record(tmp_path / "record", {"report": None}, {"report": 300.0}, probe_s=None)
+    result = estimate(plan({"report": None}, probe_s=1.0), record)
     assert result.seconds == {"report": 300.0} and result.speed is None
     assert "not by this machine's speed: the record has none" in summary(result, record, side_by_side=False)
+
+
+def test_the_speed_probe_gives_a_time_and_the_threads_back():
+    before = torch.get_num_threads()
+    assert 0 < probe_seconds(steps=1, batch=2) < 60
+    assert torch.get_num_threads() == before

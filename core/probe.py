@@ -1,6 +1,6 @@
 """Training steps of the tiny preset's models on random data (the autoencoder at 32 px, the base and cascade
-transformers on Fashion-MNIST's token shapes), with the trainer's optimizer: a machine's speed at the chain's
-own work. The ETA scales a recorded run by it (core.eta); bench/precision.py prints it per model and precision."""
+transformers on Fashion-MNIST's token shapes, the report's classifier at 32 px), with the trainer's optimizer: a
+machine's speed at the chain's own work. The ETA scales a recorded run by it (core.eta); bench/precision.py prints it per model and precision."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from core.config import load_config
 from core.models.autoencoder import Autoencoder, AutoencoderConfig, reconstruction_loss
+from core.models.classifier import FeatureClassifier
 from core.models.transformer import TokenShape, TokenTransformer, TransformerConfig
 from core.training import native_bfloat16
 
@@ -25,6 +26,15 @@ def autoencoder_step(batch: int) -> Step:
                               latent_channel=4)
     images = torch.rand(batch, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     return Autoencoder(cfg), lambda model: reconstruction_loss(cfg, model(images).float(), images)
+
+
+def classifier_step(batch: int) -> Step:
+    """The report's and curation's classifier, laid out as they train it (channels last)."""
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(batch, 1, 32, 32, generator=generator) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,), generator=generator)
+    model = FeatureClassifier(1, 10).to(memory_format=torch.channels_last)
+    return model, lambda model: F.cross_entropy(model(images).float(), labels)
 
 
 def transformer_step(kind: str, batch: int) -> Step:

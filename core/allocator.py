@@ -4,9 +4,10 @@ By default glibc serves a block of more than 128 KiB (a threshold that grows wit
 mmap and returns it to the kernel when freed, and gives the top of a heap back once 128 KiB of it is free. A
 training step allocates its activations and gradients afresh each time, so each step faults every page of them
 in again, and the kernel zeroes each page first: a step of the report's small classifier (batch 128 at 32 px,
-about 30 ms on one core) took about 1,000 page faults, and 5-15% of its time went to them. Keeping freed memory in the process (blocks up to 32 MiB from
-the heap, no trimming below 1 GiB free) ends it; the cost is that a process keeps up to that much memory it no
-longer uses, far below what a stage's peak already holds. Elsewhere than glibc this does nothing."""
+about 30 ms on one core) took about 1,000 page faults, and 5-15% of its time went to them. Keeping freed memory in
+the process (blocks up to 32 MiB from the heap, no trimming below 1 GiB free) ends it; the cost is that a process
+keeps up to that much memory it no longer uses, far below what a stage's peak already holds. Elsewhere than glibc
+this does nothing."""
 from __future__ import annotations
 
 import ctypes

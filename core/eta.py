@@ -3,7 +3,7 @@
 (training steps, images) and by this machine's speed on one core against the recorded machine's: the time of a
 training step of the tiny preset's autoencoder and cascade transformer (core.probe). A matrix product alone
 misleads: a 512x512 product in bfloat16 ran 4.5x faster on a 2-core Xeon with AMX units than on a 2-core Zen 4
-with AVX512-BF16, the models' training steps 1.4 to 1.6x (bench/precision.py on both), and the chain 1.2x.
+with AVX512-BF16, the models' training steps 1.3 to 1.6x (bench/precision.py on both), and the chain 1.2x.
 
 A plan lists every stage of the chain with its work: a training stage's steps (its step count, or fewer when its
 epoch count ends it first, as the trainer counts them), an image stage's images, or a fixed stage (pruning,

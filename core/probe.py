@@ -1,6 +1,7 @@
 """Training steps of the tiny preset's models on random data (the autoencoder at 32 px, the base and cascade
 transformers on Fashion-MNIST's token shapes, the report's classifier at 32 px), with the trainer's optimizer: a
-machine's speed at the chain's own work. The ETA scales a recorded run by it (core.eta); bench/precision.py prints it per model and precision."""
+machine's speed at the chain's own work. The ETA scales a recorded run by it (core.eta); bench/precision.py prints
+it per model and precision."""
 from __future__ import annotations
 
 import dataclasses

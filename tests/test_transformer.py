@@ -12,7 +12,8 @@ from core.artifacts import load_artifact
 from core.errors import PipelineError
 from core.model_artifacts import load_transformer
 from core.models.sampling import sample_tokens
-from core.models.transformer import TokenTransformer, TransformerConfig, decoder_input, sequence_logits, window_starts
+from core.models.transformer import (Dropout, TokenTransformer, TransformerConfig, attend, decoder_input, sequence_logits,
+                                     window_starts)
 from core.stages import fmaps
 from core.stages.transformer import tuning_scope
 from core.objectives.transformer import (adapt_augment_rows, drop_labels, grow_label_rows, load_token_data,
@@ -365,3 +366,33 @@ def test_label_smoothing_is_off_by_default_and_raises_a_confident_loss(pipeline,
             logits = model(batch["labels"], batch["coarse"], batch["input"], batch["positions"])
             assert losses[0] == pytest.approx(F.cross_entropy(logits.reshape(-1, 32), batch["targets"].reshape(-1)).item())
     assert losses[1] != pytest.approx(losses[0])
+
+
+def test_cpu_training_attention_equals_the_fused_kernel():
+    """The plain computation a CPU training step takes gives the fused kernel's outputs and gradients."""
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=torch.Generator().manual_seed(i), requires_grad=True)
+               for i in range(3))
+    for causal, mask in ((True, None), (False, None), (False, torch.rand(9, 9).tril() > 0.3)):
+        if mask is not None:
+            mask.fill_diagonal_(True)
+        plain = attend(q, k, v, mask=mask, causal=causal, dropout_p=0.0)
+        with torch.no_grad():
+            fused = attend(q, k, v, mask=mask, causal=causal, dropout_p=0.0)
+        assert torch.allclose(plain, fused, atol=1e-5)
+        expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+                                       .square().sum(), (q, k, v))
+        for got, want in zip(torch.autograd.grad(plain.square().sum(), (q, k, v)), expected):
+            assert torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_drops_its_share_and_keeps_the_mean(p):
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    out = Dropout(p).train()(x)
+    assert abs((out == 0).float().mean().item() - p) < 0.005
+    assert abs(out.mean().item() - 1) < 0.01
+    assert torch.equal(Dropout(p).eval()(x), x)
+    torch.manual_seed(0)
+    again = Dropout(p).train()(x)
+    assert torch.equal(out, again)  # the draws follow torch's seed, so resumed runs stay exact

@@ -40,6 +40,9 @@ def main(
     criterion: Annotated[str, typer.Option(help="accuracy (for augmentation) or fidelity")] = "accuracy",
     validation: Annotated[str, typer.Option(help="carved (from the training images) or heldout")] = "carved",
     images: Annotated[int, typer.Option(min=10, help="images generated per setting")] = 2000,
+    screen_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="by fidelity, with more than 4 settings: each measured on this share of --images "
+                               "first, the nearest quarter on all of them (0: all on all)")] = 0.25,
     seeds: Annotated[int, typer.Option(min=1, help="classifier seeds per setting")] = 2,
     steps: Annotated[int, typer.Option(min=1, help="training steps of each classifier")] = 500,
     seed: Seed = 0,
@@ -49,8 +52,12 @@ def main(
                                out_dir=out_dir, overrides=tuple(overrides or ()),
                                guidance=numbers(guidance, "--guidance"),
                                temperature=numbers(temperature, "--temperature"), vary=tuple(vary or ()),
-                               criterion=criterion, validation=validation, images=images, seeds=seeds,
+                               criterion=criterion, validation=validation, images=images, screen_share=screen_share, seeds=seeds,
                                downstream=DownstreamConfig(steps=steps), seed=seed, device=device, progress=track))
+    if "screening" in summary:
+        console.print(f"screened {len(summary['screening']['candidates'])} settings on "
+                      f"{summary['screening']['images_per_setting']} images each; the nearest on {images}:",
+                      highlight=False)
     for c in summary["candidates"]:
         if criterion == "fidelity":
             figure = f"Fréchet distance {c['frechet_distance']:.2f}"

@@ -16,7 +16,7 @@ from core.data import load_image_dataset
 from core.generator import Generator
 from core.report.downstream import (CURATED, CURATED_ALONE, DISTILLED, DISTILLED_GENERATED, SUBSET, DownstreamConfig,
                                     build_arms, load_curated, pool_batch, soft_cross_entropy, train_classifier)
-from core.stages.curate import CurateArgs, run
+from core.stages.curate import CurateArgs, Rule, Scores, run, select
 from core.report.sets import TEACHER_FILE
 from core.stages.evaluate import EvalArgs, run as evaluate
 
@@ -59,8 +59,25 @@ def test_the_agree_filter_drops_most_images_relabelled_at_random(tmp_path: Path,
     assert len(kept - wrong) >= 0.5 * (120 - len(wrong))  # most right ones stay
     assert summary["agreement"] == pytest.approx(0.5, abs=0.15)
     assert summary["dropped"]["teacher"] >= 0.8 * len(wrong) - summary["dropped"]["near_copies"]
-    counts = list(summary["kept_per_class"].values())
-    assert max(counts) == min(counts)  # balanced
+    asked_counts = {KIND_NAMES[k]: n for k, n in enumerate(np.bincount(asked, minlength=3))}
+    shares = {name: kept_count / asked_counts[name] for name, kept_count in summary["kept_per_class"].items()}
+    # balanced: every class keeps the smallest share of its asked images, to within one image
+    assert all(0 <= shares[name] - min(shares.values()) < 1 / asked_counts[name] for name in shares)
+
+
+def test_the_balance_keeps_the_asked_proportions_and_a_failed_class_does_not_empty_the_set():
+    asked = torch.tensor([0] * 40 + [1] * 40 + [2] * 20)
+    probs = F.one_hot(asked, 3).float()
+    probs[asked == 2] = torch.tensor([1.0, 0.0, 0.0])  # the teacher rejects every image of class 2
+    probs[60:80] = torch.tensor([0.0, 0.0, 1.0])  # and half of class 1's
+    scores = Scores(asked, probs, torch.ones(100))
+    kept, carried, _, failed = select(scores, Rule("asked", "agree", 0.5), 3)
+    assert failed == [2]
+    assert torch.bincount(carried[kept], minlength=3).tolist() == [20, 20, 0]  # class 0 down to class 1's share
+    probs[asked == 2] = torch.tensor([0.0, 0.0, 1.0])  # class 2 half accepted: in the balance, half of its 20
+    probs[90:] = torch.tensor([1.0, 0.0, 0.0])
+    kept, carried, _, failed = select(Scores(asked, probs, torch.ones(100)), Rule("asked", "agree", 0.5), 3)
+    assert failed == [] and torch.bincount(carried[kept], minlength=3).tolist() == [20, 20, 10]
 
 
 def test_soft_labels_sum_to_one_and_round_trip_through_the_records_and_the_folder(tmp_path: Path, real: Path):
@@ -226,6 +243,25 @@ def test_the_sampling_choice_measures_each_setting_on_the_validation_split_and_w
     bad = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
                      models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1,x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--guidance takes numbers" in bad.stderr
+
+
+def test_the_sampling_choice_screens_a_large_grid_and_chooses_among_the_nearest_quarter(tmp_path: Path, models: dict):
+    out = tmp_path / "screened"
+    result = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
+                        models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1,2",
+                        "--criterion", "fidelity", "--validation", "heldout", "--vary", "1.temperature=1,0.3",
+                        "--vary", "0.top_p=1,0.5", "--images", 40, "--steps", 10, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "sampling.json").read_text())
+    screening = summary["screening"]
+    assert screening["images_per_setting"] == 10 and len(screening["candidates"]) == 8
+    nearest = sorted(screening["candidates"], key=lambda c: c["frechet_distance"])[:2]
+    keys = ("guidance_scale", "1.temperature", "0.top_p")
+    assert sorted(tuple(c[k] for k in keys) for c in summary["candidates"]) == sorted(
+        tuple(c[k] for k in keys) for c in nearest)
+    assert all(c["images"] > 10 for c in summary["candidates"])
+    best = min(summary["candidates"], key=lambda c: c["frechet_distance"])
+    assert tuple(summary["chosen"][k] for k in keys) == tuple(best[k] for k in keys)
 
 
 def test_the_sampling_choice_by_fidelity_tries_every_level_setting_and_keeps_the_nearest(tmp_path: Path, models: dict):

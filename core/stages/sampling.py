@@ -9,7 +9,10 @@ images. Two criteria:
 - accuracy (for augmentation): a classifier trained on the other training images with the generated ones mixed
   in at half of each batch (their asked labels), tested on the validation images, over a few seeds;
 - fidelity: the Fréchet distance between the generated and the validation images in the teacher's features.
-Beside either, the share of the images that the teacher assigns to their asked label."""
+Beside either, the share of the images that the teacher assigns to their asked label. By fidelity, a grid of
+more than SCREEN_ABOVE settings is screened first: every setting on a share of the images (a quarter), then the
+nearest quarter of them on all the images, among which the choice is made (image i of a setting is the same
+in both rounds, so the second round draws only the rest)."""
 from __future__ import annotations
 
 import itertools
@@ -43,6 +46,9 @@ class SamplingArgs:
     criterion: str = "accuracy"  # or "fidelity"
     validation: str = "carved"  # or "heldout": the real data's held-out split (a share no stage trained on)
     images: int = 2000
+    # by fidelity, with more than SCREEN_ABOVE settings: each is measured on this share of the images first, and
+    # the nearest quarter on all of them (0: every setting on all of them)
+    screen_share: float = 0.25
     seeds: int = 2
     validation_share: float = 0.2
     downstream: downstream.DownstreamConfig = field(default_factory=downstream.DownstreamConfig)
@@ -54,10 +60,11 @@ class SamplingArgs:
 
 
 def generate(generator: Generator, count: int, batch_size: int, seed: int, content_size: list[int] | None,
-             track: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images at the source's size and their label ids in the generator's names."""
+             track: Callable, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images `first` to `count` - 1 at the source's size and their label ids in the generator's names
+    (image i is the same whichever batch draws it)."""
     images, labels = [], []
-    for start in track(range(0, count, batch_size), "sampling: generating"):
+    for start in track(range(first, count, batch_size), "sampling: generating"):
         batch, ids = generator.sample(range(start, min(count, start + batch_size)), seed)
         images.append(crop_to_content(to_uint8(batch), content_size))
         labels += ids
@@ -65,6 +72,12 @@ def generate(generator: Generator, count: int, batch_size: int, seed: int, conte
 
 
 CRITERIA = ("accuracy", "fidelity")
+SCREEN_ABOVE = 4
+
+
+def screen(settings: list[dict], images: int, share: float) -> int:
+    """Images per setting in the screening round, or 0 when every setting is measured on all the images."""
+    return int(images * share) if len(settings) > SCREEN_ABOVE and 0 < share < 1 else 0
 
 
 def varied_settings(vary: tuple[str, ...], num_levels: int) -> list[dict[str, object]]:
@@ -117,26 +130,46 @@ def run(args: SamplingArgs) -> dict:
     settings = downstream.classifier_settings(args.downstream)
     fidelity = args.criterion == "fidelity"
     validation_features = downstream.predict(teacher, validation.items, device)[0] if fidelity else None
-    candidates, arms = [], []
-    for guidance, temperature, levels in itertools.product(args.guidance, args.temperature, varied):
-        setting = {"guidance_scale": guidance, "temperature": temperature, **levels}
-        images, ids = generate(at_setting(generator, setting), args.images, args.batch_size, args.seed, content, track)
+    settings_tried = [{"guidance_scale": guidance, "temperature": temperature, **levels}
+                      for guidance, temperature, levels in itertools.product(args.guidance, args.temperature, varied)]
+
+    def images_at(setting: dict, count: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `first` to `count` - 1 at the setting, those of a real label, with their asked labels."""
+        images, ids = generate(at_setting(generator, setting), count, args.batch_size, args.seed, content, track,
+                               first)
         asked = mapping[ids]
-        keep = asked >= 0
-        images, asked = images[keep], asked[keep]
+        return images[asked >= 0], asked[asked >= 0]
+
+    def measured(setting: dict, images: torch.Tensor, asked: torch.Tensor) -> tuple[dict, torch.Tensor]:
         features, predicted = downstream.predict(teacher, images, device)
-        candidate = {**setting, "images": len(images),
-                     "teacher_agreement": float((predicted == asked).float().mean())}
-        if fidelity:
-            candidate["frechet_distance"] = frechet_distance(validation_features, features)
+        return {**setting, "images": len(images),
+                "teacher_agreement": float((predicted == asked).float().mean())}, features
+
+    def nearness(setting: dict, images: torch.Tensor, asked: torch.Tensor) -> dict:
+        candidate, features = measured(setting, images, asked)
+        return {**candidate, "frechet_distance": frechet_distance(validation_features, features)}
+
+    candidates, arms, screening = [], [], None
+    if fidelity:
+        screened = screen(settings_tried, args.images, args.screen_share)
+        if screened:  # every setting on a share of the images, then the nearest quarter on all of them
+            drawn = [images_at(setting, screened) for setting in settings_tried]
+            screening = [nearness(setting, *pair) for setting, pair in zip(settings_tried, drawn)]
+            order = sorted(range(len(screening)), key=lambda i: screening[i]["frechet_distance"])
+            for i in sorted(order[:max(1, len(order) // 4)]):
+                rest = images_at(settings_tried[i], args.images, screened)
+                candidates.append(nearness(settings_tried[i], *(torch.cat(pair) for pair in zip(drawn[i], rest))))
         else:
+            candidates = [nearness(setting, *images_at(setting, args.images)) for setting in settings_tried]
+        best = min(candidates, key=lambda c: c["frechet_distance"])
+    else:
+        for setting in settings_tried:
+            images, asked = images_at(setting, args.images)
+            candidate, _ = measured(setting, images, asked)
             arms.append(downstream.Arm(", ".join(f"{k} {v}" for k, v in setting.items()),
                                        torch.cat([fit.items, images]), torch.cat([fit.labels, asked]),
                                        downstream.half_and_half(len(fit), len(images), args.downstream.real_share)))
-        candidates.append(candidate)
-    if fidelity:
-        best = min(candidates, key=lambda c: c["frechet_distance"])
-    else:
+            candidates.append(candidate)
         accuracies = downstream.accuracy_over_seeds(arms, validation.items, validation.labels, k, settings,
                                                     seeds=args.seeds, seed=args.seed, device=device,
                                                     track=args.progress, description="sampling")
@@ -147,6 +180,8 @@ def run(args: SamplingArgs) -> dict:
                "criterion": args.criterion, "validation": args.validation,
                "fit_images": len(fit), "validation_images": len(validation), "seeds": args.seeds,
                "candidates": candidates, "chosen": setting_of(best)}
+    if screening is not None:
+        summary["screening"] = {"images_per_setting": screened, "candidates": screening}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out_dir / "generate.json", at_setting(generator, summary["chosen"]).config(args.out_dir))
     atomic_write_json(args.out_dir / "sampling.json", summary)

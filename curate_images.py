@@ -56,6 +56,9 @@ def main(
     console.print(f"kept {summary['kept']:,} of {summary['generated']['images']:,} ({rule['labels']} labels, filter "
                   f"{rule['filter']}); dropped {dropped['near_copies']} near-copies, {dropped['teacher']} by the "
                   f"teacher, {dropped['balance']} to balance the classes{agreement}", highlight=False)
+    if summary["left_out_of_the_balance"]:
+        console.print(f"left out of the balance, the teacher accepting too few of their images: "
+                      f"{', '.join(summary['left_out_of_the_balance'])}", highlight=False)
     console.print(f"wrote {out_dir / 'dataset.json'} and {out_dir / 'summary.json'}")
 
 

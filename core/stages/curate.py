@@ -45,6 +45,8 @@ from core.training import pick_device
 LABEL_MODES = ("asked", "teacher", "blend")
 FILTERS = ("none", "agree", "confident")
 # what the validation split chooses among: (labels carried, filter)
+# a class keeping under this share of the median class's share of its images is left out of the balance
+FAILED_SHARE = 0.25
 CANDIDATES = (("asked", "none"), ("teacher", "none"), ("blend", "none"), ("asked", "agree"), ("blend", "confident"))
 
 
@@ -130,24 +132,40 @@ def carried_labels(targets: torch.Tensor, scores: Scores, labels: str) -> torch.
     return targets.argmax(1)
 
 
-def balance_cap(carried: torch.Tensor, kept: torch.Tensor, num_classes: int) -> int | None:
-    """How many kept images of each class keep the classes balanced: the fewest of a class that has any."""
-    counts = torch.bincount(carried[kept & (carried >= 0)], minlength=num_classes)
-    present = counts[counts > 0]
-    return int(present.min()) if len(present) else None
+def balance_caps(carried: torch.Tensor, kept: torch.Tensor, asked: torch.Tensor, num_classes: int
+                 ) -> tuple[torch.Tensor, list[int]] | None:
+    """Per class, how many kept images keep the classes in the proportions they were asked for: every class
+    keeps the share of its asked images that the most filtered class keeps. A class whose kept share is under
+    FAILED_SHARE of the median class's is left out of that (the generator fails it: it keeps what passed), so
+    that one failed class does not empty the set. Returns the caps (K,) and the failed classes, or None when
+    no image carries an asked label."""
+    kept_counts = torch.bincount(carried[kept & (carried >= 0)], minlength=num_classes).double()
+    asked_counts = torch.bincount(asked[asked >= 0], minlength=num_classes).double()
+    if not (asked_counts > 0).any():
+        return None
+    share = kept_counts / asked_counts.clamp_min(1)
+    measured = asked_counts > 0
+    failed = measured & (share < FAILED_SHARE * share[measured].median())
+    floor = share[measured & ~failed].min()
+    caps = torch.where(measured & ~failed, (floor * asked_counts + 1e-6).floor(), kept_counts)
+    return caps.long(), failed.nonzero().flatten().tolist()
 
 
-def select(scores: Scores, rule: Rule, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The images kept (N,) bool, the label (N,) and the probabilities (N, K) each carries."""
+def select(scores: Scores, rule: Rule, num_classes: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The images kept (N,) bool, the label (N,) and the probabilities (N, K) each carries, and the classes left
+    out of the balance."""
     targets = targets_of(scores, rule.labels, num_classes)
     carried = carried_labels(targets, scores, rule.labels)
     _, kept = passes(scores, rule)
-    cap = balance_cap(carried, kept, num_classes)
-    if cap is not None:
-        for c in range(num_classes):  # the first `cap` kept images of each class stay
+    balance = balance_caps(carried, kept, scores.asked, num_classes)
+    failed = []
+    if balance is not None:
+        caps, failed = balance
+        for c in range(num_classes):  # the first caps[c] kept images of each class stay
             mine = kept & (carried == c)
-            kept &= ~mine | (mine.cumsum(0) <= cap)
-    return kept, carried, targets
+            kept &= ~mine | (mine.cumsum(0) <= caps[c])
+    return kept, carried, targets, failed
 
 
 # ---------------------------------------------------------------- the teacher and the scores
@@ -239,7 +257,7 @@ def choose(args: CurateArgs, real: Dataset, split: tuple[Dataset, Dataset], teac
     fit_hot = F.one_hot(fit.labels, k).float()
     arms, figures = [downstream.Arm("real alone", fit.items, fit.labels)], {"real alone": {"images": 0}}
     for labels, filter_ in CANDIDATES:
-        kept, carried, targets = select(scores, Rule(labels, filter_, threshold, floors), k)
+        kept, carried, targets, _ = select(scores, Rule(labels, filter_, threshold, floors), k)
         kept &= carried >= 0
         name = f"{labels} labels, filter {filter_}"
         arms.append(downstream.Arm(name, torch.cat([fit.items, images[kept]]), torch.cat([fit.labels, carried[kept]]),
@@ -339,7 +357,7 @@ def curate_all(args: CurateArgs, real: Dataset, train: Dataset, teacher: Feature
     del parts
     if rule.filter == "confident":
         rule.confidence_floors = confidence_floors(everything, k, args.confident_quantile)
-    kept, carried, targets = select(everything, rule, k)
+    kept, carried, targets, failed = select(everything, rule, k)
     novel, accepted = passes(everything, rule)
     summary = write_curated(args, names, everything, rule, kept, carried, targets)
     labelled_asked = everything.asked >= 0
@@ -348,7 +366,8 @@ def curate_all(args: CurateArgs, real: Dataset, train: Dataset, teacher: Feature
                              **({"confidence_floors": dict(zip(names, rule.confidence_floors.tolist()))}
                                 if rule.confidence_floors is not None else {})},
                     "dropped": {"near_copies": int((~novel).sum()), "teacher": int((novel & ~accepted).sum()),
-                                "balance": int((accepted & ~kept).sum())}})
+                                "balance": int((accepted & ~kept).sum())},
+                    "left_out_of_the_balance": [names[c] for c in failed]})
     if everything.probs is not None and labelled_asked.any():
         agrees = everything.probs.argmax(1) == everything.asked
         summary["agreement"] = float(agrees[labelled_asked].float().mean())

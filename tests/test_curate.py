@@ -78,6 +78,10 @@ def test_the_balance_keeps_the_asked_proportions_and_a_failed_class_does_not_emp
     probs[90:] = torch.tensor([1.0, 0.0, 0.0])
     kept, carried, _, failed = select(Scores(asked, probs, torch.ones(100)), Rule("asked", "agree", 0.5), 3)
     assert failed == [] and torch.bincount(carried[kept], minlength=3).tolist() == [20, 20, 10]
+    probs[asked == 0] = torch.tensor([0.0, 1.0, 0.0])  # two classes rejected outright: the median share is 0
+    probs[asked == 2] = torch.tensor([1.0, 0.0, 0.0])
+    kept, carried, _, failed = select(Scores(asked, probs, torch.ones(100)), Rule("asked", "agree", 0.5), 3)
+    assert failed == [0, 2] and torch.bincount(carried[kept], minlength=3).tolist() == [0, 20, 0]
 
 
 def test_soft_labels_sum_to_one_and_round_trip_through_the_records_and_the_folder(tmp_path: Path, real: Path):

@@ -136,7 +136,7 @@ def balance_caps(carried: torch.Tensor, kept: torch.Tensor, asked: torch.Tensor,
                  ) -> tuple[torch.Tensor, list[int]] | None:
     """Per class, how many kept images keep the classes in the proportions they were asked for: every class
     keeps the share of its asked images that the most filtered class keeps. A class whose kept share is under
-    FAILED_SHARE of the median class's is left out of that (the generator fails it: it keeps what passed), so
+    FAILED_SHARE of the median class's, or none, is left out of that (the generator fails it: it keeps what passed), so
     that one failed class does not empty the set. Returns the caps (K,) and the failed classes, or None when
     no image carries an asked label."""
     kept_counts = torch.bincount(carried[kept & (carried >= 0)], minlength=num_classes).double()
@@ -145,9 +145,12 @@ def balance_caps(carried: torch.Tensor, kept: torch.Tensor, asked: torch.Tensor,
         return None
     share = kept_counts / asked_counts.clamp_min(1)
     measured = asked_counts > 0
-    failed = measured & (share < FAILED_SHARE * share[measured].median())
-    floor = share[measured & ~failed].min()
-    caps = torch.where(measured & ~failed, (floor * asked_counts + 1e-6).floor(), kept_counts)
+    failed = measured & ((share < FAILED_SHARE * share[measured].median()) | (share == 0))
+    balanced = measured & ~failed
+    if not balanced.any():  # nothing kept: nothing to balance
+        return kept_counts.long(), []
+    floor = share[balanced].min()
+    caps = torch.where(balanced, (floor * asked_counts + 1e-6).floor(), kept_counts)
     return caps.long(), failed.nonzero().flatten().tolist()
 
 
@@ -260,8 +263,9 @@ def choose(args: CurateArgs, real: Dataset, split: tuple[Dataset, Dataset], teac
         kept, carried, targets, _ = select(scores, Rule(labels, filter_, threshold, floors), k)
         kept &= carried >= 0
         name = f"{labels} labels, filter {filter_}"
+        weights = downstream.half_and_half(len(fit), int(kept.sum()), args.downstream.real_share) if kept.any() else None
         arms.append(downstream.Arm(name, torch.cat([fit.items, images[kept]]), torch.cat([fit.labels, carried[kept]]),
-                                   downstream.half_and_half(len(fit), int(kept.sum()), args.downstream.real_share),
+                                   weights,
                                    targets=torch.cat([fit_hot, targets[kept]])))
         figures[name] = {"labels": labels, "filter": filter_, "images": int(kept.sum())}
     accuracies = downstream.accuracy_over_seeds(arms, validation.items, validation.labels, k,

@@ -135,10 +135,10 @@ def carried_labels(targets: torch.Tensor, scores: Scores, labels: str) -> torch.
 def balance_caps(carried: torch.Tensor, kept: torch.Tensor, asked: torch.Tensor, num_classes: int
                  ) -> tuple[torch.Tensor, list[int]] | None:
     """Per class, how many kept images keep the classes in the proportions they were asked for: every class
-    keeps the share of its asked images that the most filtered class keeps. A class whose kept share is under
-    FAILED_SHARE of the median class's, or none, is left out of that (the generator fails it: it keeps what passed), so
-    that one failed class does not empty the set. Returns the caps (K,) and the failed classes, or None when
-    no image carries an asked label."""
+    keeps the share of its asked images that the most filtered class keeps. A class that keeps none, or under
+    FAILED_SHARE of the median class's share, is left out of that (the generator fails it: it keeps what
+    passed), so that one failed class does not empty the set. Returns the caps (K,) and the failed classes, or
+    None when no image carries an asked label."""
     kept_counts = torch.bincount(carried[kept & (carried >= 0)], minlength=num_classes).double()
     asked_counts = torch.bincount(asked[asked >= 0], minlength=num_classes).double()
     if not (asked_counts > 0).any():

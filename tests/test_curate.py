@@ -227,12 +227,17 @@ def test_the_report_adds_the_curated_arms_and_measures_the_gain_over_the_best_ar
     assert "curated images, curated labels" in (tmp_path / "report" / "report.md").read_text()
 
 
+def choose_sampling(models: dict, out: Path, *flags):
+    """choose_sampling.py on the tiny chain's generator and real data, writing into `out`."""
+    return run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
+                      models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, *flags)
+
+
 def test_the_sampling_choice_measures_each_setting_on_the_validation_split_and_writes_the_config(
         tmp_path: Path, models: dict):
     out = tmp_path / "sampling"
-    result = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
-                        models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1,2",
-                        "--images", 24, "--seeds", 1, "--steps", 10, "--device", "cpu")
+    result = choose_sampling(models, out, "--guidance", "1,2", "--images", 24, "--seeds", 1, "--steps", 10,
+                             "--device", "cpu")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "sampling.json").read_text())
     assert [c["guidance_scale"] for c in summary["candidates"]] == [1.0, 2.0]
@@ -244,17 +249,15 @@ def test_the_sampling_choice_measures_each_setting_on_the_validation_split_and_w
     assert all(level["guidance_scale"] == best["guidance_scale"] for level in config.values())
     generator = Generator.load(out / "generate.json", models["autoencoder"])  # its paths resolve from anywhere
     assert generator.levels[0].settings.guidance_scale == best["guidance_scale"]
-    bad = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
-                     models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1,x")
+    bad = choose_sampling(models, out, "--guidance", "1,x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--guidance takes numbers" in bad.stderr
 
 
 def test_the_sampling_choice_screens_a_large_grid_and_chooses_among_the_nearest_quarter(tmp_path: Path, models: dict):
     out = tmp_path / "screened"
-    result = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
-                        models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1,2",
-                        "--criterion", "fidelity", "--validation", "heldout", "--vary", "1.temperature=1,0.3",
-                        "--vary", "0.top_p=1,0.5", "--images", 40, "--steps", 10, "--device", "cpu")
+    result = choose_sampling(models, out, "--guidance", "1,2", "--criterion", "fidelity", "--validation", "heldout",
+                             "--vary", "1.temperature=1,0.3", "--vary", "0.top_p=1,0.5", "--images", 40, "--steps", 10,
+                             "--device", "cpu")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "sampling.json").read_text())
     screening = summary["screening"]
@@ -270,10 +273,9 @@ def test_the_sampling_choice_screens_a_large_grid_and_chooses_among_the_nearest_
 
 def test_the_sampling_choice_by_fidelity_tries_every_level_setting_and_keeps_the_nearest(tmp_path: Path, models: dict):
     out = tmp_path / "fidelity"
-    result = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
-                        models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--guidance", "1",
-                        "--criterion", "fidelity", "--validation", "heldout", "--vary", "1.temperature=1,0.3",
-                        "--vary", "0.top_p=1,0.5", "--images", 24, "--steps", 10, "--device", "cpu")
+    result = choose_sampling(models, out, "--guidance", "1", "--criterion", "fidelity", "--validation", "heldout",
+                             "--vary", "1.temperature=1,0.3", "--vary", "0.top_p=1,0.5", "--images", 24, "--steps", 10,
+                             "--device", "cpu")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "sampling.json").read_text())
     tried = [(c["1.temperature"], c["0.top_p"]) for c in summary["candidates"]]
@@ -286,7 +288,5 @@ def test_the_sampling_choice_by_fidelity_tries_every_level_setting_and_keeps_the
     generator = Generator.load(out / "generate.json", models["autoencoder"])
     assert generator.levels[1].settings.temperature == best["1.temperature"]
     assert generator.levels[0].settings.top_p == best["0.top_p"] and generator.levels[0].settings.temperature == 1.0
-    bad = run_script("choose_sampling.py", "--config-path", models["generate_config"], "--decoder-path",
-                     models["autoencoder"], "--real-path", models["dataset"], "--out-dir", out, "--criterion",
-                     "fidelity", "--vary", "1.model_path=a,b")
+    bad = choose_sampling(models, out, "--criterion", "fidelity", "--vary", "1.model_path=a,b")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a sampling setting" in bad.stderr

@@ -23,7 +23,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -223,10 +223,21 @@ def quality_table(run: Path) -> list[str]:
     return lines
 
 
+def run_by_run(table: Callable[[Path], list[str]]) -> Callable[[list[Path]], list[str]]:
+    """A table of one run as a table of runs: each run's in turn, under its name when there are several."""
+    def tables(runs: list[Path]) -> list[str]:
+        lines: list[str] = []
+        for run in runs:
+            if len(runs) > 1:
+                lines += ([""] if lines else []) + [f"`{run.name}`:", ""]
+            lines += table(run)
+        return lines
+    return tables
+
+
 TABLES = {"downstream": downstream_table, "ceiling": ceiling_table, "summary": summary_table,
-          "convergence": lambda runs: convergence_table(*runs), "timings": lambda runs: timings_table(*runs),
-          "stages": stages_table,
-          "quality": lambda runs: quality_table(*runs)}
+          "convergence": run_by_run(convergence_table), "timings": run_by_run(timings_table),
+          "stages": stages_table, "quality": run_by_run(quality_table)}
 
 
 # ---------------------------------------------------------------- marked tables in markdown files

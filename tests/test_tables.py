@@ -99,3 +99,15 @@ def test_the_convergence_table_finds_where_each_curve_flattens_and_survives_the_
     record = tmp_path / "record"
     assert run_script("bench/tables.py", "record", run, record).returncode == 0
     assert run_script("bench/tables.py", "convergence", record).stdout.splitlines() == lines
+
+
+def test_a_one_run_table_of_several_runs_gives_each_under_its_name(tmp_path: Path):
+    for name, seconds in (("first", 60.0), ("second", 180.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "timings.log").write_text(f"dataset: {seconds} s wall; 1 KB peak\n")
+    result = run_script("bench/tables.py", "timings", tmp_path / "first", tmp_path / "second")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "`first`:" and "`second`:" in lines
+    assert "| dataset | 1.0 min |" in lines and "| dataset | 3.0 min |" in lines
+    assert run_script("bench/tables.py", "timings", tmp_path / "first").stdout.splitlines()[0].startswith("|")

@@ -128,10 +128,11 @@ codebook = $(TOKENIZER_RUNS)/pruned/$(1)/codebook.safetensors
 # made during the run)
 REPORT_CLASSIFIER = $$(test -f $(RUNS)/report/classifier.safetensors && \
 	echo --classifier-path $(RUNS)/report/classifier.safetensors)
-# a preset with a decoder.json fine-tunes the decoder to decode the finest codebook's quantized maps, and
-# generation decodes with it
+# a preset with a decoder.json and DECODER_STEPS in its steps.mk fine-tunes the decoder to decode the finest
+# codebook's quantized maps, and generation decodes with it (a run tuned from INIT: with INIT's, when it has one)
 FINEST := $(lastword $(LEVELS))
-ifneq ($(wildcard $(call config,decoder.json)),)
+DECODER_STEPS ?= 0
+ifneq ($(if $(INIT),$(wildcard $(INIT)/decoder/DONE),$(and $(wildcard $(call config,decoder.json)),$(filter-out 0,$(DECODER_STEPS)))),)
 DECODER := $(TOKENIZER_RUNS)/decoder/DONE
 DECODER_ARTIFACT := $(TOKENIZER_RUNS)/decoder/autoencoder.safetensors
 else

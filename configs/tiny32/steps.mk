@@ -10,5 +10,8 @@ BASE_STEPS ?= 3000
 BASE_EPOCHS ?= 20
 CASCADE_STEPS ?= 3000
 CASCADE_EPOCHS ?= 20
+# the decoder fine-tuned, with the adversarial loss, to decode the finest codebook's quantized maps (decoder.json)
+DECODER_STEPS ?= 1000
+DECODER_EPOCHS ?= 70
 BATCH ?= 64
 CHECKPOINT_STEP ?= 250

@@ -140,7 +140,9 @@ DECODER := $(AUTOENCODER)
 DECODER_ARTIFACT := $(AE_ARTIFACT)
 endif
 # the report's tokenizer ceiling: real images reconstructed through an autoencoder and every pruned codebook
-ceiling = --autoencoder-path $(1) $(foreach level,$(LEVELS),--ceiling-codebook $(call codebook,$(level)))
+# (and the finest codebook's maps decoded by the decoder $(2), when it is given and is not $(1)'s)
+ceiling = --autoencoder-path $(1) $(foreach level,$(LEVELS),--ceiling-codebook $(call codebook,$(level))) \
+	$(if $(filter-out $(1),$(2)),--ceiling-decoder $(2))
 TRAIN_FLAGS = --device $(DEVICE) --precision $(PRECISION) --checkpoint-step $(CHECKPOINT_STEP)
 # a stage without its DONE stamp was interrupted: it resumes; one whose stamp is older than its inputs
 # starts over
@@ -339,7 +341,7 @@ $(REPORT): $(GENERATED) $(CURATED) $$(call changed,report,$$(REPORT_FLAGS))
 	$(call TIMER,report) $(PYTHON) evaluate.py --real-path $(RUNS)/data/dataset.json \
 		--generated-path $(RUNS)/generated/dataset.json --curated-path $(RUNS)/curated/dataset.json \
 		--out-dir $(RUNS)/report --device $(DEVICE) \
-		$(call ceiling,$(AE_ARTIFACT)) $(REPORT_FLAGS)
+		$(call ceiling,$(AE_ARTIFACT),$(DECODER_ARTIFACT)) $(REPORT_FLAGS)
 	$(call record,report,$(REPORT_FLAGS))
 	touch $@
 
@@ -447,7 +449,7 @@ $(FEWSHOT)/generated/DONE: $(MODELS:%=$(FEWSHOT)/transformers/%/DONE)
 $(FEWSHOT)/report/DONE: $(FEWSHOT)/generated/DONE $(REPORT)
 	$(call TIMER,fewshot report) $(PYTHON) evaluate.py --real-path $(FEWSHOT)/data/dataset.json \
 		--generated-path $(FEWSHOT)/generated/dataset.json --out-dir $(FEWSHOT)/report \
-		$(REPORT_CLASSIFIER) --device $(DEVICE) $(call ceiling,$(AE_ARTIFACT)) $(REPORT_FLAGS)
+		$(REPORT_CLASSIFIER) --device $(DEVICE) $(call ceiling,$(AE_ARTIFACT),$(DECODER_ARTIFACT)) $(REPORT_FLAGS)
 	touch $@
 
 # The low-data benchmark: the whole chain trained from scratch on LOWDATA_PER_CLASS real training images of

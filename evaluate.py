@@ -32,6 +32,9 @@ def main(
         help="the generator's autoencoder: the tokenizer ceiling section (real images reconstructed)")] = None,
     ceiling_codebook: Annotated[Optional[list[Path]], typer.Option(
         help="a codebook of that autoencoder's feature maps, for the ceiling section (repeatable)")] = None,
+    ceiling_decoder: Annotated[Optional[Path], typer.Option(
+        help="the decoder generation uses, when it was fine-tuned on the last codebook's maps: the ceiling section "
+             "adds that codebook's maps decoded by it")] = None,
     downstream: Annotated[bool, typer.Option(
         help="train classifiers on the generated images and on real ones, test them on the real held-out "
              "images (needs labels in both sets)")] = True,
@@ -58,7 +61,8 @@ def main(
                           prompt_classifier_steps=prompt_classifier_steps,
                           downstream=downstream, downstream_config=config,
                           curated_path=curated_path, autoencoder_path=autoencoder_path,
-                          codebook_paths=list(ceiling_codebook or []), device=device, progress=track))
+                          codebook_paths=list(ceiling_codebook or []), decoder_path=ceiling_decoder, device=device,
+                          progress=track))
     for line in summary_lines(report):
         console.print(f"[bold red]{line}[/bold red]" if line.startswith("WARNING") else line, highlight=False)
     for space, metrics in report["spaces"].items():

@@ -116,6 +116,25 @@ def test_a_decoder_fine_tuned_on_quantized_maps_decodes_them_better(tmp_path, pi
         assert psnr(tuned.decoder(quantized), images) > psnr(original.decoder(quantized), images) + 0.5
 
 
+def test_the_decoder_fine_tuned_adversarially_keeps_the_encoder_and_ships_no_discriminator(tmp_path, pipeline):
+    """The tiny32 preset's decoder stage: fine-tuning on quantized maps with the adversarial loss from step 0."""
+    config = tmp_path / "decoder.json"
+    config.write_text(json.dumps({"model_lr": 0.001, "disc_weight": 0.5, "disc_start": 0, "disc_width": 8}))
+    run_options = options(tmp_path / "tuned", batch_size=8, max_epoch=100, max_steps=30, checkpoint_step=10)
+    path = autoencoder.run(autoencoder.AutoencoderArgs(dataset_path=pipeline["dataset"], config_path=config,
+                                                       init_from=pipeline["autoencoder"],
+                                                       codebook_path=pipeline["l2"], options=run_options))
+    records = [json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "d_loss" in r] == [10, 20, 30]
+    original, _ = load_autoencoder(pipeline["autoencoder"])
+    tuned, artifact = load_autoencoder(path)
+    assert not any(name.startswith("discriminator") for name in artifact.tensors)
+    for a, b in zip(original.encoder.state_dict().values(), tuned.encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(original.decoder.state_dict().values(),
+                                                     tuned.decoder.state_dict().values()))
+
+
 def test_decoder_fine_tuning_needs_the_autoencoder(tmp_path, pipeline):
     from conftest import run_script
     result = run_script("train_autoencoder.py", "--dataset-path", pipeline["dataset"], "--decode-codebook",

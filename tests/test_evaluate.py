@@ -422,11 +422,28 @@ def test_the_ceiling_section_reconstructs_the_floor_through_every_codebook(tmp_p
         load_tokenizer(pipeline["autoencoder"], [other], (1, 16, 16), torch.device("cpu"))
     # bad tokenizer flags fail at once, in one line
     for flags, message in ((["--autoencoder-path", tmp_path / "missing.safetensors"], "missing.safetensors"),
-                           (["--ceiling-codebook", books[0]], "--ceiling-codebook needs --autoencoder-path")):
+                           (["--ceiling-codebook", books[0]], "--ceiling-codebook needs --autoencoder-path"),
+                           (["--autoencoder-path", pipeline["autoencoder"], "--ceiling-decoder", pipeline["autoencoder"]],
+                            "--ceiling-decoder needs --ceiling-codebook")):
         result = run_script("evaluate.py", "--real-path", data, "--generated-path", data, "--out-dir", tmp_path / "bad",
                             "--k", 2, "--device", "cpu", *flags)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_a_fine_tuned_decoder_adds_the_last_codebooks_maps_decoded_by_it(tmp_path: Path, pipeline):
+    """--ceiling-decoder: one more row, the finest codebook's maps through that decoder (here the autoencoder's
+    own, so the row equals the codebook's)."""
+    data = pipeline["dataset"]
+    books = [pipeline[name] for name in ("cond", "l1", "l2")]
+    report = run(EvalArgs(data, data, tmp_path / "r", num_images=20, classifier_steps=5, tsne_steps=10, k=2,
+                          downstream=False, autoencoder_path=pipeline["autoencoder"], codebook_paths=books,
+                          decoder_path=pipeline["autoencoder"], device="cpu"))
+    ceiling = report["tokenizer_ceiling"]
+    rows = {row["images"].split(" (")[0]: row["spaces"] for row in ceiling["rows"]}
+    assert [row["images"] for row in ceiling["rows"]][-2] == "codebook `cb_l2`, the fine-tuned decoder"
+    assert rows["codebook `cb_l2`, the fine-tuned decoder"] == rows["codebook `cb_l2`"]
+    assert ceiling["decoder"]["path"] == str(pipeline["autoencoder"])
 
 
 # ---------------------------------------------------------------- the low-data benchmark's dataset

@@ -268,3 +268,42 @@ def test_a_preset_takes_what_it_lacks_from_its_base_and_restarts_a_stage_when_a_
     (configs / "test16" / "codebook_l1.json").touch()
     trained = [line for line in plan().stdout.replace("\\\n", " ").splitlines() if "train_codebook.py" in line]
     assert any(f"--config-path {configs}/test16/codebook_l1.json" in line for line in trained)
+
+
+def planned_commands(*settings: str) -> list[str]:
+    """The python command lines of make -n with these settings (the shipped presets)."""
+    venv = Path(sys.executable).parent.parent
+    command = ["make", "-n", "-o", f"{venv}/.installed", f"VENV={venv}", *settings]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=script_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.replace("\\\n", " ").splitlines() if "python" in line]
+
+
+def test_the_tiny32_preset_decodes_with_a_decoder_fine_tuned_on_the_finest_codebook(tmp_path):
+    """tiny32 has a decoder.json and DECODER_STEPS: the decoder is fine-tuned (adversarially) after the finest
+    pruning and every generation and the autoencoder's compression take it; tiny64 has no DECODER_STEPS and
+    decodes with the autoencoder; a run tuned from an INIT without a decoder takes INIT's autoencoder."""
+    runs = tmp_path / "runs"
+    planned = planned_commands("demo", f"RUNS={runs}")
+    decoder = next(line for line in planned if "--decode-codebook" in line)
+    assert f"--decode-codebook {runs}/pruned/l2/codebook.safetensors" in decoder
+    assert "--config-path configs/tiny32/decoder.json" in decoder and "--max-steps 1000" in decoder
+    assert json.loads((ROOT / "configs" / "tiny32" / "decoder.json").read_text())["disc_weight"] > 0
+    prune_l2 = next(line for line in planned if f"--out-dir {runs}/pruned/l2" in line)
+    assert planned.index(prune_l2) < planned.index(decoder)
+    generate = next(line for line in planned if "generate_images.py" in line and f"--out-dir {runs}/generated " in line)
+    compress = next(line for line in planned if "compress.py" in line and f"{runs}/compressed/autoencoder" in line)
+    assert all(f"{runs}/decoder/autoencoder.safetensors" in line for line in (generate, compress))
+    assert not any("--decode-codebook" in line for line in planned_commands("demo", f"RUNS={runs}", "SIZE=64"))
+    init = tmp_path / "init"
+    for stage in ("autoencoder", "transformers/base", "transformers/cascade",
+                  *(f"{kind}/{level}" for kind in ("codebooks", "pruned") for level in ("cond", "l1", "l2"))):
+        (init / stage).mkdir(parents=True)
+        (init / stage / "DONE").touch()
+    for decoder in ("autoencoder", "decoder"):
+        tuned = planned_commands("demo", f"RUNS={tmp_path / 'tuned'}", f"INIT={init}")
+        generate = next(line for line in tuned if "generate_images.py" in line)
+        assert f"--decoder-path {init}/{decoder}/autoencoder.safetensors" in generate
+        assert not any("--decode-codebook" in line for line in tuned)
+        (init / "decoder").mkdir(exist_ok=True)
+        (init / "decoder" / "DONE").touch()

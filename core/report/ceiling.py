@@ -23,16 +23,27 @@ from core.report.spaces import Featurize, Spaces
 class Tokenizer:
     autoencoder: Autoencoder
     codebooks: list[tuple[str, SOMCodebook]]  # (a name for the report, the codebook)
+    decoder: Autoencoder | None = None  # the decoder generation uses, fine-tuned on the last codebook's maps
 
 
 def tokenizer_for(args: EvalArgs, real: Dataset, device: torch.device) -> Tokenizer | None:
     """The report's tokenizer (None without --autoencoder-path), checked against the images as stored."""
     if args.codebook_paths and args.autoencoder_path is None:
         raise PipelineError("--ceiling-codebook needs --autoencoder-path (the autoencoder whose maps it tokenizes)")
+    if args.decoder_path is not None and not args.codebook_paths:
+        raise PipelineError("--ceiling-decoder needs --ceiling-codebook (the codebook whose maps it decodes)")
     if args.autoencoder_path is None:
         return None
     stored_shape = (real.items.shape[1], *[real.info.get("size", side) for side in real.items.shape[-2:]])
-    return load_tokenizer(args.autoencoder_path, args.codebook_paths, stored_shape, device)
+    tokenizer = load_tokenizer(args.autoencoder_path, args.codebook_paths, stored_shape, device)
+    if args.decoder_path is not None:
+        decoder, _ = load_autoencoder(args.decoder_path)
+        side = stored_shape[-1]
+        if decoder.latent_shape(side) != tokenizer.autoencoder.latent_shape(side):
+            raise PipelineError(f"{args.decoder_path} decodes maps of shape {decoder.latent_shape(side)}, "
+                                f"{args.autoencoder_path} makes {tokenizer.autoencoder.latent_shape(side)}")
+        tokenizer.decoder = decoder.to(device)
+    return tokenizer
 
 
 def load_tokenizer(autoencoder_path: Path, codebook_paths: list[Path], image_shape: tuple[int, ...],
@@ -58,16 +69,21 @@ def load_tokenizer(autoencoder_path: Path, codebook_paths: list[Path], image_sha
 def reconstructions(images: torch.Tensor, tokenizer: Tokenizer, device: torch.device,
                     batch_size: int = 256) -> list[tuple[str, torch.Tensor]]:
     """uint8 images passed through the autoencoder, and through each codebook (encode, tokenize, look the
-    tokens up, decode), each rounded to uint8 like a stored image: [(name, images)]."""
+    tokens up, decode), each rounded to uint8 like a stored image: [(name, images)]; with a fine-tuned decoder,
+    the last codebook's maps decoded by it too."""
     autoencoder = tokenizer.autoencoder
     fmaps = torch.cat([autoencoder.encoder(to_float(b).to(device)) for b in images.split(batch_size)])
 
-    def decode(maps: torch.Tensor) -> torch.Tensor:
-        return torch.cat([to_uint8(autoencoder.decoder(m).float().clamp(-1, 1)) for m in maps.split(batch_size)])
+    def decode(maps: torch.Tensor, decoder: Autoencoder = autoencoder) -> torch.Tensor:
+        return torch.cat([to_uint8(decoder.decoder(m).float().clamp(-1, 1)) for m in maps.split(batch_size)])
 
-    rows = [("autoencoder", decode(fmaps))]
-    rows += [(name, decode(torch.cat([cb.lookup(cb.tokenize(m)) for m in fmaps.split(batch_size)])))
-             for name, cb in tokenizer.codebooks]
+    def quantized(codebook: SOMCodebook) -> torch.Tensor:
+        return torch.cat([codebook.lookup(codebook.tokenize(m)) for m in fmaps.split(batch_size)])
+
+    rows = [("autoencoder", decode(fmaps))] + [(name, decode(quantized(cb))) for name, cb in tokenizer.codebooks]
+    if tokenizer.decoder is not None and tokenizer.codebooks:
+        name, last = tokenizer.codebooks[-1]
+        rows.append((f"{name.split(' (')[0]}, the fine-tuned decoder", decode(quantized(last), tokenizer.decoder)))
     return rows
 
 
@@ -107,7 +123,8 @@ def section(args: EvalArgs, tokenizer: Tokenizer | None, floor: Dataset, spaces:
                 "frechet_over_floor": metrics["frechet_distance"]["value"] / max(floors[space], 1e-12)}
         for space, metrics in measured.items()}})
     return {"autoencoder": file_record(args.autoencoder_path),
-            "codebooks": [file_record(p) for p in args.codebook_paths], "images": len(floor), "rows": rows}
+            "codebooks": [file_record(p) for p in args.codebook_paths], "images": len(floor), "rows": rows,
+            **({"decoder": file_record(args.decoder_path)} if args.decoder_path is not None else {})}
 
 
 def markdown(ceiling: dict) -> list[str]:

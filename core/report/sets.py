@@ -37,6 +37,7 @@ class EvalArgs:
     curated_path: Path | None = None  # curate_images.py's set of the generated images: the curated arms
     autoencoder_path: Path | None = None  # with codebook_paths: the tokenizer ceiling
     codebook_paths: list[Path] = field(default_factory=list)
+    decoder_path: Path | None = None  # a decoder fine-tuned on the last codebook's maps: one more ceiling row
     device: str = "auto"
     progress: Callable[[Iterable, str], Iterator] | None = None  # a progress bar: (items, description)
 

@@ -210,15 +210,20 @@ def test_a_sampling_choice_without_a_validation_share_is_refused_in_one_line(tmp
     assert result.stderr.strip().count("\n") == 0
 
 
+def stamp_trained_chain(runs: Path) -> None:
+    """The DONE stamps of a chain trained up to its transformers (for dry runs that start from it)."""
+    for stage in ("autoencoder", "transformers/base", "transformers/cascade",
+                  *(f"{kind}/{level}" for kind in ("codebooks", "pruned") for level in ("cond", "l1", "l2"))):
+        (runs / stage).mkdir(parents=True)
+        (runs / stage / "DONE").touch()
+
+
 def test_make_transfer_pretrains_without_the_target_classes_and_tunes_and_trains_on_them(tmp_path):
     """make transfer (dry run, with the source chain's stamps in place): the source dataset drops every
     target class, the tuned and scratch runs keep N images of each, and the tuned run starts from the source."""
     venv = Path(sys.executable).parent.parent
     source = tmp_path / "runs_transfer" / "source"
-    for stage in ("autoencoder", "transformers/base", "transformers/cascade",
-                  *(f"{kind}/{level}" for kind in ("codebooks", "pruned") for level in ("cond", "l1", "l2"))):
-        (source / stage).mkdir(parents=True)
-        (source / stage / "DONE").touch()
+    stamp_trained_chain(source)
     command = ["make", "-n", "-o", f"{venv}/.installed", "transfer", f"VENV={venv}", f"RUNS={tmp_path / 'runs'}",
                "TRANSFER_LABELS=Shirt Bag", "TRANSFER_PER_CLASS=20"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=script_env(), cwd=ROOT)
@@ -296,10 +301,7 @@ def test_the_tiny32_preset_decodes_with_a_decoder_fine_tuned_on_the_finest_codeb
     assert all(f"{runs}/decoder/autoencoder.safetensors" in line for line in (generate, compress))
     assert not any("--decode-codebook" in line for line in planned_commands("demo", f"RUNS={runs}", "SIZE=64"))
     init = tmp_path / "init"
-    for stage in ("autoencoder", "transformers/base", "transformers/cascade",
-                  *(f"{kind}/{level}" for kind in ("codebooks", "pruned") for level in ("cond", "l1", "l2"))):
-        (init / stage).mkdir(parents=True)
-        (init / stage / "DONE").touch()
+    stamp_trained_chain(init)
     for decoder in ("autoencoder", "decoder"):
         tuned = planned_commands("demo", f"RUNS={tmp_path / 'tuned'}", f"INIT={init}")
         generate = next(line for line in tuned if "generate_images.py" in line)

@@ -80,10 +80,11 @@ def reconstructions(images: torch.Tensor, tokenizer: Tokenizer, device: torch.de
     def quantized(codebook: SOMCodebook) -> torch.Tensor:
         return torch.cat([codebook.lookup(codebook.tokenize(m)) for m in fmaps.split(batch_size)])
 
-    rows = [("autoencoder", decode(fmaps))] + [(name, decode(quantized(cb))) for name, cb in tokenizer.codebooks]
-    if tokenizer.decoder is not None and tokenizer.codebooks:
-        name, last = tokenizer.codebooks[-1]
-        rows.append((f"{name.split(' (')[0]}, the fine-tuned decoder", decode(quantized(last), tokenizer.decoder)))
+    maps = [(name, quantized(cb)) for name, cb in tokenizer.codebooks]
+    rows = [("autoencoder", decode(fmaps))] + [(name, decode(m)) for name, m in maps]
+    if tokenizer.decoder is not None and maps:
+        name, last = maps[-1]
+        rows.append((f"{name.split(' (')[0]}, the fine-tuned decoder", decode(last, tokenizer.decoder)))
     return rows
 
 
